@@ -1,0 +1,152 @@
+"""Adapters between the pure core and Stable Diffusion WebUI Forge.
+
+Everything that touches Forge objects (`p`, `p.sd_model.forge_objects.unet`, the sampler) lives here. Forge modules are
+imported lazily so the glue tests can run against small fakes of the documented API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from lib_imgcond.core.errors import ImgcondError
+
+FAMILY_LABELS = {
+    "sd15": "SD1.5",
+    "sd2": "SD2.x",
+    "sdxl": "SDXL",
+    "sdxl_refiner": "SDXL refiner",
+    "sd3": "SD3",
+    "flux": "Flux",
+    "chroma": "Chroma",
+    "other": "an unknown architecture",
+}
+
+_STATE_ATTR = "_imgcond_state"
+
+
+def model_family(sd_model: Any) -> str:
+    """'sd15', 'sd2', 'sdxl', 'sdxl_refiner', 'sd3', 'flux', 'chroma' or 'other'."""
+    name = type(sd_model).__name__
+    if name == "StableDiffusionXLRefiner":
+        return "sdxl_refiner"
+    if name == "Flux":
+        return "flux"
+    if name == "Chroma":
+        return "chroma"
+    if getattr(sd_model, "is_sdxl", False):
+        return "sdxl"
+    if getattr(sd_model, "is_sd1", False):
+        return "sd15"
+    if getattr(sd_model, "is_sd2", False):
+        return "sd2"
+    if getattr(sd_model, "is_sd3", False):
+        return "sd3"
+    unet = getattr(getattr(sd_model, "forge_objects", None), "unet", None)
+    inner = getattr(getattr(unet, "model", None), "diffusion_model", None)
+    if type(inner).__name__ == "IntegratedFluxTransformer2DModel":
+        return "flux"
+    return "other"
+
+
+def require_family(sd_model: Any, allowed: tuple[str, ...], technique: str) -> str:
+    """Return the model family, or raise a clear error when `technique` does not support it."""
+    family = model_family(sd_model)
+    if family not in allowed:
+        wanted = " or ".join(FAMILY_LABELS[f] for f in allowed)
+        raise ImgcondError(
+            f"{technique} needs a {wanted} model, but the loaded checkpoint is {FAMILY_LABELS[family]}. "
+            f"Load a {wanted} checkpoint or turn {technique} off."
+        )
+    return family
+
+
+def pass_name(p: Any) -> str:
+    """'hires' inside the hires-fix second pass, else 'first'."""
+    return "hires" if getattr(p, "is_hr_pass", False) else "first"
+
+
+def job_state(p: Any, key: str, factory: Callable[[], Any]) -> Any:
+    """Per-job state kept on the processing object (so it dies with the job): created once, then reused by every hook
+    call of this job, including the two hires-pass calls of `process_before_every_sampling`."""
+    state = p.__dict__.setdefault(_STATE_ATTR, {})
+    if key not in state:
+        state[key] = factory()
+    return state[key]
+
+
+def drop_job_state(p: Any, key: str) -> None:
+    p.__dict__.get(_STATE_ATTR, {}).pop(key, None)
+
+
+def patch_unet(p: Any, apply: Callable[[Any], None]) -> Any:
+    """Clone the current UnetPatcher, let `apply` patch the clone, and install it for this sampling pass only.
+
+    Forge rebuilds `forge_objects` from its after-LoRA copy before every pass, so nothing outlives the pass. Calling
+    this again (the second `process_before_every_sampling` of a hires pass) patches a fresh clone: idempotent.
+    """
+    unet = p.sd_model.forge_objects.unet.clone()
+    apply(unet)
+    p.sd_model.forge_objects.unet = unet
+    return unet
+
+
+def abort_generation(p: Any, error: Exception) -> None:
+    """Stop this job before it samples, surfacing `error` to the UI and the API. Call it from `process()`: once
+    sampling has begun, use `refuse_sampling` on the pass's patcher instead.
+
+    Forge catches exceptions raised by script hooks and carries on, which would silently produce an image without the
+    requested effect. Replacing the job's `sample` method (instance attribute, dies with `p`) makes the error reach
+    the user instead, before any sampling work.
+    """
+
+    def refuse(*_args, **_kwargs):
+        raise error
+
+    p.sample = refuse
+
+
+def refuse_sampling(unet: Any, error: Exception) -> None:
+    """Make a pass fail at its first model evaluation (for errors found once sampling has begun, e.g. in hires)."""
+
+    def modifier(*_args):
+        raise error
+
+    unet.add_conditioning_modifier(modifier)
+
+
+def existing_attn1_replace(unet: Any, key: tuple) -> Callable | None:
+    """Another extension's attn1 replace for `key`, to chain to instead of overwriting it. Our own patches (marked
+    with `_imgcond`) are skipped, so a patcher cloned from one we already patched does not chain to itself."""
+    replaces = unet.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    fn = replaces.get(key) or replaces.get(key[:2])
+    while fn is not None and getattr(fn, "_imgcond", False):
+        fn = getattr(fn, "_imgcond_inner", None)
+    return fn
+
+
+def mark_ours(fn: Callable, inner: Callable | None = None) -> Callable:
+    fn._imgcond = True
+    fn._imgcond_inner = inner
+    return fn
+
+
+def attention_kernel() -> Callable:
+    """Forge's own attention kernel (sdpa / xformers / split / sub-quadratic), as `fn(q, k, v, heads)`."""
+    from backend.attention import attention_function
+
+    def attn(q, k, v, heads):
+        return attention_function(q, k, v, heads)
+
+    return attn
+
+
+def models_dir(*parts: str) -> str:
+    """A folder under the WebUI's models folder (created if missing)."""
+    import os
+
+    from modules.paths_internal import models_path
+
+    path = os.path.join(models_path, *parts)
+    os.makedirs(path, exist_ok=True)
+    return path

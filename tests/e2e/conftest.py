@@ -1,0 +1,50 @@
+"""Fixtures for the end-to-end suite: real headless Forge servers, skipped when no Forge is configured."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e import forge
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        configured = forge.forge_paths() is not None
+    except RuntimeError as e:
+        raise pytest.UsageError(str(e)) from None
+    for item in items:
+        if "tests/e2e/" in str(item.fspath).replace("\\", "/"):
+            item.add_marker(pytest.mark.e2e)
+            if not configured:
+                item.add_marker(pytest.mark.skip(reason=forge.SKIP_REASON))
+
+
+@pytest.fixture(scope="session")
+def sd15_ckpt():
+    return forge.checkpoint("sd15")
+
+
+@pytest.fixture(scope="session")
+def server(sd15_ckpt):
+    """Forge with this extension, SD1.5 random checkpoint. Fails the session if the extension logged a traceback."""
+    srv = forge.ForgeServer(sd15_ckpt, with_extension=True).start()
+    yield srv
+    try:
+        leaked = srv.extension_tracebacks()
+        assert not leaked, "tracebacks mentioning the extension in the server log:\n" + "\n".join(leaked)
+    finally:
+        srv.cleanup()
+
+
+@pytest.fixture(scope="session")
+def baseline(sd15_ckpt):
+    """Render fixed requests on a Forge started with --disable-extra-extensions, then stop it (saves memory)."""
+    srv = forge.ForgeServer(sd15_ckpt, with_extension=False).start()
+    try:
+        txt = srv.generate(forge.payload())
+        init = forge.encode(txt.image)
+        img = srv.generate(forge.payload(init_images=[init], denoising_strength=0.6), mode="img2img")
+        hires = srv.generate(forge.payload(enable_hr=True))
+        return {"txt2img": txt.image, "img2img": img.image, "init": init, "hires": hires.image}
+    finally:
+        srv.cleanup()

@@ -1,0 +1,286 @@
+"""Start a real Stable Diffusion WebUI Forge headless on CPU and talk to its API.
+
+The Forge installation is read from the environment (see README "End-to-end tests"):
+
+    IMGCOND_FORGE_DIR      Forge's folder (launch.py, backend/, repositories/ with its three cloned repositories)
+    IMGCOND_FORGE_PYTHON   the python of Forge's virtual environment
+    IMGCOND_SD15_CKPT      optional: an SD1.5 checkpoint; a seeded random one is generated when unset
+    IMGCOND_SDXL_CKPT      optional: an SDXL checkpoint for the SDXL tests; generated when unset
+    IMGCOND_E2E_CACHE      optional: where generated checkpoints are kept (default ~/.cache/sd-webui-imgcond-e2e)
+
+Each server gets its own data folder (config, outputs, models/ for the extension's files, extensions/ with this
+repository linked in), so the Forge folder itself is never modified.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+EXT_NAME = "sd-webui-imgcond"
+SKIP_REASON = (
+    "end-to-end tests need a Forge installation: set IMGCOND_FORGE_DIR to Forge's folder and IMGCOND_FORGE_PYTHON "
+    "to the python of its virtual environment (README, 'End-to-end tests')"
+)
+
+
+def forge_paths() -> tuple[Path, Path] | None:
+    forge, python = os.environ.get("IMGCOND_FORGE_DIR"), os.environ.get("IMGCOND_FORGE_PYTHON")
+    if not forge or not python:
+        return None
+    forge_dir, py = Path(forge).expanduser(), Path(python).expanduser()
+    if not (forge_dir / "launch.py").is_file():
+        raise RuntimeError(f"IMGCOND_FORGE_DIR={forge_dir} has no launch.py")
+    if not py.exists():
+        raise RuntimeError(f"IMGCOND_FORGE_PYTHON={py} does not exist")
+    return forge_dir, py
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("IMGCOND_E2E_CACHE", "~/.cache/sd-webui-imgcond-e2e")).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def checkpoint(arch: str) -> Path:
+    """The checkpoint for `arch` ('sd15' or 'sdxl'): from the environment, or generated once into the cache."""
+    given = os.environ.get(f"IMGCOND_{arch.upper()}_CKPT")
+    if given:
+        return Path(given).expanduser()
+    out = cache_dir() / f"imgcond-random-{arch}.safetensors"
+    if not out.exists():
+        forge_dir, py = forge_paths()
+        subprocess.run(
+            [str(py), str(REPO / "tests" / "e2e" / "make_checkpoint.py"), "--arch", arch, "--out", str(out)],
+            cwd=forge_dir,
+            env=offline_env(),
+            check=True,
+            timeout=900,
+        )
+    return out
+
+
+def offline_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ForgeServer:
+    """One headless Forge (`--nowebui`, loopback, CPU) with or without this extension."""
+
+    def __init__(self, ckpt: Path, with_extension: bool = True, data_dir: Path | None = None):
+        self.forge_dir, self.python = forge_paths()
+        self.ckpt = ckpt
+        self.with_extension = with_extension
+        self.own_data_dir = data_dir is None
+        self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="imgcond-forge-"))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.data_dir / "server.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 240) -> ForgeServer:
+        (self.data_dir / "extensions").mkdir(parents=True, exist_ok=True)
+        link = self.data_dir / "extensions" / EXT_NAME
+        if self.with_extension and not link.exists():
+            link.symlink_to(REPO, target_is_directory=True)
+        config = self.data_dir / "config.json"
+        settings = json.loads(config.read_text()) if config.exists() else {}
+        settings.update(
+            live_previews_enable=False, samples_save=False, grid_save=False, save_images_before_face_restoration=False
+        )
+        config.write_text(json.dumps(settings))
+        args = [
+            str(self.python), "launch.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test",
+            "--always-cpu", "--nowebui", "--server-name", "127.0.0.1", "--port", str(self.port),
+            "--data-dir", str(self.data_dir), "--ckpt-dir", str(self.ckpt.parent), "--ckpt", str(self.ckpt),
+            "--no-download-sd-model", "--disable-nan-check", "--no-hashing",
+        ]  # fmt: skip
+        if not self.with_extension:
+            args.append("--disable-extra-extensions")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            args, cwd=self.forge_dir, env=offline_env(), stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Forge exited with {self.proc.returncode} during start-up:\n{self.log_tail()}")
+            try:
+                self.get("/sdapi/v1/options", timeout=5)
+                return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"Forge did not answer within {timeout}s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(30)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def restart(self) -> ForgeServer:
+        self.stop()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self.start()
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self.own_data_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    # --- HTTP -------------------------------------------------------------------------------------------------------
+    def get(self, path: str, timeout: float = 60):
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, payload: dict, timeout: float = 900) -> tuple[int, dict]:
+        req = urllib.request.Request(
+            self.url + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            body = e.read()
+            try:
+                return e.code, json.loads(body)
+            except ValueError:
+                return e.code, {"raw": body.decode(errors="replace")}
+
+    def generate(self, payload: dict, mode: str = "txt2img") -> Result:
+        status, body = self.post(f"/sdapi/v1/{mode}", payload)
+        if status != 200:
+            raise GenerationError(status, body)
+        return Result(body)
+
+    def generate_error(self, payload: dict, mode: str = "txt2img") -> str:
+        """Run a request expected to fail; return the error text the API gave."""
+        status, body = self.post(f"/sdapi/v1/{mode}", payload)
+        if status == 200:
+            raise AssertionError("the request succeeded but an error was expected")
+        return json.dumps(body)
+
+    # --- log --------------------------------------------------------------------------------------------------------
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-n:])
+
+    def extension_tracebacks(self, expected: tuple[str, ...] = ("ImgcondError", "ArgumentError")) -> list[str]:
+        """Tracebacks in the server log that mention this extension, except the user errors it raises on purpose."""
+        out = []
+        for block in re.split(r"(?=Traceback \(most recent call last\))", self.log_text()):
+            if not block.startswith("Traceback"):
+                continue
+            if ("imgcond" in block) and not any(e in block for e in expected):
+                out.append(block[:4000])
+        return out
+
+
+class GenerationError(AssertionError):
+    def __init__(self, status: int, body: dict):
+        self.status, self.body = status, body
+        super().__init__(f"HTTP {status}: {json.dumps(body)[:2000]}")
+
+
+class Result:
+    def __init__(self, body: dict):
+        self.body = body
+        self.info = json.loads(body.get("info") or "{}")
+        self.images = [decode(b) for b in body.get("images", [])]
+
+    @property
+    def infotext(self) -> str:
+        return (self.info.get("infotexts") or [""])[0]
+
+    @property
+    def image(self) -> np.ndarray:
+        return self.images[0]
+
+
+def decode(b64: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def encode(img: np.ndarray) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape, f"shapes differ: {a.shape} vs {b.shape}"
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+BASE = {
+    "prompt": "a photo of a cat",
+    "negative_prompt": "",
+    "steps": 3,
+    "width": 64,
+    "height": 64,
+    "sampler_name": "Euler a",
+    "scheduler": "Automatic",
+    "cfg_scale": 7,
+    "seed": 1,
+    "batch_size": 1,
+    "n_iter": 1,
+    "send_images": True,
+    "save_images": False,
+}
+
+
+def payload(**kw) -> dict:
+    out = dict(BASE)
+    out.update(kw)
+    if out.get("enable_hr"):
+        out.setdefault("hr_additional_modules", ["Use same choices"])
+        out.setdefault("hr_scale", 2)
+        out.setdefault("hr_upscaler", "Latent")
+        out.setdefault("hr_second_pass_steps", 2)
+        out.setdefault("denoising_strength", 0.5)
+    return out
+
+
+def with_script(body: dict, title: str, args) -> dict:
+    body = dict(body)
+    scripts = dict(body.get("alwayson_scripts") or {})
+    scripts[title] = {"args": args}
+    body["alwayson_scripts"] = scripts
+    return body

@@ -1,0 +1,153 @@
+"""Write a seeded random-weight SD1.5 or SDXL checkpoint with the original LDM key names.
+
+Runs with Forge's python, from Forge's folder (it builds the models from Forge's own classes and the configs Forge
+ships under backend/huggingface/), so Forge's loader claims every key. Usage:
+
+    python make_checkpoint.py --arch sd15|sdxl --out FILE.safetensors [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.argv += ["--always-cpu"]  # backend.args reads sys.argv; no CUDA probe on CPU-only machines
+_here = os.getcwd()
+sys.path[:0] = [
+    _here,
+    os.path.join(_here, "packages_3rdparty"),
+    os.path.join(_here, "repositories", "huggingface_guess"),
+]
+
+import torch  # noqa: E402
+
+REPOS = {"sd15": "runwayml/stable-diffusion-v1-5", "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
+
+
+def tame_init(module: torch.nn.Module, gen: torch.Generator) -> None:
+    """Small, stable random weights: Linear/Conv ~ N(0, 1/fan_in), norms 1/0, embeddings N(0, 0.02), biases 0."""
+    with torch.no_grad():
+        for name, t in module.state_dict(keep_vars=True).items():
+            if not t.is_floating_point():
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "bias":
+                t.zero_()
+            elif t.ndim == 1:
+                t.fill_(1.0)
+            elif "embed" in name and t.ndim == 2 and "proj" not in name:
+                t.normal_(0.0, 0.02, generator=gen)
+            else:
+                fan_in = t[0].numel() if t.ndim > 1 else t.numel()
+                t.normal_(0.0, fan_in**-0.5, generator=gen)
+
+
+def materialise(module: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
+    module = module.to_empty(device="cpu")
+    for buf_name, buf in module.named_buffers():
+        if buf.is_floating_point():
+            buf.zero_()
+        else:
+            buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf)) if buf_name.endswith("position_ids") else buf.zero_()
+    tame_init(module, gen)
+    return module
+
+
+def unet_state(arch: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    import huggingface_guess
+    from backend.nn.unet import IntegratedUNet2DConditionModel
+
+    common = dict(in_channels=4, out_channels=4, model_channels=320, use_spatial_transformer=True, num_head_channels=-1)
+    if arch == "sd15":
+        cfg = dict(
+            common,
+            num_res_blocks=[2, 2, 2, 2],
+            channel_mult=[1, 2, 4, 4],
+            num_heads=8,
+            context_dim=768,
+            transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+            transformer_depth_middle=1,
+            transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+            use_linear_in_transformer=False,
+        )
+    else:
+        cfg = dict(
+            common,
+            num_res_blocks=[2, 2, 2],
+            channel_mult=[1, 2, 4],
+            num_heads=-1,
+            num_head_channels=64,
+            context_dim=2048,
+            transformer_depth=[0, 0, 2, 2, 10, 10],
+            transformer_depth_middle=10,
+            transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+            use_linear_in_transformer=True,
+            adm_in_channels=2816,
+            num_classes="sequential",
+        )
+    with torch.device("meta"):
+        model = IntegratedUNet2DConditionModel(**cfg)
+    sd = {"model.diffusion_model." + k: v for k, v in model.state_dict().items()}
+    guessed = huggingface_guess.guess(sd)
+    want = {"sd15": "SD15", "sdxl": "SDXL"}[arch]
+    if type(guessed).__name__ != want:
+        raise SystemExit(f"model detection saw {type(guessed).__name__}, expected {want}")
+    return {
+        k: v for k, v in (("model.diffusion_model." + k, v) for k, v in materialise(model, gen).state_dict().items())
+    }
+
+
+def vae_state(arch: str, gen: torch.Generator, root: str) -> dict[str, torch.Tensor]:
+    from backend.nn.vae import IntegratedAutoencoderKL
+
+    config = IntegratedAutoencoderKL.load_config(os.path.join(root, REPOS[arch], "vae"))
+    with torch.device("meta"):
+        model = IntegratedAutoencoderKL.from_config(config)
+    return {"first_stage_model." + k: v for k, v in materialise(model, gen).state_dict().items()}
+
+
+def clip_state(arch: str, gen: torch.Generator, root: str) -> dict[str, torch.Tensor]:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def build(sub: str, cls):
+        cfg = CLIPTextConfig.from_pretrained(os.path.join(root, REPOS[arch], sub))
+        with torch.device("meta"):
+            model = cls(cfg)
+        return materialise(model, gen).state_dict()
+
+    position_ids = torch.arange(77).unsqueeze(0)
+    if arch == "sd15":
+        sd = {"cond_stage_model.transformer." + k: v for k, v in build("text_encoder", CLIPTextModel).items()}
+        sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = position_ids
+        return sd
+    from huggingface_guess.model_list import SDXL
+
+    sd = {"clip_l.transformer." + k: v for k, v in build("text_encoder", CLIPTextModel).items()}
+    sd.update({"clip_g.transformer." + k: v for k, v in build("text_encoder_2", CLIPTextModelWithProjection).items()})
+    return SDXL.process_clip_state_dict_for_saving(SDXL.__new__(SDXL), sd)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", choices=sorted(REPOS), default="sd15")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    args, _ = ap.parse_known_args()
+    from safetensors.torch import save_file
+
+    root = os.path.join(os.getcwd(), "backend", "huggingface")
+    gen = torch.Generator().manual_seed(args.seed)
+    sd: dict[str, torch.Tensor] = {}
+    for part in (unet_state(args.arch, gen), vae_state(args.arch, gen, root), clip_state(args.arch, gen, root)):
+        for k, v in part.items():
+            sd[k] = v.to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous()
+        del part
+    tmp = args.out + ".part"
+    save_file(sd, tmp, metadata={"generator": "sd-webui-imgcond tests/e2e/make_checkpoint.py", "arch": args.arch})
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}: {sum(v.numel() for v in sd.values()):,} parameters")
+
+
+if __name__ == "__main__":
+    main()
