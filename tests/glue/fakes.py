@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 from types import SimpleNamespace
 
-import torch
-
 BLOCKS = {
     "input": [(i, 0) for i in (1, 2, 4, 5, 7, 8)],
     "middle": [(0, 0)],
