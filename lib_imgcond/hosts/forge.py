@@ -117,15 +117,23 @@ def refuse_sampling(unet: Any, error: Exception) -> None:
 
 def existing_attn1_replace(unet: Any, key: tuple) -> Callable | None:
     """Another extension's attn1 replace for `key`, to chain to instead of overwriting it. Our own patches (marked
-    with `_imgcond`) are skipped, so a patcher cloned from one we already patched does not chain to itself."""
+    with `_imgcond`) are looked through, so a patcher cloned from one we already patched does not chain to itself."""
     replaces = unet.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    return resolve_replace(replaces, key)
+
+
+def resolve_replace(replaces: dict, key: tuple) -> Callable | None:
+    """The replace for `key` (with Forge's fallback to `key[:2]`), skipping through our own patches to the one
+    they wrapped."""
     fn = replaces.get(key) or replaces.get(key[:2])
     while fn is not None and getattr(fn, "_imgcond", False):
-        fn = getattr(fn, "_imgcond_inner", None)
+        inner = getattr(fn, "_imgcond_inner", None)
+        fn = (inner.get(key) or inner.get(key[:2])) if isinstance(inner, dict) else inner
     return fn
 
 
-def mark_ours(fn: Callable, inner: Callable | None = None) -> Callable:
+def mark_ours(fn: Callable, inner: Callable | dict | None = None) -> Callable:
+    """Mark a patch as this extension's; `inner` is what it wraps (a function, or a dict of replaces by key)."""
     fn._imgcond = True
     fn._imgcond_inner = inner
     return fn

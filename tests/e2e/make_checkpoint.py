@@ -68,7 +68,7 @@ def unet_state(arch: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
             context_dim=768,
             transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
             transformer_depth_middle=1,
-            transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+            transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
             use_linear_in_transformer=False,
         )
     else:
@@ -86,8 +86,15 @@ def unet_state(arch: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
             adm_in_channels=2816,
             num_classes="sequential",
         )
+    # transformer_depth_output is consumed from its end: output block 0 takes the last entry
     with torch.device("meta"):
         model = IntegratedUNet2DConditionModel(**cfg)
+    with_attn = sorted(
+        {int(k.split(".")[1]) for k in model.state_dict() if k.startswith("output_blocks.") and ".attn1." in k}
+    )
+    expected = {"sd15": list(range(3, 12)), "sdxl": list(range(0, 6))}[arch]
+    if with_attn != expected:
+        raise SystemExit(f"output blocks with self-attention {with_attn}, expected {expected}")
     sd = {"model.diffusion_model." + k: v for k, v in model.state_dict().items()}
     guessed = huggingface_guess.guess(sd)
     want = {"sd15": "SD15", "sdxl": "SDXL"}[arch]

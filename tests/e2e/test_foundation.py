@@ -6,10 +6,13 @@ from tests.e2e import forge
 
 
 def test_extension_loads_without_errors(server):
-    names = [e["name"] for e in server.get("/sdapi/v1/extensions")]
-    assert forge.EXT_NAME in names
-    titles = server.get("/sdapi/v1/scripts")["txt2img"]
-    assert titles  # the script list answers with our extension loaded
+    from lib_imgcond import __version__
+
+    assert server.get("/imgcond/v1/version") == {"version": __version__}
+    techniques = server.get("/imgcond/v1/techniques")
+    titles = server.get("/sdapi/v1/scripts")
+    for spec in techniques.values():
+        assert spec["alwayson_key"] in titles["txt2img"]
     assert not server.extension_tracebacks(expected=())
 
 

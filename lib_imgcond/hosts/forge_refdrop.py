@@ -1,0 +1,333 @@
+"""RefDrop on Forge: record self-attention K/V into named references and blend attention over them.
+
+One attn1 replace (for every transformer block) and one conditioning modifier (once per model evaluation, to know the
+evaluation index and the sampler's progress) are installed on the pass's UnetPatcher clone. The patch functions are
+closures over per-job state, so `UnetPatcher.clone()` never copies the K/V stores.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lib_imgcond.core import refdrop as rd
+from lib_imgcond.core import refdrop_store as store
+from lib_imgcond.core.errors import ArgumentError, ImgcondError
+from lib_imgcond.hosts import forge
+from lib_imgcond.log import logger
+
+MODES = ("Record", "Use")
+_LOCK = threading.Lock()
+REFERENCES: dict[str, store.Reference] = {}  # RAM references by name, for this WebUI process
+
+
+# --- the reference library (RAM + files) ------------------------------------------------------------------------------
+def references_dir() -> str:
+    return forge.models_dir("imgcond", "refdrop")
+
+
+def _file(name: str) -> str:
+    return os.path.join(references_dir(), f"{name}.safetensors")
+
+
+def check_name(name: str) -> str:
+    name = name.strip()
+    if not name or any(c in name for c in '/\\:*?"<>|') or name.startswith("."):
+        raise ArgumentError("refdrop.reference", name, 'a non-empty name without / \\ : * ? " < > |')
+    return name
+
+
+def saved_names() -> list[str]:
+    folder = references_dir()
+    return sorted(f[: -len(".safetensors")] for f in os.listdir(folder) if f.endswith(".safetensors"))
+
+
+def all_names() -> list[str]:
+    return sorted(set(REFERENCES) | set(saved_names()))
+
+
+def lookup(name: str) -> store.Reference:
+    """A reference by name: from RAM, else loaded from its file (then kept in RAM)."""
+    with _LOCK:
+        ref = REFERENCES.get(name)
+        if ref is None:
+            path = _file(name)
+            if not os.path.exists(path):
+                known = ", ".join(all_names()) or "none yet"
+                raise ImgcondError(
+                    f"RefDrop reference '{name}' does not exist (known: {known}). Record it first: mode Record."
+                )
+            ref = store.load_reference(path)
+            REFERENCES[name] = ref
+        return ref
+
+
+def save(name: str) -> str:
+    ref = lookup(name)
+    path = _file(name)
+    store.save_reference(ref, path)
+    return path
+
+
+def delete(name: str) -> bool:
+    with _LOCK:
+        found = REFERENCES.pop(name, None) is not None
+        path = _file(name)
+        if os.path.exists(path):
+            os.remove(path)
+            found = True
+    return found
+
+
+def describe() -> list[dict[str, Any]]:
+    """Name, where it lives, size, model family, steps and size of every reference (for the UI and the API)."""
+    out = []
+    saved = set(saved_names())
+    for name in all_names():
+        ref = REFERENCES.get(name)
+        if ref is not None:
+            info = {"family": ref.family, "bytes": ref.nbytes, "steps": dict(ref.meta.get("steps", {}))}
+            info.update(width=ref.meta.get("width"), height=ref.meta.get("height"), layers=ref.meta.get("layers"))
+        else:
+            info = store.reference_info(_file(name))
+            info = {k: info.get(k) for k in ("family", "bytes", "steps", "width", "height", "layers")}
+        info.update(name=name, in_ram=ref is not None, saved=name in saved)
+        info["size"] = store.format_bytes(int(info.get("bytes") or 0))
+        out.append(info)
+    return out
+
+
+# --- per-job state --------------------------------------------------------------------------------------------------
+def parse_more(text: str) -> list[tuple[str, float]]:
+    """'cat:0.3, dog:-0.2' → [('cat', 0.3), ('dog', -0.2)]."""
+    out = []
+    for part in (text or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, sep, coef = part.rpartition(":")
+        try:
+            c = float(coef)
+        except ValueError:
+            c = None
+        if not sep or c is None or not -1.0 <= c <= 1.0:
+            raise ArgumentError("refdrop.more_references", part, "entries 'name:c' with c in [-1, 1], comma-separated")
+        out.append((check_name(name), c))
+    return out
+
+
+def second_order_factor(sampler_name: str) -> int:
+    name = (sampler_name or "").lower()
+    if "restart" in name:
+        return 4
+    return 2 if any(s in name for s in ("heun", "dpm2", "2s", "sde", "3m")) else 1
+
+
+@dataclass
+class Job:
+    values: dict
+    family: str
+    layers: frozenset
+    uses: list[tuple[store.Reference, float]] = field(default_factory=list)
+    record: store.Reference | None = None
+    budget: int = 0
+
+
+def plan(p: Any, values: dict, budget_bytes: int, store_fp16: bool) -> Job:
+    """Validate everything a job needs before any sampling; raise a clear ImgcondError otherwise."""
+    family = forge.require_family(p.sd_model, ("sd15", "sdxl"), "RefDrop")
+    layers = frozenset(tuple(x[:3]) for x in rd.parse_layers(values["layers"], family))
+    if not layers:
+        raise ArgumentError("refdrop.layers", values["layers"], "at least one layer")
+    batch = int(getattr(p, "batch_size", 1))
+    if values["batch_item"] >= batch:
+        raise ArgumentError("refdrop.batch_item", values["batch_item"], f"an index below the batch size {batch}")
+    name = check_name(values["reference"])
+    job = Job(values, family, layers, budget=budget_bytes)
+    hires = bool(getattr(p, "enable_hr", False)) and values["hires"]
+    if values["mode"] == "Record":
+        width, height = int(p.width), int(p.height)
+        steps = int(p.steps) * second_order_factor(getattr(p, "sampler_name", ""))
+        shapes = [rd.layer_shape(family, layer, width, height) for layer in layers]
+        rows = 2 if values["uncond"] else 1
+        dtype_bytes = 2 if store_fp16 else 4
+        needed = store.estimate_bytes(shapes, steps, rows, dtype_bytes)
+        if hires:
+            sw, sh = (
+                int(getattr(p, "hr_upscale_to_x", 0) or width * 2),
+                int(getattr(p, "hr_upscale_to_y", 0) or height * 2),
+            )
+            hr_steps = int(getattr(p, "hr_second_pass_steps", 0) or p.steps) * second_order_factor(
+                getattr(p, "hr_sampler_name", "") or getattr(p, "sampler_name", "")
+            )
+            needed += store.estimate_bytes(
+                [rd.layer_shape(family, x, sw, sh) for x in layers], hr_steps, rows, dtype_bytes
+            )
+        store.check_budget(needed, budget_bytes)
+        meta = {"width": width, "height": height, "source": "generation", "trace": {}, "sampler": {}}
+        job.record = store.Reference(name, family, meta, store_fp16=store_fp16)
+        return job
+    passes = {"first"} | ({"hires"} if hires else set())
+    for ref_name, c in [(name, values["coefficient"]), *parse_more(values["more_references"])]:
+        ref = lookup(ref_name)
+        store.check_compatible(ref, family, set(layers), passes)
+        job.uses.append((ref, c))
+    return job
+
+
+# --- the patches ----------------------------------------------------------------------------------------------------
+class PassTracker:
+    """Which model evaluation of the pass is running, and the sampler's progress through its schedule."""
+
+    def __init__(self, pass_name: str, fallback_steps: int):
+        self.pass_name = pass_name
+        self.fallback_steps = max(1, fallback_steps)
+        self.schedule: list[float] | None = None
+        self.first: int | None = None
+        self.eval = -1
+        self.step = 0
+        self.trace: list[float] = []
+
+    @property
+    def n_steps(self) -> int:
+        if self.schedule is None or self.first is None:
+            return self.fallback_steps
+        return max(1, len(self.schedule) - 1 - self.first)
+
+    def on_eval(self, sigma: float) -> None:
+        self.eval += 1
+        idx = _nearest(self.schedule, sigma) if self.schedule else None
+        if idx is None and self.schedule is None:
+            idx = self.eval if self.first is None else self.first + self.eval
+        if idx is not None:
+            if self.first is None:
+                self.first = idx
+            self.step = max(0, idx - self.first)
+        self.trace.append(self.step / self.n_steps)
+
+    @property
+    def progress(self) -> float:
+        return self.trace[-1] if self.trace else 0.0
+
+
+def _nearest(schedule: list[float], sigma: float) -> int | None:
+    for i, s in enumerate(schedule[:-1]):
+        if abs(s - sigma) <= 1e-4 * max(abs(s), 1e-8):
+            return i
+    return None
+
+
+def _recorded_eval(ref: store.Reference, pass_name: str, e: int, progress: float) -> int:
+    """The recorded evaluation to read for Use evaluation `e`: the same one when the runs line up (same sampler and
+    steps), else the one with the nearest normalised progress."""
+    trace = ref.meta.get("trace", {}).get(pass_name) or []
+    if not trace:
+        return rd.map_step(e, max(e + 1, 1), ref.steps(pass_name))
+    if e < len(trace) and trace[e] == progress:
+        return e
+    return min(range(len(trace)), key=lambda j: (abs(trace[j] - progress), j))
+
+
+def install(unet: Any, job: Job, tracker: PassTracker, attn) -> None:
+    values = job.values
+    pass_name = tracker.pass_name
+    layers = job.layers
+    item = values["batch_item"]
+    use_uncond = values["uncond"]
+    inner_replaces = dict(unet.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {}))
+    start, end = values["start"], values["end"]
+    cache: dict[tuple, Any] = {}
+
+    def inner_for(key):
+        return forge.resolve_replace(inner_replaces, key)
+
+    def on_eval(model, x, timestep, uncond, cond, cond_scale, model_options, seed):
+        tracker.on_eval(float(timestep.flatten()[0]))
+        cache.clear()
+        return model, x, timestep, uncond, cond, cond_scale, model_options, seed
+
+    def attn1(q, k, v, extra_options):
+        key = (extra_options["block"][0], extra_options["block"][1], extra_options["block_index"])
+        inner = inner_for(key)
+        base = inner(q, k, v, extra_options) if inner else attn(q, k, v, extra_options["n_heads"])
+        if key not in layers:
+            return base
+        chunks = extra_options.get("cond_or_uncond") or [0]
+        b = q.shape[0] // len(chunks)
+        if job.record is not None:
+            for branch in (0, 1) if use_uncond else (0,):
+                if branch in chunks:
+                    row = chunks.index(branch) * b + item
+                    name = pass_name if branch == 0 else f"{pass_name}_uncond"
+                    job.record.put((name, tracker.eval, *key), k[row : row + 1], v[row : row + 1])
+            if job.budget and job.record.nbytes > job.budget:
+                raise ImgcondError(
+                    f"RefDrop recording passed the RAM budget ({store.format_bytes(job.budget)}); "
+                    "raise it in Settings → ImgCond or select fewer layers"
+                )
+            return base
+        if not rd.step_in_window(tracker.step, tracker.n_steps, start, end):
+            return base
+        heads = extra_options["n_heads"]
+        for j, branch in enumerate(chunks):
+            if branch == 1 and not use_uncond:
+                continue
+            name = pass_name if branch == 0 else f"{pass_name}_uncond"
+            refs = []
+            for ref, c in job.uses:
+                if c == 0 or not ref.has_pass(name):
+                    continue
+                ck = (id(ref), name, key)
+                if ck not in cache:
+                    e = _recorded_eval(ref, name, tracker.eval, tracker.progress)
+                    cache[ck] = ref.get((name, e, *key), device=q.device, dtype=q.dtype)
+                kr, vr = cache[ck]
+                refs.append((kr, vr, c))
+            if refs:
+                rows = slice(j * b, (j + 1) * b)
+                base[rows] = rd.rfg_blend(base[rows], q[rows], refs, attn, heads)
+        return base
+
+    forge.mark_ours(attn1, inner=inner_replaces)
+    unet.set_model_replace_all(attn1, "attn1")
+    unet.add_conditioning_modifier(on_eval)
+
+
+def capture_schedule(p: Any, tracker: PassTracker) -> None:
+    """Wrap this job's sampler's get_sigmas (an instance attribute, gone with the sampler) to learn its schedule."""
+    sampler = getattr(p, "sampler", None)
+    if sampler is None or not hasattr(sampler, "get_sigmas"):
+        return
+    original = getattr(sampler.get_sigmas, "_imgcond_orig", sampler.get_sigmas)
+
+    def get_sigmas(*args, **kwargs):
+        sigmas = original(*args, **kwargs)
+        tracker.schedule = [float(s) for s in torch.as_tensor(sigmas).flatten().tolist()]
+        return sigmas
+
+    get_sigmas._imgcond_orig = original
+    sampler.get_sigmas = get_sigmas
+
+
+def finish_record(job: Job, trackers: dict[str, PassTracker], save_file: bool) -> store.Reference:
+    ref = job.record
+    ref.meta["steps"] = {name: t.n_steps for name, t in trackers.items()}
+    ref.meta["trace"] = {name: list(t.trace) for name, t in trackers.items()}
+    for name, t in trackers.items():
+        ref.meta["trace"][f"{name}_uncond"] = list(t.trace)
+        ref.meta["steps"][f"{name}_uncond"] = t.n_steps
+    ref.finalize()
+    with _LOCK:
+        REFERENCES[ref.name] = ref
+    logger.info(
+        "RefDrop reference '%s' recorded: %d tensors pairs, %s", ref.name, len(ref), store.format_bytes(ref.nbytes)
+    )
+    if save_file:
+        path = _file(ref.name)
+        store.save_reference(ref, path)
+        logger.info("RefDrop reference '%s' saved to %s", ref.name, path)
+    return ref

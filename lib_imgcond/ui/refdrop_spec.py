@@ -1,0 +1,64 @@
+"""RefDrop's parameters (UI order = positional API order)."""
+
+from __future__ import annotations
+
+from lib_imgcond.ui.spec import Param, Spec
+
+SPEC = Spec(
+    "refdrop",
+    "RefDrop",
+    [
+        Param(
+            "mode",
+            "Mode",
+            "choice",
+            "Record",
+            choices=("Record", "Use"),
+            info="Record: store this generation's self-attention as the reference. Use: blend it in.",
+        ),
+        Param("reference", "Reference", "str", "reference", xyz=True),
+        Param(
+            "coefficient",
+            "RFG coefficient c",
+            "float",
+            0.3,
+            -1.0,
+            1.0,
+            0.01,
+            xyz=True,
+            info="> 0: consistency with the reference; < 0: diversity away from it; 0: no effect",
+        ),
+        Param(
+            "more_references",
+            "More references (name:c, ...)",
+            "str",
+            "",
+            info="blend several references at once, e.g. 'cat:0.3, dog:-0.2'",
+        ),
+        Param(
+            "layers",
+            "Layers",
+            "str",
+            "all",
+            info="'all', groups 'input, middle, output', or indices like 'output:0-5, middle'",
+        ),
+        Param("start", "Start at", "float", 0.0, 0.0, 1.0, 0.01, info="fraction of the sampling steps"),
+        Param("end", "End at", "float", 1.0, 0.0, 1.0, 0.01),
+        Param("hires", "Hires pass too", "bool", False, info="record / use the hires-fix pass as well"),
+        Param(
+            "uncond",
+            "Uncond branch too",
+            "bool",
+            False,
+            info="record / blend the negative-prompt branch as well (cond only by default)",
+        ),
+        Param(
+            "save",
+            "Save to file",
+            "bool",
+            False,
+            info="Record: also write models/imgcond/refdrop/<reference>.safetensors",
+        ),
+        Param("batch_item", "Batch item to record", "int", 0, 0, 63, 1),
+    ],
+)

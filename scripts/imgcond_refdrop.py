@@ -1,0 +1,180 @@
+"""RefDrop accordion: thin glue between the WebUI and lib_imgcond (no maths here)."""
+
+from __future__ import annotations
+
+import gradio as gr
+from modules import script_callbacks, scripts, shared
+from modules.ui_components import InputAccordion
+
+from lib_imgcond.core.errors import ImgcondError
+from lib_imgcond.hosts import forge
+from lib_imgcond.hosts import forge_refdrop as host
+from lib_imgcond.log import logger
+from lib_imgcond.ui import panel, registry, xyz
+from lib_imgcond.ui.refdrop_spec import SPEC
+
+registry.register(SPEC)
+
+
+def _opt(name: str, default):
+    return getattr(shared.opts, name, default) if hasattr(shared, "opts") else default
+
+
+class RefDropScript(scripts.Script):
+    sorting_priority = 20
+
+    def title(self):
+        return SPEC.title
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        tab = "img2img" if is_img2img else "txt2img"
+        eid = lambda name: f"imgcond_refdrop_{name}_{tab}"  # noqa: E731
+        p = SPEC.by_name
+        with InputAccordion(False, label=SPEC.title, elem_id=eid("enabled")) as enabled:
+            gr.Markdown(
+                "Record the self-attention of a generation into a named reference (**Record**), then blend it into "
+                "later generations (**Use**): coefficient > 0 keeps the reference's look, < 0 pushes away from it."
+            )
+            comps = {}
+            with gr.Row():
+                comps["mode"] = panel.component(p["mode"], eid("mode"))
+                comps["reference"] = gr.Dropdown(
+                    label=p["reference"].label, choices=host.all_names(), value=p["reference"].default,
+                    allow_custom_value=True, elem_id=eid("reference"),
+                )  # fmt: skip
+                refresh = gr.Button("🔄", elem_id=eid("refresh"), scale=0, min_width=40)
+                remove = gr.Button("🗑️", elem_id=eid("delete"), scale=0, min_width=40)
+            comps["coefficient"] = panel.component(p["coefficient"], eid("coefficient"))
+            comps["more_references"] = panel.component(p["more_references"], eid("more"))
+            with gr.Row():
+                comps["start"] = panel.component(p["start"], eid("start"))
+                comps["end"] = panel.component(p["end"], eid("end"))
+            comps["layers"] = panel.component(p["layers"], eid("layers"))
+            with gr.Row():
+                comps["hires"] = panel.component(p["hires"], eid("hires"))
+                comps["uncond"] = panel.component(p["uncond"], eid("uncond"))
+                comps["save"] = panel.component(p["save"], eid("save"))
+            comps["batch_item"] = panel.component(p["batch_item"], eid("batch_item"))
+            library = gr.Markdown(_library_text(), elem_id=eid("library"))
+
+        def refresh_fn(current):
+            return gr.update(choices=host.all_names(), value=current), _library_text()
+
+        def delete_fn(current):
+            try:
+                found = host.delete(host.check_name(current or ""))
+            except ImgcondError as e:
+                return gr.update(), f"⚠️ {e}"
+            text = _library_text() + ("" if found else f"\n\n'{current}' was not found.")
+            return gr.update(choices=host.all_names()), text
+
+        refresh.click(refresh_fn, inputs=[comps["reference"]], outputs=[comps["reference"], library])
+        remove.click(delete_fn, inputs=[comps["reference"]], outputs=[comps["reference"], library])
+        self.infotext_fields = panel.infotext_fields(SPEC, enabled, comps)
+        self.paste_field_names = [SPEC.key(x.name) for x in SPEC.params if x.infotext]
+        return panel.ordered(SPEC, enabled, comps)
+
+    def process(self, p, *args):
+        values = self._values(p, args)
+        if not values["enabled"]:
+            return
+        try:
+            budget = int(float(_opt("imgcond_refdrop_ram_budget_gb", 16.0)) * 2**30)
+            job = host.plan(p, values, budget, bool(_opt("imgcond_refdrop_store_fp16", False)))
+        except ImgcondError as e:
+            logger.error("%s", e)
+            forge.abort_generation(p, e)
+            return
+        forge.job_state(p, "refdrop", lambda: {"job": job, "trackers": {}})
+        p.extra_generation_params.update(SPEC.infotext(values))
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        state = getattr(p, "_imgcond_state", {}).get("refdrop")
+        if not state:
+            return
+        job = state["job"]
+        pass_name = forge.pass_name(p)
+        if getattr(p, "iteration", 0) > 0 and job.record is not None:
+            return  # record the first image of the job only
+        if pass_name == "hires" and not job.values["hires"]:
+            return
+        steps = int(getattr(p, "hr_second_pass_steps", 0) or p.steps) if pass_name == "hires" else int(p.steps)
+        tracker = host.PassTracker(pass_name, steps)
+        state["trackers"][pass_name] = tracker  # a repeated hires call replaces the discarded one
+        host.capture_schedule(p, tracker)
+        attn = forge.attention_kernel()
+        forge.patch_unet(p, lambda unet: host.install(unet, job, tracker, attn))
+
+    def postprocess(self, p, processed, *args):
+        state = getattr(p, "_imgcond_state", {}).pop("refdrop", None)
+        if not state or state["job"].record is None or not state["trackers"]:
+            return
+        try:
+            host.finish_record(state["job"], state["trackers"], state["job"].values["save"])
+        except ImgcondError as e:
+            logger.error("%s", e)
+
+    def _values(self, p, args):
+        try:
+            return SPEC.parse(args, xyz.overrides(p, SPEC))
+        except ImgcondError as e:
+            logger.error("%s", e)
+            forge.abort_generation(p, e)
+            return {"enabled": False}
+
+
+def _library_text() -> str:
+    try:
+        rows = host.describe()
+    except ImgcondError as e:
+        return f"⚠️ {e}"
+    if not rows:
+        return "No references yet."
+    lines = ["| reference | model | size | steps | image | where |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        where = " + ".join(w for w, on in (("RAM", r["in_ram"]), ("file", r["saved"])) if on)
+        steps = ", ".join(f"{k}: {v}" for k, v in (r.get("steps") or {}).items() if not k.endswith("_uncond"))
+        lines.append(f"| {r['name']} | {r['family']} | {r['size']} | {steps} | {r['width']}×{r['height']} | {where} |")
+    return "\n".join(lines)
+
+
+def on_ui_settings():
+    section = ("imgcond", "ImgCond")
+    shared.opts.add_option(
+        "imgcond_refdrop_ram_budget_gb",
+        shared.OptionInfo(
+            16.0,
+            "RefDrop: RAM budget per recorded reference (GiB, 0 = unlimited)",
+            gr.Number,
+            {"minimum": 0},
+            section=section,
+        ),
+    )
+    shared.opts.add_option(
+        "imgcond_refdrop_store_fp16",
+        shared.OptionInfo(
+            False, "RefDrop: store fp32 K/V as fp16 (halves memory; Use is then not bit-exact)", section=section
+        ),
+    )
+
+
+def on_before_ui():
+    xyz.register_axes(SPEC, "RefDrop", {"reference": host.all_names})
+
+
+def add_routes(_demo, app):
+    @app.get("/imgcond/v1/refdrop/references")
+    def references():
+        return host.describe()
+
+    @app.delete("/imgcond/v1/refdrop/references/{name}")
+    def delete_reference(name: str):
+        return {"deleted": host.delete(host.check_name(name))}
+
+
+script_callbacks.on_ui_settings(on_ui_settings)
+script_callbacks.on_before_ui(on_before_ui)
+script_callbacks.on_app_started(add_routes)

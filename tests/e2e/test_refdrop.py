@@ -1,0 +1,111 @@
+"""RefDrop against a real headless Forge (random SD1.5 weights, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e import forge
+
+TITLE = "refdrop"
+
+
+def refdrop(body: dict, **args) -> dict:
+    return forge.with_script(body, TITLE, [args])
+
+
+@pytest.fixture(scope="module")
+def plain(server):
+    return {seed: server.generate(forge.payload(seed=seed)).image for seed in (1, 2)}
+
+
+@pytest.fixture(scope="module")
+def recorded(server):
+    out = server.generate(refdrop(forge.payload(seed=1), mode="Record", reference="cat", save=True))
+    assert "refdrop_mode: Record" in out.infotext
+    return out
+
+
+def test_record_leaves_the_image_unchanged(recorded, plain):
+    assert forge.max_diff(recorded.image, plain[1]) == 0
+
+
+def test_reference_listed_with_size(server, recorded):
+    refs = {r["name"]: r for r in server.get("/imgcond/v1/refdrop/references")}
+    assert refs["cat"]["family"] == "sd15" and refs["cat"]["saved"] and refs["cat"]["bytes"] > 0
+
+
+def test_use_same_seed_reproduces_the_reference(server, recorded, plain):
+    out = server.generate(refdrop(forge.payload(seed=1), mode="Use", reference="cat", coefficient=0.7))
+    assert forge.max_diff(out.image, plain[1]) == 0
+
+
+def test_c_zero_is_identical_to_disabled(server, recorded, plain):
+    out = server.generate(refdrop(forge.payload(seed=2), mode="Use", reference="cat", coefficient=0.0))
+    assert forge.max_diff(out.image, plain[2]) == 0
+
+
+def test_positive_and_negative_c_change_the_image(server, recorded, plain):
+    pos = server.generate(refdrop(forge.payload(seed=2), mode="Use", reference="cat", coefficient=0.5))
+    neg = server.generate(refdrop(forge.payload(seed=2), mode="Use", reference="cat", coefficient=-0.3))
+    assert forge.max_diff(pos.image, plain[2]) > 0
+    assert forge.max_diff(neg.image, plain[2]) > 0
+    assert forge.max_diff(pos.image, neg.image) > 0
+    assert "refdrop_coefficient: 0.5" in pos.infotext and "refdrop_reference: cat" in pos.infotext
+    again = server.generate(forge.payload(seed=2))
+    assert forge.max_diff(again.image, plain[2]) == 0  # no leak into a plain run
+    pytest.refdrop_pos = pos.image
+
+
+def test_positional_args_match_named_args(server, recorded):
+    named = server.generate(refdrop(forge.payload(seed=2), mode="Use", reference="cat", coefficient=0.5))
+    positional = server.generate(forge.with_script(forge.payload(seed=2), TITLE, [True, "Use", "cat", 0.5]))
+    assert forge.max_diff(named.image, positional.image) == 0
+
+
+def test_layers_window_and_multi_reference(server, recorded, plain):
+    body = refdrop(forge.payload(seed=2), mode="Use", reference="cat", coefficient=0.5, layers="output", start=0.3)
+    out = server.generate(body)
+    assert forge.max_diff(out.image, plain[2]) > 0
+    assert forge.max_diff(out.image, pytest.refdrop_pos) > 0
+    server.generate(refdrop(forge.payload(seed=3), mode="Record", reference="dog"))
+    multi = server.generate(
+        refdrop(forge.payload(seed=2), mode="Use", reference="cat", coefficient=0.3, more_references="dog:-0.2")
+    )
+    assert forge.max_diff(multi.image, plain[2]) > 0
+
+
+def test_batch_and_other_step_count(server, recorded):
+    out = server.generate(refdrop(forge.payload(seed=2, batch_size=2), mode="Use", reference="cat", coefficient=0.4))
+    assert len(out.images) == 2
+    out = server.generate(
+        refdrop(forge.payload(seed=2, steps=5, width=96), mode="Use", reference="cat", coefficient=0.4)
+    )
+    assert out.image.shape == (64, 96, 3)
+
+
+def test_hires_record_and_use(server, plain):
+    server.generate(refdrop(forge.payload(seed=4, enable_hr=True), mode="Record", reference="hr", hires=True))
+    on = server.generate(refdrop(forge.payload(seed=5, enable_hr=True), mode="Use", reference="hr", hires=True))
+    off = server.generate(refdrop(forge.payload(seed=5, enable_hr=True), mode="Use", reference="hr", hires=False))
+    assert on.image.shape == off.image.shape == (128, 128, 3)
+    assert forge.max_diff(on.image, off.image) > 0
+    same = server.generate(refdrop(forge.payload(seed=4, enable_hr=True), mode="Use", reference="hr", hires=True))
+    base = server.generate(forge.payload(seed=4, enable_hr=True))
+    assert forge.max_diff(same.image, base.image) == 0
+
+
+def test_clear_errors_before_sampling(server, recorded):
+    err = server.generate_error(refdrop(forge.payload(), mode="Use", reference="nope"))
+    assert "RefDrop reference 'nope' does not exist" in err
+    err = server.generate_error(refdrop(forge.payload(enable_hr=True), mode="Use", reference="cat", hires=True))
+    assert "no hires-pass K/V" in err
+    err = server.generate_error(refdrop(forge.payload(), mode="Use", reference="cat", coefficient=3))
+    assert "refdrop.coefficient=3" in err and "[-1, 1]" in err
+    err = server.generate_error(refdrop(forge.payload(), mode="Use", reference="cat", layerz="x"))
+    assert "refdrop.layerz" in err
+
+
+def test_saved_reference_survives_restart(server, recorded):
+    server.restart()
+    out = server.generate(refdrop(forge.payload(seed=2), mode="Use", reference="cat", coefficient=0.5))
+    assert forge.max_diff(out.image, pytest.refdrop_pos) == 0

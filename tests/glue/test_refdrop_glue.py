@@ -1,0 +1,153 @@
+"""RefDrop's Forge adapter driven through a fake UnetPatcher the way backend/nn/unet.py calls attn1 replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lib_imgcond.core import refdrop as rd
+from lib_imgcond.core.errors import ArgumentError, ImgcondError
+from lib_imgcond.hosts import forge_refdrop as host
+from tests.glue.fakes import FakeUnetPatcher, fake_p
+
+HEADS = 2
+VALUES = {
+    "mode": "Use", "reference": "r", "coefficient": 0.5, "more_references": "", "layers": "all", "start": 0.0,
+    "end": 1.0, "hires": False, "uncond": False, "save": False, "batch_item": 0,
+}  # fmt: skip
+
+
+def attn(q, k, v, heads):
+    return rd.sdpa(q, k, v, heads)
+
+
+def qkv(seed, batch=2, tokens=6, ch=8):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, tokens, ch, generator=g) for _ in range(3)]
+
+
+def opts(block=("output", 3), index=0, chunks=(1, 0)):
+    return {"block": block, "block_index": index, "n_heads": HEADS, "cond_or_uncond": list(chunks)}
+
+
+def run_pass(unet, tracker_sigmas, q, k, v, **kw):
+    """One evaluation: the conditioning modifier (once), then one attn1 call."""
+    for mod in unet.model_options["conditioning_modifiers"]:
+        mod(None, None, torch.tensor([tracker_sigmas]), None, None, 7.0, {}, 0)
+    return unet.run_attn1(q, k, v, opts(**kw))
+
+
+def record(name="r", **values):
+    job = host.Job({**VALUES, "mode": "Record", **values}, "sd15", frozenset(x[:3] for x in rd.layer_table("sd15")))
+    job.record = host.store.Reference(name, "sd15", {"trace": {}})
+    unet = FakeUnetPatcher()
+    tracker = host.PassTracker("first", 3)
+    tracker.schedule = [3.0, 2.0, 1.0, 0.0]
+    host.install(unet, job, tracker, attn)
+    return job, unet, tracker
+
+
+@pytest.fixture(autouse=True)
+def _clean_library():
+    host.REFERENCES.clear()
+    yield
+    host.REFERENCES.clear()
+
+
+def test_record_stores_cond_row_and_returns_plain_attention():
+    job, unet, tracker = record()
+    q, k, v = qkv(0)
+    out = run_pass(unet, 3.0, q, k, v)
+    assert torch.equal(out, attn(q, k, v, HEADS))
+    kr, vr = job.record.get(("first", 0, "output", 3, 0))
+    assert torch.equal(kr, k[1:2]) and torch.equal(vr, v[1:2])  # chunks [uncond, cond]: cond is row 1
+    host.finish_record(job, {"first": tracker}, save_file=False)
+    assert host.REFERENCES["r"].meta["trace"]["first"] == [0.0]
+
+
+def test_use_with_identical_kv_is_bit_exact_and_other_kv_blends():
+    job, unet, tracker = record()
+    q, k, v = qkv(0)
+    run_pass(unet, 3.0, q, k, v)
+    host.finish_record(job, {"first": tracker}, save_file=False)
+    use = host.Job(dict(VALUES), "sd15", job.layers, uses=[(host.REFERENCES["r"], 0.7)])
+    unet2 = FakeUnetPatcher()
+    t2 = host.PassTracker("first", 3)
+    t2.schedule = [3.0, 2.0, 1.0, 0.0]
+    host.install(unet2, use, t2, attn)
+    assert torch.equal(run_pass(unet2, 3.0, q, k, v), attn(q, k, v, HEADS))
+    q2, k2, v2 = qkv(1)
+    unet3 = FakeUnetPatcher()
+    t3 = host.PassTracker("first", 3)
+    t3.schedule = [3.0, 2.0, 1.0, 0.0]
+    host.install(unet3, use, t3, attn)
+    out = run_pass(unet3, 3.0, q2, k2, v2)
+    plain = attn(q2, k2, v2, HEADS)
+    ref = attn(q2[1:], k[1:2], v[1:2], HEADS)
+    assert torch.equal(out[0], plain[0])  # uncond row untouched by default
+    torch.testing.assert_close(out[1:], 0.3 * plain[1:] + 0.7 * ref)
+
+
+def test_window_and_layer_selection_leave_attention_alone():
+    job, unet, tracker = record()
+    q, k, v = qkv(0)
+    run_pass(unet, 3.0, q, k, v)
+    host.finish_record(job, {"first": tracker}, save_file=False)
+    ref = host.REFERENCES["r"]
+    q2, k2, v2 = qkv(2)
+    for values, layers in (({"start": 0.5}, job.layers), ({}, frozenset({("input", 1, 0)}))):
+        use = host.Job({**VALUES, **values}, "sd15", layers, uses=[(ref, 0.9)])
+        unet2, t2 = FakeUnetPatcher(), host.PassTracker("first", 3)
+        t2.schedule = [3.0, 2.0, 1.0, 0.0]
+        host.install(unet2, use, t2, attn)
+        assert torch.equal(run_pass(unet2, 3.0, q2, k2, v2), attn(q2, k2, v2, HEADS))
+
+
+def test_chains_to_an_existing_attn1_replace():
+    calls = []
+
+    def theirs(q, k, v, extra):
+        calls.append(extra["block"])
+        return attn(q, k, v, extra["n_heads"]) * 2
+
+    job, _, tracker = record()
+    unet = FakeUnetPatcher()
+    unet.set_model_replace_all(theirs, "attn1")
+    host.install(unet, job, tracker, attn)
+    q, k, v = qkv(0)
+    out = run_pass(unet, 3.0, q, k, v)
+    assert calls == [("output", 3)] and torch.equal(out, attn(q, k, v, HEADS) * 2)
+    again = unet.clone()  # a clone of our own patch must not chain to itself
+    host.install(again, job, tracker, attn)
+    assert torch.equal(run_pass(again, 2.0, q, k, v), attn(q, k, v, HEADS) * 2)
+
+
+def test_recorded_eval_maps_by_progress_when_runs_differ():
+    ref = host.store.Reference("x", "sd15", {"trace": {"first": [0.0, 0.25, 0.5, 0.75]}})
+    assert host._recorded_eval(ref, "first", 2, 0.5) == 2
+    assert host._recorded_eval(ref, "first", 1, 0.5) == 2
+    assert host._recorded_eval(ref, "first", 9, 0.99) == 3
+
+
+def test_tracker_follows_the_schedule_and_substeps():
+    t = host.PassTracker("hires", 2)
+    t.schedule = [5.0, 4.0, 3.0, 2.0, 0.0]
+    for sigma in (3.0, 2.5, 2.0):  # img2img tail: starts at index 2; 2.5 is a sub-step of step 0
+        t.on_eval(sigma)
+    assert (t.first, t.n_steps, t.trace) == (2, 2, [0.0, 0.0, 0.5])
+
+
+def test_plan_errors_are_clear(monkeypatch, tmp_path):
+    monkeypatch.setattr(host, "references_dir", lambda: str(tmp_path))
+    p = fake_p("sd15", width=64, height=64, sampler_name="Euler a", batch_size=1)
+    with pytest.raises(ImgcondError, match="does not exist"):
+        host.plan(p, dict(VALUES, reference="missing"), 0, False)
+    with pytest.raises(ArgumentError, match="batch_item"):
+        host.plan(p, dict(VALUES, batch_item=3), 0, False)
+    with pytest.raises(ImgcondError, match=r"needs a SD1\.5 or SDXL model"):
+        host.plan(fake_p("flux"), dict(VALUES), 0, False)
+    with pytest.raises(ImgcondError, match="RAM budget"):
+        host.plan(p, dict(VALUES, mode="Record"), 1000, False)
+    with pytest.raises(ArgumentError, match="more_references"):
+        host.parse_more("cat:2")
+    assert host.parse_more(" cat:0.3, dog:-0.2 ") == [("cat", 0.3), ("dog", -0.2)]
