@@ -58,6 +58,7 @@ class RefDropScript(scripts.Script):
                 comps["uncond"] = panel.component(p["uncond"], eid("uncond"))
                 comps["save"] = panel.component(p["save"], eid("save"))
             comps["batch_item"] = panel.component(p["batch_item"], eid("batch_item"))
+            comps["image"] = panel.component(p["image"], eid("image"))
             library = gr.Markdown(_library_text(), elem_id=eid("library"))
 
         def refresh_fn(current):
@@ -84,6 +85,8 @@ class RefDropScript(scripts.Script):
         try:
             budget = int(float(_opt("imgcond_refdrop_ram_budget_gb", 16.0)) * 2**30)
             job = host.plan(p, values, budget, bool(_opt("imgcond_refdrop_store_fp16", False)))
+            if values["mode"] == "Image":
+                job.image_latent = host.encode_image(p, values["image"].image)
         except ImgcondError as e:
             logger.error("%s", e)
             forge.abort_generation(p, e)
@@ -97,7 +100,7 @@ class RefDropScript(scripts.Script):
             return
         job = state["job"]
         pass_name = forge.pass_name(p)
-        if getattr(p, "iteration", 0) > 0 and job.record is not None:
+        if getattr(p, "iteration", 0) > 0 and job.values["mode"] == "Record":
             return  # record the first image of the job only
         if pass_name == "hires" and not job.values["hires"]:
             return

@@ -20,7 +20,7 @@ from lib_imgcond.core.errors import ArgumentError, ImgcondError
 from lib_imgcond.hosts import forge
 from lib_imgcond.log import logger
 
-MODES = ("Record", "Use")
+MODES = ("Record", "Use", "Image")
 _LOCK = threading.Lock()
 REFERENCES: dict[str, store.Reference] = {}  # RAM references by name, for this WebUI process
 
@@ -135,6 +135,15 @@ class Job:
     uses: list[tuple[store.Reference, float]] = field(default_factory=list)
     record: store.Reference | None = None
     budget: int = 0
+    image_latent: torch.Tensor | None = None  # mode Image: the VAE-encoded reference image (1, C, h, w)
+    image_seed: int = 0
+    capturing: bool = False
+    captured_eval: tuple = ()
+
+    @property
+    def recording(self) -> bool:
+        """True while K/V must be stored: the whole pass in Record mode, the reference forward in Image mode."""
+        return self.record is not None and (self.values["mode"] == "Record" or self.capturing)
 
 
 def plan(p: Any, values: dict, budget_bytes: int, store_fp16: bool) -> Job:
@@ -149,34 +158,57 @@ def plan(p: Any, values: dict, budget_bytes: int, store_fp16: bool) -> Job:
     name = check_name(values["reference"])
     job = Job(values, family, layers, budget=budget_bytes)
     hires = bool(getattr(p, "enable_hr", False)) and values["hires"]
+    if values["mode"] in ("Record", "Image"):
+        rows = 2 if values["uncond"] and values["mode"] == "Record" else 1
+        store.check_budget(_estimate(p, family, layers, hires, rows, 2 if store_fp16 else 4), budget_bytes)
     if values["mode"] == "Record":
-        width, height = int(p.width), int(p.height)
-        steps = int(p.steps) * second_order_factor(getattr(p, "sampler_name", ""))
-        shapes = [rd.layer_shape(family, layer, width, height) for layer in layers]
-        rows = 2 if values["uncond"] else 1
-        dtype_bytes = 2 if store_fp16 else 4
-        needed = store.estimate_bytes(shapes, steps, rows, dtype_bytes)
-        if hires:
-            sw, sh = (
-                int(getattr(p, "hr_upscale_to_x", 0) or width * 2),
-                int(getattr(p, "hr_upscale_to_y", 0) or height * 2),
-            )
-            hr_steps = int(getattr(p, "hr_second_pass_steps", 0) or p.steps) * second_order_factor(
-                getattr(p, "hr_sampler_name", "") or getattr(p, "sampler_name", "")
-            )
-            needed += store.estimate_bytes(
-                [rd.layer_shape(family, x, sw, sh) for x in layers], hr_steps, rows, dtype_bytes
-            )
-        store.check_budget(needed, budget_bytes)
-        meta = {"width": width, "height": height, "source": "generation", "trace": {}, "sampler": {}}
+        meta = {"width": int(p.width), "height": int(p.height), "source": "generation", "trace": {}, "sampler": {}}
         job.record = store.Reference(name, family, meta, store_fp16=store_fp16)
         return job
+    more = parse_more(values["more_references"])
+    if values["mode"] == "Image":
+        if values["image"] is None:
+            raise ArgumentError("refdrop.image", None, "an image: mode Image takes its reference from it")
+        meta = {"width": int(p.width), "height": int(p.height), "source": "image", "trace": {}}
+        job.record = store.Reference(name, family, meta, store_fp16=False)
+        job.uses.append((job.record, values["coefficient"]))
+        job.image_seed = int(getattr(p, "seed", 0) or 0)
+    else:
+        more.insert(0, (name, values["coefficient"]))
     passes = {"first"} | ({"hires"} if hires else set())
-    for ref_name, c in [(name, values["coefficient"]), *parse_more(values["more_references"])]:
+    for ref_name, c in more:
         ref = lookup(ref_name)
         store.check_compatible(ref, family, set(layers), passes)
         job.uses.append((ref, c))
     return job
+
+
+def _estimate(p: Any, family: str, layers: frozenset, hires: bool, rows: int, dtype_bytes: int) -> int:
+    """Bytes a recording will take (an upper estimate: second-order samplers evaluate twice per step)."""
+    width, height = int(p.width), int(p.height)
+    steps = int(p.steps) * second_order_factor(getattr(p, "sampler_name", ""))
+    needed = store.estimate_bytes([rd.layer_shape(family, x, width, height) for x in layers], steps, rows, dtype_bytes)
+    if hires:
+        sw = int(getattr(p, "hr_upscale_to_x", 0) or width * 2)
+        sh = int(getattr(p, "hr_upscale_to_y", 0) or height * 2)
+        sampler = getattr(p, "hr_sampler_name", "") or getattr(p, "sampler_name", "")
+        if sampler in ("", "Use same sampler"):
+            sampler = getattr(p, "sampler_name", "")
+        hr_steps = int(getattr(p, "hr_second_pass_steps", 0) or p.steps) * second_order_factor(sampler)
+        shapes = [rd.layer_shape(family, x, sw, sh) for x in layers]
+        needed += store.estimate_bytes(shapes, hr_steps, rows, dtype_bytes)
+    return needed
+
+
+def encode_image(p: Any, image: Any) -> torch.Tensor:
+    """VAE-encode a PIL image at the generation's size: (1, C, h, w) latent."""
+    import numpy as np
+    from modules import sd_samplers_common
+
+    img = image.convert("RGB").resize((int(p.width), int(p.height)))
+    t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).unsqueeze(0)
+    with torch.no_grad():
+        return sd_samplers_common.images_tensor_to_samples(t, model=p.sd_model).detach()
 
 
 # --- the patches ----------------------------------------------------------------------------------------------------
@@ -258,10 +290,10 @@ def install(unet: Any, job: Job, tracker: PassTracker, attn) -> None:
             return base
         chunks = extra_options.get("cond_or_uncond") or [0]
         b = q.shape[0] // len(chunks)
-        if job.record is not None:
-            for branch in (0, 1) if use_uncond else (0,):
+        if job.recording:
+            for branch in (0, 1) if use_uncond and not job.capturing else (0,):
                 if branch in chunks:
-                    row = chunks.index(branch) * b + item
+                    row = chunks.index(branch) * b + (0 if job.capturing else item)
                     name = pass_name if branch == 0 else f"{pass_name}_uncond"
                     job.record.put((name, tracker.eval, *key), k[row : row + 1], v[row : row + 1])
             if job.budget and job.record.nbytes > job.budget:
@@ -295,6 +327,62 @@ def install(unet: Any, job: Job, tracker: PassTracker, attn) -> None:
     forge.mark_ours(attn1, inner=inner_replaces)
     unet.set_model_replace_all(attn1, "attn1")
     unet.add_conditioning_modifier(on_eval)
+    if job.image_latent is not None:
+        job.record.meta["trace"][pass_name] = tracker.trace  # filled live: Use reads the evaluation just captured
+        install_image_capture(unet, job, tracker)
+
+
+def _slice_c(c: dict, row: int, batch: int) -> dict:
+    """The model-call kwargs for one row of the batch, as a lone cond call (no ControlNet on the reference)."""
+    out = {}
+    for key, value in c.items():
+        if key in ("control", "control_model"):
+            continue
+        if key == "transformer_options":
+            to = dict(value)
+            to.update(cond_or_uncond=[0], cond_indices=[0], uncond_indices=[])
+            for name in ("sigmas", "cond_mark"):
+                if isinstance(to.get(name), torch.Tensor) and to[name].shape[:1] == (batch,):
+                    to[name] = to[name][row : row + 1]
+            out[key] = to
+        elif isinstance(value, torch.Tensor) and value.shape[:1] == (batch,):
+            out[key] = value[row : row + 1]
+        else:
+            out[key] = value
+    return out
+
+
+def install_image_capture(unet: Any, job: Job, tracker: PassTracker) -> None:
+    """Mode Image: before the model call of each evaluation, run the UNet once on the reference image noised to the
+    current sigma (fixed noise), recording its K/V; the real call then blends them in."""
+    inner = unet.model_options.get("model_function_wrapper")
+    predictor = unet.model.predictor
+    noise_cache: dict[tuple, torch.Tensor] = {}
+
+    def wrapper(apply_model, args):
+        x, t, c, chunks = args["input"], args["timestep"], args["c"], args["cond_or_uncond"]
+        marker = (tracker.pass_name, tracker.eval)
+        if 0 in chunks and job.captured_eval != marker:
+            job.captured_eval = marker
+            b = x.shape[0] // len(chunks)
+            row = chunks.index(0) * b
+            z = job.image_latent.to(device=x.device, dtype=x.dtype)
+            key = (tuple(z.shape), str(x.device), x.dtype)
+            if key not in noise_cache:
+                gen = torch.Generator().manual_seed(job.image_seed)
+                noise_cache[key] = torch.randn(z.shape, generator=gen).to(device=x.device, dtype=x.dtype)
+            sigma = t[row : row + 1]
+            x_ref = predictor.noise_scaling(sigma.view(-1, 1, 1, 1), noise_cache[key], z)
+            job.capturing = True
+            try:
+                apply_model(x_ref, sigma, **_slice_c(c, row, x.shape[0]))
+            finally:
+                job.capturing = False
+        if inner is not None:
+            return inner(apply_model, args)
+        return apply_model(x, t, **c)
+
+    unet.set_model_unet_function_wrapper(wrapper)
 
 
 def capture_schedule(p: Any, tracker: PassTracker) -> None:

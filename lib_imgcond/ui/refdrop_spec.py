@@ -13,8 +13,9 @@ SPEC = Spec(
             "Mode",
             "choice",
             "Record",
-            choices=("Record", "Use"),
-            info="Record: store this generation's self-attention as the reference. Use: blend it in.",
+            choices=("Record", "Use", "Image"),
+            info="Record: store this generation's self-attention as the reference. Use: blend it in. "
+            "Image: take the reference from the uploaded image (one extra UNet pass per step) and blend it in.",
         ),
         Param("reference", "Reference", "str", "reference", xyz=True),
         Param(
@@ -60,5 +61,6 @@ SPEC = Spec(
             info="Record: also write models/imgcond/refdrop/<reference>.safetensors",
         ),
         Param("batch_item", "Batch item to record", "int", 0, 0, 63, 1),
+        Param("image", "Reference image (mode Image)", "image", None),
     ],
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.e2e import forge
@@ -28,6 +30,20 @@ def sd15_ckpt():
 def server(sd15_ckpt):
     """Forge with this extension, SD1.5 random checkpoint. Fails the session if the extension logged a traceback."""
     srv = forge.ForgeServer(sd15_ckpt, with_extension=True).start()
+    yield srv
+    try:
+        leaked = srv.extension_tracebacks()
+        assert not leaked, "tracebacks mentioning the extension in the server log:\n" + "\n".join(leaked)
+    finally:
+        srv.cleanup()
+
+
+@pytest.fixture(scope="module")
+def sdxl_server(request):
+    """Forge with this extension and the SDXL checkpoint (about 19 GB of RAM: only with IMGCOND_E2E_SDXL=1)."""
+    if os.environ.get("IMGCOND_E2E_SDXL") != "1":
+        pytest.skip("SDXL e2e tests need about 19 GB of RAM: set IMGCOND_E2E_SDXL=1 to run them")
+    srv = forge.ForgeServer(forge.checkpoint("sdxl"), with_extension=True).start()
     yield srv
     try:
         leaked = srv.extension_tracebacks()

@@ -109,3 +109,38 @@ def test_saved_reference_survives_restart(server, recorded):
     server.restart()
     out = server.generate(refdrop(forge.payload(seed=2), mode="Use", reference="cat", coefficient=0.5))
     assert forge.max_diff(out.image, pytest.refdrop_pos) == 0
+
+
+def test_image_mode_takes_the_reference_from_an_upload(server, baseline, plain):
+    body = refdrop(forge.payload(seed=2), mode="Image", reference="from-image", coefficient=0.5, image=baseline["init"])
+    out = server.generate(body)
+    assert forge.max_diff(out.image, plain[2]) > 0
+    assert "refdrop_mode: Image" in out.infotext and "refdrop_image" not in out.infotext
+    zero = server.generate(
+        refdrop(forge.payload(seed=2), mode="Image", reference="from-image", coefficient=0.0, image=baseline["init"])
+    )
+    assert forge.max_diff(zero.image, plain[2]) == 0
+    reused = server.generate(refdrop(forge.payload(seed=2), mode="Use", reference="from-image", coefficient=0.5))
+    assert forge.max_diff(reused.image, out.image) == 0  # the captured reference is kept for plain Use
+    err = server.generate_error(refdrop(forge.payload(), mode="Image", reference="x"))
+    assert "refdrop.image" in err
+
+
+def test_foreign_and_corrupt_reference_files(server, recorded):
+    import torch
+
+    from lib_imgcond.core import refdrop_store as store
+
+    folder = server.data_dir / "models" / "imgcond" / "refdrop"
+    folder.mkdir(parents=True, exist_ok=True)
+    xl = store.Reference("xl", "sdxl", {"width": 64, "height": 64, "trace": {"first": [0.0]}})
+    xl.put(("first", 0, "middle", 0, 0), torch.zeros(1, 4, 1280), torch.zeros(1, 4, 1280))
+    store.save_reference(xl, folder / "xl.safetensors")
+    err = server.generate_error(refdrop(forge.payload(), mode="Use", reference="xl"))
+    assert "recorded on sdxl but the loaded model is sd15" in err
+    data = (folder / "cat.safetensors").read_bytes()
+    (folder / "broken.safetensors").write_bytes(data[: len(data) // 2])
+    err = server.generate_error(refdrop(forge.payload(), mode="Use", reference="broken"))
+    assert "truncated or corrupt" in err and "record it again" in err
+    after = server.generate(forge.payload(seed=1))
+    assert after.images  # the server keeps working after refused jobs

@@ -151,3 +151,40 @@ def test_plan_errors_are_clear(monkeypatch, tmp_path):
     with pytest.raises(ArgumentError, match="more_references"):
         host.parse_more("cat:2")
     assert host.parse_more(" cat:0.3, dog:-0.2 ") == [("cat", 0.3), ("dog", -0.2)]
+
+
+def test_image_mode_captures_reference_before_each_evaluation():
+    from types import SimpleNamespace
+
+    values = dict(VALUES, mode="Image", coefficient=0.6)
+    ref = host.store.Reference("img", "sd15", {"trace": {}, "source": "image"})
+    job = host.Job(values, "sd15", frozenset({("output", 3, 0)}), uses=[(ref, 0.6)], record=ref)
+    job.image_latent = torch.randn(1, 8, 2, 3, generator=torch.Generator().manual_seed(5))
+    unet = FakeUnetPatcher()
+    unet.model.predictor = SimpleNamespace(noise_scaling=lambda sigma, noise, latent: latent + sigma * noise)
+    tracker = host.PassTracker("first", 2)
+    tracker.schedule = [2.0, 1.0, 0.0]
+    host.install(unet, job, tracker, attn)
+    calls = []
+
+    def apply_model(x, t, c_crossattn=None, transformer_options=None):
+        tokens = x.flatten(2).transpose(1, 2)  # (B, h·w, C)
+        extra = {"block": ("output", 3), "block_index": 0, "n_heads": HEADS, **transformer_options}
+        calls.append(list(extra["cond_or_uncond"]))
+        return unet.run_attn1(tokens, tokens, tokens, extra)
+
+    x = torch.randn(2, 8, 2, 3, generator=torch.Generator().manual_seed(6))
+    args = {
+        "input": x,
+        "timestep": torch.tensor([2.0, 2.0]),
+        "c": {"c_crossattn": torch.zeros(2, 1, 4), "transformer_options": {"cond_or_uncond": [1, 0]}},
+        "cond_or_uncond": [1, 0],
+    }
+    for mod in unet.model_options["conditioning_modifiers"]:
+        mod(None, None, torch.tensor([2.0]), None, None, 7.0, {}, 0)
+    out = unet.model_options["model_function_wrapper"](apply_model, args)
+    assert calls == [[0], [1, 0]]  # the reference forward (cond only), then the real batch
+    assert ("first", 0, "output", 3, 0) in ref
+    tokens = x.flatten(2).transpose(1, 2)
+    plain = attn(tokens, tokens, tokens, HEADS)
+    assert torch.equal(out[0], plain[0]) and not torch.equal(out[1], plain[1])
