@@ -10,6 +10,7 @@ import gradio as gr
 from lib_imgcond.ui.spec import Param, Spec
 
 GRADIO4 = int(gr.__version__.split(".")[0]) >= 4
+NO_PROGRESS = "hidden" if GRADIO4 else False  # `show_progress` for quiet live updates (Gradio 4 takes a string)
 
 
 def component(param: Param, elem_id: str, **overrides: Any):

@@ -1,0 +1,104 @@
+"""Hires iterative mixing accordion (txt2img only): thin glue between the WebUI and lib_imgcond (no maths here)."""
+
+from __future__ import annotations
+
+import gradio as gr
+from modules import script_callbacks, scripts
+from modules.ui_components import InputAccordion
+
+from lib_imgcond.core.errors import ImgcondError
+from lib_imgcond.core.mixing import MixParams, schedule_svg, zprime_weights
+from lib_imgcond.hosts import forge
+from lib_imgcond.hosts import forge_mixing as host
+from lib_imgcond.log import logger
+from lib_imgcond.ui import panel, registry, xyz
+from lib_imgcond.ui.mixing_spec import SPEC
+
+registry.register(SPEC)
+
+PLOT_STEPS = 20  # the plot's assumed number of hires steps; fractions scale with the real count
+_CURVE = ("schedule", "alpha", "start", "stop", "clamp", "blend_min", "blend_max")
+
+
+def plot_html(*values) -> str:
+    try:
+        params = MixParams(**dict(zip(_CURVE, values, strict=True))).validate()
+        svg = schedule_svg(zprime_weights(params, PLOT_STEPS), width=360, height=130)
+    except (ValueError, TypeError) as e:  # ImgcondError is a ValueError
+        return f"<p>⚠️ {e}</p>"
+    return f'<div title="z′ weight per hires step, assuming {PLOT_STEPS} hires steps">{svg}</div>'
+
+
+class HiresMixingScript(scripts.Script):
+    sorting_priority = 22
+
+    def title(self):
+        return SPEC.title
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible if not is_img2img else False
+
+    def ui(self, is_img2img):
+        eid = lambda name: f"imgcond_hrmix_{name}_txt2img"  # noqa: E731
+        p = SPEC.by_name
+        with InputAccordion(False, label=SPEC.title, elem_id=eid("enabled")) as enabled:
+            gr.Markdown(
+                "Acts on the **hires-fix pass only** (does nothing when Hires. fix is off): before every hires step "
+                "the sampler's latent is mixed with the upscaled first-pass latent noised to that step's level, "
+                "with the weight plotted below (DemoFusion skip residual / Iterative Mixing)."
+            )
+            comps = {}
+            with gr.Row():
+                comps["schedule"] = panel.component(p["schedule"], eid("schedule"))
+                comps["alpha"] = panel.component(p["alpha"], eid("alpha"))
+            with gr.Row():
+                comps["start"] = panel.component(p["start"], eid("start"))
+                comps["stop"] = panel.component(p["stop"], eid("stop"))
+                comps["clamp"] = panel.component(p["clamp"], eid("clamp"))
+            with gr.Row():
+                comps["blend_min"] = panel.component(p["blend_min"], eid("blend_min"))
+                comps["blend_max"] = panel.component(p["blend_max"], eid("blend_max"))
+            comps["blend"] = panel.component(p["blend"], eid("blend"))
+            with gr.Row():
+                comps["normalize"] = panel.component(p["normalize"], eid("normalize"))
+                comps["fresh_noise"] = panel.component(p["fresh_noise"], eid("fresh_noise"))
+            plot = gr.HTML(plot_html(*(p[n].default for n in _CURVE)), elem_id=eid("plot"))
+            gr.Markdown(f"z′ weight per hires step (plotted for {PLOT_STEPS} steps; the fractions scale with yours).")
+        inputs = [comps[n] for n in _CURVE]
+        for name in _CURVE:
+            comps[name].change(plot_html, inputs=inputs, outputs=[plot], show_progress=panel.NO_PROGRESS)
+        self.infotext_fields = panel.infotext_fields(SPEC, enabled, comps)
+        self.paste_field_names = [SPEC.key(x.name) for x in SPEC.params if x.infotext]
+        return panel.ordered(SPEC, enabled, comps)
+
+    def process(self, p, *args):
+        try:
+            values = SPEC.parse(args, xyz.overrides(p, SPEC))
+            if not values["enabled"]:
+                return
+            params = host.mix_params(values)
+        except ImgcondError as e:
+            logger.error("%s", e)
+            forge.abort_generation(p, e)
+            return
+        if not getattr(p, "enable_hr", False):
+            logger.info("Hires iterative mixing acts on the hires-fix pass only; Hires. fix is off, so it does nothing")
+            return
+        forge.job_state(p, "hrmix", lambda: {"values": values, "params": params})
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        state = getattr(p, "_imgcond_state", {}).get("hrmix")
+        if not state or not getattr(p, "is_hr_pass", False):
+            return
+        if host.install(p, state["params"], kwargs.get("x"), host.pass_noise(p, kwargs)):
+            p.extra_generation_params.update(SPEC.infotext(state["values"]))
+
+    def postprocess(self, p, processed, *args):
+        forge.drop_job_state(p, "hrmix")
+
+
+def on_before_ui():
+    xyz.register_axes(SPEC, "Hires mixing")
+
+
+script_callbacks.on_before_ui(on_before_ui)
