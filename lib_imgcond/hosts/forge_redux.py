@@ -1,0 +1,537 @@
+"""Flux Redux on Forge: model files, per-job planning (prepare + encode once), and the pass patches.
+
+`plan` runs in `process()`: it checks the model family, the files and every reference image, and encodes the images
+(so every user error surfaces before sampling). `install` puts two things on the pass's UnetPatcher clone:
+
+* a conditioning modifier that appends the Redux tokens to the *positive* conditioning of every model evaluation
+  (fresh dicts, never the cached prompt conditioning). Both cond and uncond cross-attention conditions are wrapped in
+  a strict variant of Forge's `ConditionCrossAttn` that refuses to batch different lengths: Forge would otherwise
+  repeat the shorter uncond context to a common length, which changes Flux's joint attention. The uncond context is
+  never altered, so the uncond prediction stays exactly what it is without Redux.
+* for `attn_bias` strengths ≠ 1, a model function wrapper that replaces `backend.nn.flux.attention` for the duration
+  of one model call (restored in `finally`) with torch SDPA plus a log-strength key bias on the Redux columns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lib_imgcond.core import redux as rx
+from lib_imgcond.core import vision as vs
+from lib_imgcond.core.errors import ImgcondError
+from lib_imgcond.hosts import forge
+from lib_imgcond.log import logger
+from lib_imgcond.ui.redux_spec import SLOT_FIELDS, SLOTS, slot_values
+
+KINDS = {"siglip": "SigLIP vision model", "redux": "Redux model"}
+EXTRA_DIRS_OPTION = "imgcond_redux_extra_dirs"
+_LOCK = threading.Lock()
+_MODELS: dict[str, tuple[tuple, Any]] = {}  # kind → (file key, model on the offload device)
+_ENCODINGS: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # raw tokens of recent images (X/Y/Z cells re-use)
+_ENCODINGS_MAX = 8
+
+
+# --- model files ------------------------------------------------------------------------------------------------------
+def extra_dirs() -> list[str]:
+    """Folders from the settings option (separated by ';' or new lines)."""
+    try:
+        from modules import shared
+
+        text = str(getattr(shared.opts, EXTRA_DIRS_OPTION, "") or "")
+    except Exception:  # no WebUI (tests)
+        text = ""
+    return [d.strip() for d in text.replace("\n", ";").split(";") if d.strip()]
+
+
+def model_dirs(kind: str) -> list[str]:
+    """models/imgcond/<kind>/ first, then each extra folder and its <kind>/ subfolder when present."""
+    dirs = [forge.models_dir("imgcond", kind)]
+    for d in extra_dirs():
+        for cand in (os.path.join(d, kind), d):
+            if os.path.isdir(cand) and cand not in dirs:
+                dirs.append(cand)
+    return dirs
+
+
+def list_files(kind: str) -> list[str]:
+    """Names of the .safetensors files of `kind`, in folder order then alphabetically, without duplicates."""
+    out: list[str] = []
+    for d in model_dirs(kind):
+        try:
+            names = sorted(os.listdir(d))
+        except OSError:
+            continue
+        out += [n for n in names if n.lower().endswith(".safetensors") and n not in out]
+    return out
+
+
+def resolve(kind: str, name: str) -> str:
+    """The path of model file `name` ('' = the first one found); ImgcondError naming the folders otherwise."""
+    label, dirs = KINDS[kind], model_dirs(kind)
+    where = " or ".join(dirs)
+    name = (name or "").strip()
+    if name and not name.lower().endswith(".safetensors"):
+        raise ImgcondError(
+            f"Redux: the {label} '{name}' is not a .safetensors file (only those are loaded from {where})"
+        )
+    if not name:
+        files = list_files(kind)
+        if not files:
+            wanted = "sigclip_vision_patch14_384.safetensors" if kind == "siglip" else "flux1-redux-dev.safetensors"
+            raise ImgcondError(f"Redux needs a {label}: no .safetensors file in {where}. Put {wanted} there.")
+        return _first_valid(kind, [_find(dirs, n) for n in files])
+    path = _find(dirs, name)
+    if path is not None:
+        return path
+    raise ImgcondError(f"Redux: the {label} '{name}' was not found in {where}")
+
+
+def _find(dirs: list[str], name: str) -> str | None:
+    for d in dirs:
+        path = os.path.join(d, os.path.basename(name))
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _first_valid(kind: str, paths: list[str]) -> str:
+    """Automatic choice: the first file whose header fits the slot (so a stray file does not shadow the right one)."""
+    check = vision_config if kind == "siglip" else _check_redux_file
+    first_error = None
+    for path in paths:
+        try:
+            check(path)
+            return path
+        except ImgcondError as e:
+            first_error = first_error or e
+    raise first_error
+
+
+def _file_key(path: str) -> tuple:
+    st = os.stat(path)
+    return (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+
+
+def compute_device_dtype() -> tuple[torch.device, torch.dtype]:
+    try:
+        from backend import memory_management as mm
+
+        device = mm.get_torch_device()
+        fp16 = device.type == "cuda" and mm.should_use_fp16(device)
+        return device, torch.float16 if fp16 else torch.float32
+    except ImportError:
+        return torch.device("cpu"), torch.float32
+
+
+def _shapes(path: str) -> dict:
+    try:
+        return vs.read_shapes(path)
+    except Exception as e:  # safetensors' own errors: truncated file, not a safetensors file, ...
+        raise ImgcondError(f"Redux: {os.path.basename(path)} cannot be read as a .safetensors file ({e})") from None
+
+
+def vision_config(path: str) -> vs.VisionConfig:
+    """Architecture of a SigLIP file from its header; a clear error for any other file (CLIP, T5, ...)."""
+    name = os.path.basename(path)
+    try:
+        cfg = vs.detect_config(_shapes(path), source=name)
+    except ImgcondError as e:
+        raise ImgcondError(f"Redux SigLIP vision model: {e}") from None
+    vs.expect_kind(cfg, {"siglip"}, "Redux SigLIP vision model")
+    return cfg
+
+
+def _check_redux_file(path: str) -> None:
+    keys = _shapes(path)
+    if "redux_down.weight" not in keys:
+        raise ImgcondError(
+            f"Redux model: {os.path.basename(path)} looks like {vs.describe_keys(keys)}, expected the Flux Redux "
+            "style model (flux1-redux-dev.safetensors)"
+        )
+
+
+def load_model(kind: str, path: str, dtype: torch.dtype) -> Any:
+    """The loaded SigLIP / Redux model (cached: one per kind, reloaded when the file or dtype changes)."""
+    from safetensors.torch import load_file
+
+    key = (*_file_key(path), dtype)
+    with _LOCK:
+        cached = _MODELS.get(kind)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        _MODELS.pop(kind, None)
+        name = os.path.basename(path)
+        if kind == "siglip":
+            vision_config(path)
+            model = vs.load_vision_model(load_file(path), dtype=dtype, source=name)
+        else:
+            _check_redux_file(path)
+            model = rx.load_redux(load_file(path), dtype=dtype, source=name)
+        _MODELS[kind] = (key, model)
+        logger.info("Redux: loaded %s %s", KINDS[kind], name)
+        return model
+
+
+# --- images -----------------------------------------------------------------------------------------------------------
+def pil_to_tensor(img) -> torch.Tensor:
+    import numpy as np
+
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def mask_to_tensor(img) -> torch.Tensor:
+    import numpy as np
+
+    if img.mode in ("RGBA", "LA"):
+        img = img.getchannel("A")
+    arr = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr.copy())
+
+
+def tensor_to_pil(x: torch.Tensor):
+    import numpy as np
+    from PIL import Image
+
+    arr = (x.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8).cpu().numpy()
+    if arr.ndim == 3:
+        return Image.fromarray(np.ascontiguousarray(arr.transpose(1, 2, 0)), "RGB")
+    return Image.fromarray(arr, "L")
+
+
+def slot_mask(slot: dict):
+    """The slot's mask as a PIL image: the uploaded `mask` wins over one drawn on the image."""
+    if slot.get("mask") is not None:
+        return slot["mask"].image
+    image = slot.get("image")
+    return None if image is None else image.mask
+
+
+def prepare_slot(slot: dict, k: int, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(image (3,S,S), mask (S,S) | None) for slot `k`; errors name the slot."""
+    mask = slot_mask(slot)
+    try:
+        return rx.prepare(
+            pil_to_tensor(slot["image"].image),
+            None if mask is None else mask_to_tensor(mask),
+            slot["mode"],
+            size,
+            float(slot["margin"]),
+        )
+    except ImgcondError as e:
+        raise ImgcondError(f"Redux image {k}: {e}") from None
+
+
+def active_slots(values: dict) -> list[int]:
+    return [k for k in range(1, SLOTS + 1) if values[f"use{k}"] and values[f"image{k}"] is not None]
+
+
+# --- tokens -----------------------------------------------------------------------------------------------------------
+def process_tokens(raw: torch.Tensor, slot: dict, tmask_full: torch.Tensor | None) -> torch.Tensor:
+    """Raw Redux tokens (1, P², D) of one image → the tokens to append (1, N, D) after the slot's token control."""
+    if slot["control"] != "advanced":
+        tokens = rx.preset_tokens(raw, slot["control"])
+    else:
+        tokens, tmask = rx.downsample(raw, float(slot["factor"]), slot["interpolation"], tmask_full)
+        tokens = rx.select(tokens, tmask)
+    tokens = rx.apply_weight(tokens, float(slot["weight"]))
+    if slot["strength_type"] == "multiply":
+        tokens = tokens * float(slot["strength"])
+    return tokens
+
+
+def count_tokens(slot: dict, tmask_full: torch.Tensor | None, grid: int) -> int:
+    if slot["control"] != "advanced":
+        f = rx.PRESETS[slot["control"]]
+        return grid * grid if f == 1 else max(1, grid // f) ** 2
+    return rx.token_count(float(slot["factor"]), slot["interpolation"], tmask_full, grid)
+
+
+def describe_counts(values: dict, size: int = 384, patch: int = 14) -> tuple[str, list]:
+    """Token counts per used slot (for the UI) and the prepared (image, mask) PIL pairs. Errors become text."""
+    grid = size // patch
+    parts, total, previews = [], 0, []
+    for k in active_slots(values):
+        slot = slot_values(values, k)
+        try:
+            image, mask = prepare_slot(slot, k, size)
+            tmask = rx.token_mask(mask, patch) if (mask is not None and slot["control"] == "advanced") else None
+            n = count_tokens(slot, tmask, grid)
+        except ImgcondError as e:
+            parts.append(f"image {k}: ⚠️ {e}")
+            continue
+        previews.append((tensor_to_pil(image), None if mask is None else tensor_to_pil(mask), k))
+        total += n
+        parts.append(f"image {k}: {n}")
+    if not parts:
+        return "No reference image yet: 0 tokens.", previews
+    return f"**{total} Redux tokens** will be appended ({', '.join(parts)}).", previews
+
+
+@dataclass
+class Span:
+    slot: int
+    start: int  # offset inside the Redux block
+    count: int
+    bias_strength: float | None  # attn_bias strength, None for multiply
+
+
+@dataclass
+class Job:
+    values: dict
+    tokens: torch.Tensor  # (1, N, D) float32 on the CPU, every used slot in order
+    spans: list[Span] = field(default_factory=list)
+    siglip: str = ""
+    redux: str = ""
+
+    @property
+    def count(self) -> int:
+        return int(self.tokens.shape[1])
+
+    @property
+    def needs_bias(self) -> bool:
+        return any(s.bias_strength is not None and s.bias_strength != 1.0 and s.count for s in self.spans)
+
+
+def _image_key(image: torch.Tensor) -> str:
+    return hashlib.sha1(image.numpy().tobytes()).hexdigest()
+
+
+def _make_room(device, *modules) -> None:
+    """Ask Forge to offload models so the encoders fit on the GPU (best effort; nothing to do on the CPU)."""
+    if torch.device(device).type != "cuda":
+        return
+    try:
+        from backend import memory_management as mm
+
+        needed = sum(t.numel() * t.element_size() for m in modules for t in m.parameters())
+        mm.free_memory(int(needed * 1.5) + 512 * 2**20, torch.device(device))
+    except Exception as e:  # an older Forge without this function: just try
+        logger.debug("Redux: could not free GPU memory first: %s", e)
+
+
+def encode(vision, projector, image: torch.Tensor, model_key: tuple, device, dtype) -> torch.Tensor:
+    """Raw tokens (1, P², D) float32 CPU for one prepared image; recent results are re-used (X/Y/Z cells)."""
+    key = (*model_key, _image_key(image))
+    with _LOCK:
+        if key in _ENCODINGS:
+            _ENCODINGS.move_to_end(key)
+            return _ENCODINGS[key]
+    try:
+        _make_room(device, vision, projector)
+        vision.to(device)
+        projector.to(device)
+        tokens = rx.encode_tokens(vision, projector, image[None].to(device)).float().cpu()
+    finally:
+        vision.to("cpu")
+        projector.to("cpu")
+    with _LOCK:
+        _ENCODINGS[key] = tokens
+        while len(_ENCODINGS) > _ENCODINGS_MAX:
+            _ENCODINGS.popitem(last=False)
+    return tokens
+
+
+def plan(p: Any, values: dict) -> Job:
+    """Validate and encode everything a job needs before any sampling; raise a clear ImgcondError otherwise."""
+    forge.require_family(p.sd_model, ("flux",), "Redux")
+    slots = active_slots(values)
+    if not slots:
+        raise ImgcondError("Redux is on but no image slot has an image: give image1 (or turn Redux off)")
+    siglip_path = resolve("siglip", values["siglip"])
+    redux_path = resolve("redux", values["redux_model"])
+    cfg = vision_config(siglip_path)
+    _check_redux_file(redux_path)
+    prepared = {k: prepare_slot(slot_values(values, k), k, cfg.image_size) for k in slots}
+    device, dtype = compute_device_dtype()
+    vision = load_model("siglip", siglip_path, dtype)
+    projector = load_model("redux", redux_path, dtype)
+    model_key = (*_file_key(siglip_path), *_file_key(redux_path), str(dtype))
+    pieces, spans, offset = [], [], 0
+    for k in slots:
+        slot = slot_values(values, k)
+        image, mask = prepared[k]
+        raw = encode(vision, projector, image, model_key, device, dtype)
+        tmask = rx.token_mask(mask, cfg.patch) if (mask is not None and slot["control"] == "advanced") else None
+        tokens = process_tokens(raw, slot, tmask)
+        n = int(tokens.shape[1])
+        if n == 0:
+            logger.warning("Redux image %d: the mask selects no token; nothing is appended for it", k)
+            continue
+        bias = float(slot["strength"]) if slot["strength_type"] == "attn_bias" else None
+        spans.append(Span(k, offset, n, bias))
+        pieces.append(tokens)
+        offset += n
+    if not pieces:
+        raise ImgcondError("Redux: the masks select no token in any image; paint larger regions or remove the masks")
+    job = Job(values, torch.cat(pieces, dim=1), spans, os.path.basename(siglip_path), os.path.basename(redux_path))
+    logger.info("Redux: %d tokens from image(s) %s", job.count, ", ".join(str(s.slot) for s in spans))
+    return job
+
+
+def infotext_skip(values: dict) -> list[str]:
+    """Parameters of unused slots are left out of the infotext."""
+    used = set(active_slots(values))
+    return [f"{name}{k}" for k in range(1, SLOTS + 1) if k not in used for name in SLOT_FIELDS]
+
+
+# --- the patches ----------------------------------------------------------------------------------------------------
+_STRICT_CLASS: dict[str, type] = {}
+
+
+def strict_cross_attn_class() -> type:
+    """Forge's ConditionCrossAttn that only batches identical lengths (never repeats a shorter context)."""
+    cls = _STRICT_CLASS.get("cls")
+    if cls is None:
+        from backend.sampling.condition import ConditionCrossAttn
+
+        class StrictCrossAttn(ConditionCrossAttn):
+            def can_concat(self, other):
+                return tuple(self.cond.shape) == tuple(other.cond.shape)
+
+            def concat(self, others):
+                return torch.cat([self.cond, *(o.cond for o in others)])
+
+        cls = _STRICT_CLASS["cls"] = StrictCrossAttn
+    return cls
+
+
+def in_window(model: Any, sigma: float, start: float, end: float) -> bool:
+    """Whether `sigma` lies in the [start, end] fraction of the denoising (Forge's percent_to_sigma)."""
+    if start <= 0.0 and end >= 1.0:
+        return True
+    if start >= end:
+        return False
+    predictor = getattr(model, "predictor", None)
+    if predictor is None:
+        return True
+    hi = float(predictor.percent_to_sigma(start))
+    lo = float(predictor.percent_to_sigma(end))
+    return lo - 1e-6 * max(abs(lo), 1.0) <= sigma <= hi + 1e-6 * max(abs(hi), 1.0)
+
+
+class PassState:
+    """What the modifier learned about the current denoiser call, read by the model wrapper."""
+
+    def __init__(self):
+        self.active = False
+
+
+def _rewrap(entries, cls, tokens_like=None):
+    if entries is None:
+        return None
+    out = []
+    for entry in entries:
+        entry = dict(entry)
+        conds = dict(entry["model_conds"])
+        context = conds["c_crossattn"].cond
+        if tokens_like is not None:
+            extra = tokens_like(context).expand(context.shape[0], -1, -1)
+            context = torch.cat([context, extra], dim=1)
+        conds["c_crossattn"] = cls(context)
+        entry["model_conds"] = conds
+        out.append(entry)
+    return out
+
+
+def make_modifier(job: Job, state: PassState):
+    start, end = float(job.values["start"]), float(job.values["end"])
+    placed: dict[tuple, torch.Tensor] = {}  # the tokens moved once per device/dtype, not once per model call
+
+    def tokens_like(context: torch.Tensor) -> torch.Tensor:
+        key = (context.device, context.dtype)
+        if key not in placed:
+            placed[key] = job.tokens.to(device=context.device, dtype=context.dtype)
+        return placed[key]
+
+    def modifier(model, x, timestep, uncond, cond, cond_scale, model_options, seed):
+        state.active = in_window(model, float(timestep.flatten()[0]), start, end)
+        if state.active:
+            cls = strict_cross_attn_class()
+            cond = _rewrap(cond, cls, tokens_like)
+            uncond = _rewrap(uncond, cls, None)  # same tensors: only forbids repeating it to cond's length
+        return model, x, timestep, uncond, cond, cond_scale, model_options, seed
+
+    return modifier
+
+
+def bias_rows(job: Job, cond_or_uncond: list, batch: int, n_txt: int, n_img: int, dtype, device) -> torch.Tensor | None:
+    """(batch, 1, 1, n_txt + n_img) key bias for one model call: log-strength on the Redux columns of cond rows
+    (the Redux block is the last `job.count` text tokens), zero for uncond rows. None when nothing is biased."""
+    if 0 not in cond_or_uncond or n_txt < job.count:
+        return None
+    base = n_txt - job.count
+    spans = [(base + s.start, base + s.start + s.count) for s in job.spans if s.bias_strength is not None]
+    strengths = [s.bias_strength for s in job.spans if s.bias_strength is not None]
+    row = rx.attention_bias(n_txt, n_img, spans, strengths, dtype=dtype, device=device)
+    chunk = batch // len(cond_or_uncond)
+    out = torch.zeros(batch, 1, 1, n_txt + n_img, dtype=dtype, device=device)
+    for i, branch in enumerate(cond_or_uncond):
+        if branch == 0:
+            out[i * chunk : (i + 1) * chunk] = row
+    return out
+
+
+def biased_attention(apply_rope, bias_for):
+    """A drop-in for `backend.nn.flux.attention(q, k, v, pe)`: RoPE, then torch SDPA with the call's key bias."""
+
+    def attention(q, k, v, pe):
+        q, k = apply_rope(q, k, pe)
+        bias = bias_for(q)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=0.0, is_causal=False)
+        b, heads, length, dim = out.shape
+        return out.transpose(1, 2).reshape(b, length, heads * dim)
+
+    return attention
+
+
+def make_wrapper(job: Job, state: PassState, inner):
+    """Model function wrapper: patches `backend.nn.flux.attention` for one model call when a bias is needed."""
+
+    def call(apply_model, args):
+        if inner is not None:
+            return inner(apply_model, args)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    def wrapper(apply_model, args):
+        rows = list(args.get("cond_or_uncond") or [])
+        context = args["c"].get("c_crossattn")
+        if not state.active or context is None or 0 not in rows:
+            return call(apply_model, args)
+        import backend.nn.flux as fluxmod
+
+        n_txt = int(context.shape[1])
+        cache: dict[tuple, Any] = {}
+
+        def bias_for(q):
+            key = (q.shape[0], q.shape[2], q.dtype, q.device)
+            if key not in cache:
+                cache[key] = bias_rows(job, rows, q.shape[0], n_txt, q.shape[2] - n_txt, q.dtype, q.device)
+            return cache[key]
+
+        original = fluxmod.attention
+        fluxmod.attention = biased_attention(fluxmod.apply_rope, bias_for)
+        try:
+            return call(apply_model, args)
+        finally:
+            fluxmod.attention = original
+
+    return wrapper
+
+
+def install(unet: Any, job: Job) -> PassState:
+    """Patch one pass's UnetPatcher clone."""
+    state = PassState()
+    unet.add_conditioning_modifier(make_modifier(job, state))
+    if job.needs_bias:
+        inner = unet.model_options.get("model_function_wrapper")
+        unet.set_model_unet_function_wrapper(make_wrapper(job, state, inner))
+    return state

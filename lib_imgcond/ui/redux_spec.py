@@ -1,0 +1,121 @@
+"""Redux control's parameters (UI order = positional API order).
+
+Global settings come first (model files, step window), then four reference-image slots with the same parameters,
+suffixed with the slot number: `image1`, `mask1`, `mode1`, ..., `image4`, ..., `strength4`.
+"""
+
+from __future__ import annotations
+
+from lib_imgcond.core.redux import DOWNSAMPLE_MODES, MODES, PRESETS
+from lib_imgcond.ui.spec import Param, Spec
+
+SLOTS = 4
+AUTO = ""  # a model name left empty: the only (or first) file of the models folders
+CONTROLS = (*PRESETS, "advanced")
+STRENGTH_TYPES = ("multiply", "attn_bias")
+SLOT_FIELDS = (
+    "use",
+    "image",
+    "mask",
+    "mode",
+    "margin",
+    "control",
+    "factor",
+    "interpolation",
+    "weight",
+    "strength_type",
+    "strength",
+)
+
+
+def slot_params(k: int) -> list[Param]:
+    """The parameters of reference-image slot `k` (1-based)."""
+    return [
+        Param(f"use{k}", f"Use image {k}", "bool", True, info="a slot is used when this is on and it has an image"),
+        Param(f"image{k}", f"Image {k}", "image", None),
+        Param(f"mask{k}", f"Mask {k} (optional upload; white = keep)", "image", None),
+        Param(
+            f"mode{k}",
+            "Image preparation",
+            "choice",
+            "center_crop",
+            choices=MODES,
+            info="center_crop: square centre crop; keep_aspect: letterbox; autocrop: square around the mask",
+        ),
+        Param(f"margin{k}", "Autocrop margin", "float", 0.1, 0.0, 1.0, 0.01),
+        Param(
+            f"control{k}",
+            "Token control",
+            "choice",
+            "medium",
+            choices=CONTROLS,
+            info="highest…lowest: fixed downsampling (729/169/81/36/25 tokens); advanced: factor, interpolation, "
+            "mask → token selection",
+        ),
+        Param(f"factor{k}", f"Downsampling factor {k}", "float", 3.0, 1.0, 9.0, 0.1, xyz=True),
+        Param(f"interpolation{k}", "Interpolation", "choice", "area", choices=DOWNSAMPLE_MODES),
+        Param(f"weight{k}", f"Weight {k}", "float", 1.0, 0.0, 1.0, 0.01, xyz=True, info="tokens × weight²"),
+        Param(
+            f"strength_type{k}",
+            "Strength type",
+            "choice",
+            "multiply",
+            choices=STRENGTH_TYPES,
+            info="multiply: tokens × strength; attn_bias: log(strength) on the tokens' attention columns",
+        ),
+        Param(f"strength{k}", f"Strength {k}", "float", 1.0, 0.0, 10.0, 0.01, xyz=True),
+    ]
+
+
+SPEC = Spec(
+    "redux",
+    "Redux control",
+    [
+        Param(
+            "siglip",
+            "SigLIP vision model",
+            "str",
+            AUTO,
+            info="file in models/imgcond/siglip (empty: the only / first file there)",
+        ),
+        Param(
+            "redux_model",
+            "Redux model",
+            "str",
+            AUTO,
+            info="file in models/imgcond/redux (empty: the only / first file there)",
+        ),
+        Param("start", "Start at", "float", 0.0, 0.0, 1.0, 0.01, info="fraction of the sampling steps"),
+        Param("end", "End at", "float", 1.0, 0.0, 1.0, 0.01),
+        *(param for k in range(1, SLOTS + 1) for param in slot_params(k)),
+    ],
+)
+
+
+def slot_values(values: dict, k: int) -> dict:
+    """Slot `k`'s values without the number suffix: {"use": ..., "image": ..., ...}."""
+    return {name: values[f"{name}{k}"] for name in SLOT_FIELDS}
+
+
+def expand_images(named: dict) -> dict:
+    """The alternative named-dict form `{"images": [{...slot 1...}, {...slot 2...}]}` → flat `image1`, `mode1`, ...
+    Entries take the slot field names without a number (`image`, `mask`, `mode`, `factor`, ...)."""
+    if "images" not in named:
+        return named
+    from lib_imgcond.core.errors import ArgumentError
+
+    out = {k: v for k, v in named.items() if k != "images"}
+    items = named["images"]
+    if not isinstance(items, list) or len(items) > SLOTS or not all(isinstance(i, dict) for i in items):
+        raise ArgumentError("redux.images", f"{type(items).__name__}", f"a list of at most {SLOTS} objects")
+    for k, item in enumerate(items, start=1):
+        unknown = sorted(set(item) - set(SLOT_FIELDS))
+        if unknown:
+            raise ArgumentError(
+                f"redux.images[{k - 1}].{unknown[0]}", item[unknown[0]], "one of " + ", ".join(SLOT_FIELDS)
+            )
+        for name, value in item.items():
+            out[f"{name}{k}"] = value
+    for k in range(len(items) + 1, SLOTS + 1):
+        out.setdefault(f"use{k}", False)
+    return out

@@ -1,0 +1,203 @@
+"""Redux control accordion: thin glue between the WebUI and lib_imgcond (no maths here)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import gradio as gr
+from modules import script_callbacks, scripts, shared
+from modules.ui_components import InputAccordion
+
+from lib_imgcond.core.errors import ImgcondError
+from lib_imgcond.hosts import forge
+from lib_imgcond.hosts import forge_redux as host
+from lib_imgcond.log import logger
+from lib_imgcond.ui import panel, registry, xyz
+from lib_imgcond.ui.redux_spec import SLOTS, SPEC, expand_images
+
+registry.register(SPEC)
+STATE_KEY = "redux"
+
+
+def _files(kind: str) -> list[str]:
+    try:
+        return ["", *host.list_files(kind)]
+    except OSError:
+        return [""]
+
+
+def _encoder_geometry(siglip_name: str) -> tuple[int, int]:
+    """(input size, patch) of the chosen SigLIP file, for the token count; 384/14 when it cannot be read."""
+    try:
+        cfg = host.vision_config(host.resolve("siglip", siglip_name or ""))
+        return cfg.image_size, cfg.patch
+    except Exception:  # no file yet, wrong file: the count still helps
+        return 384, 14
+
+
+def _ui_values(names: list[str], args) -> dict:
+    return SPEC.parse([{"enabled": True, **dict(zip(names, args, strict=True))}])
+
+
+class ReduxScript(scripts.Script):
+    sorting_priority = 21
+
+    def title(self):
+        return SPEC.title
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        tab = "img2img" if is_img2img else "txt2img"
+        eid = lambda name: f"imgcond_redux_{name}_{tab}"  # noqa: E731
+        p = SPEC.by_name
+        comps: dict = {}
+        previews = []
+        with InputAccordion(False, label=SPEC.title, elem_id=eid("enabled")) as enabled:
+            gr.Markdown(
+                "Flux Redux: reference images become extra conditioning tokens after the prompt (Flux only). "
+                "Models: `models/imgcond/siglip/` (sigclip_vision_patch14_384.safetensors) and "
+                "`models/imgcond/redux/` (flux1-redux-dev.safetensors)."
+            )
+            with gr.Row():
+                for name, kind in (("siglip", "siglip"), ("redux_model", "redux")):
+                    comps[name] = gr.Dropdown(
+                        label=p[name].label, choices=_files(kind), value="", allow_custom_value=True,
+                        elem_id=eid(name), info=p[name].info,
+                    )  # fmt: skip
+                refresh = gr.Button("🔄", elem_id=eid("refresh"), scale=0, min_width=40)
+            with gr.Row():
+                comps["start"] = panel.component(p["start"], eid("start"))
+                comps["end"] = panel.component(p["end"], eid("end"))
+            with gr.Tabs():
+                for k in range(1, SLOTS + 1):
+                    with gr.Tab(f"Image {k}"):
+                        comps[f"use{k}"] = panel.component(p[f"use{k}"], eid(f"use{k}"))
+                        with gr.Row():
+                            comps[f"image{k}"] = panel.mask_image(
+                                f"Image {k} (draw white to mask a region)", eid(f"image{k}")
+                            )
+                            comps[f"mask{k}"] = panel.component(p[f"mask{k}"], eid(f"mask{k}"))
+                        with gr.Row():
+                            comps[f"mode{k}"] = panel.component(p[f"mode{k}"], eid(f"mode{k}"))
+                            comps[f"margin{k}"] = panel.component(p[f"margin{k}"], eid(f"margin{k}"))
+                        with gr.Row():
+                            comps[f"control{k}"] = gr.Dropdown(
+                                label=p[f"control{k}"].label, choices=list(p[f"control{k}"].choices),
+                                value=p[f"control{k}"].default, elem_id=eid(f"control{k}"), info=p[f"control{k}"].info,
+                            )  # fmt: skip
+                            comps[f"factor{k}"] = panel.component(p[f"factor{k}"], eid(f"factor{k}"))
+                            comps[f"interpolation{k}"] = panel.component(
+                                p[f"interpolation{k}"], eid(f"interpolation{k}"), info="advanced only"
+                            )
+                        with gr.Row():
+                            comps[f"weight{k}"] = panel.component(p[f"weight{k}"], eid(f"weight{k}"))
+                            comps[f"strength_type{k}"] = panel.component(
+                                p[f"strength_type{k}"], eid(f"strength_type{k}")
+                            )
+                            comps[f"strength{k}"] = panel.component(p[f"strength{k}"], eid(f"strength{k}"))
+                        with gr.Row():
+                            button = gr.Button("Preview prepared image and mask", elem_id=eid(f"preview{k}"))
+                        with gr.Row():
+                            shown = (
+                                gr.Image(label="Prepared image", interactive=False, elem_id=eid(f"prepared{k}")),
+                                gr.Image(label="Prepared mask", interactive=False, elem_id=eid(f"prepared_mask{k}")),
+                            )
+                        previews.append((k, button, shown))
+            count = gr.Markdown("No reference image yet: 0 tokens.", elem_id=eid("count"))
+
+        names = [x.name for x in SPEC.params]
+        inputs = [comps[n] for n in names]
+
+        def count_fn(*args):
+            try:
+                values = _ui_values(names, args)
+            except ImgcondError as e:
+                return f"⚠️ {e}"
+            size, patch = _encoder_geometry(values["siglip"])
+            return host.describe_counts(values, size, patch)[0]
+
+        def preview_fn(k, *args):
+            try:
+                values = _ui_values(names, args)
+            except ImgcondError as e:
+                return None, None, f"⚠️ {e}"
+            size, patch = _encoder_geometry(values["siglip"])
+            text, prepared = host.describe_counts(values, size, patch)
+            for image, mask, slot in prepared:
+                if slot == k:
+                    return image, mask, text
+            return None, None, text
+
+        watched = [n for n in names if not n.startswith(("weight", "strength", "margin", "start", "end"))]
+        for n in watched:
+            comps[n].change(count_fn, inputs=inputs, outputs=[count], show_progress=False)
+        for k, button, shown in previews:
+            button.click(lambda *a, k=k: preview_fn(k, *a), inputs=inputs, outputs=[*shown, count])
+
+        def refresh_fn(siglip, redux):
+            return gr.update(choices=_files("siglip"), value=siglip), gr.update(choices=_files("redux"), value=redux)
+
+        refresh.click(
+            refresh_fn, inputs=[comps["siglip"], comps["redux_model"]], outputs=[comps["siglip"], comps["redux_model"]]
+        )
+        self.infotext_fields = panel.infotext_fields(SPEC, enabled, comps)
+        self.paste_field_names = [SPEC.key(x.name) for x in SPEC.params if x.infotext]
+        return panel.ordered(SPEC, enabled, comps)
+
+    def process(self, p, *args):
+        values = self._values(p, args)
+        if not values["enabled"]:
+            return
+        try:
+            job = host.plan(p, values)
+        except Exception as e:  # every failure stops the job before sampling, with a message
+            error = e if isinstance(e, ImgcondError) else ImgcondError(f"Redux: {type(e).__name__}: {e}")
+            logger.error("%s", error)
+            forge.abort_generation(p, error)
+            return
+        forge.drop_job_state(p, STATE_KEY)
+        forge.job_state(p, STATE_KEY, lambda: job)
+        shown = {**values, "siglip": job.siglip, "redux_model": job.redux}
+        p.extra_generation_params.update(SPEC.infotext(shown, skip=host.infotext_skip(values)))
+        p.extra_generation_params["Redux tokens"] = job.count
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        job = getattr(p, "_imgcond_state", {}).get(STATE_KEY)
+        if job is None:
+            return
+        forge.patch_unet(p, lambda unet: host.install(unet, job))
+
+    def postprocess(self, p, processed, *args):
+        forge.drop_job_state(p, STATE_KEY)
+
+    def _values(self, p, args):
+        try:
+            if args and isinstance(args[0], Mapping):
+                args = (expand_images(dict(args[0])), *args[1:])
+            return SPEC.parse(args, xyz.overrides(p, SPEC))
+        except ImgcondError as e:
+            logger.error("%s", e)
+            forge.abort_generation(p, e)
+            return {"enabled": False}
+
+
+def on_ui_settings():
+    section = ("imgcond", "ImgCond")
+    shared.opts.add_option(
+        host.EXTRA_DIRS_OPTION,
+        shared.OptionInfo(
+            "",
+            "Redux: extra model folders (';'-separated; each folder or its siglip/ and redux/ subfolders is searched)",
+            section=section,
+        ),
+    )
+
+
+def on_before_ui():
+    xyz.register_axes(SPEC, "Redux")
+
+
+script_callbacks.on_ui_settings(on_ui_settings)
+script_callbacks.on_before_ui(on_before_ui)

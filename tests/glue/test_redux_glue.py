@@ -1,0 +1,381 @@
+"""Redux control's glue (spec, model files, planning, patches) against small fakes of Forge's documented API.
+
+Tiny SigLIP / Redux / CLIP files are written to a temporary models folder; `backend.*` modules are faked in
+sys.modules for the patch tests. Nothing here imports Gradio, Forge or scripts/.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+
+from lib_imgcond.core.errors import ArgumentError, ImgcondError
+from lib_imgcond.core.redux import ReduxProjector
+from lib_imgcond.core.vision import VisionConfig, VisionTransformer
+from lib_imgcond.hosts import forge
+from lib_imgcond.hosts import forge_redux as host
+from lib_imgcond.ui.redux_spec import SLOT_FIELDS, SLOTS, SPEC, expand_images
+from lib_imgcond.ui.spec import ImageInput
+from tests.glue.fakes import FakeUnetPatcher, fake_p
+
+
+# --- fixtures ---------------------------------------------------------------------------------------------------------
+def _save(module: torch.nn.Module, path) -> None:
+    torch.manual_seed(0)
+    for prm in module.parameters():
+        torch.nn.init.normal_(prm, 0.0, 0.05)
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
+
+
+@pytest.fixture
+def models(tmp_path, monkeypatch):
+    monkeypatch.setattr(forge, "models_dir", lambda *parts: str(tmp_path.joinpath(*parts)))
+    monkeypatch.setattr(host, "extra_dirs", lambda: [])
+    (tmp_path / "imgcond" / "siglip").mkdir(parents=True)
+    (tmp_path / "imgcond" / "redux").mkdir(parents=True)
+    with torch.device("cpu"):
+        _save(
+            VisionTransformer(VisionConfig("siglip", 16, 1, 1, 32, 384, 14, None, "gelu_tanh", "t")),
+            tmp_path / "imgcond/siglip/siglip-tiny.safetensors",
+        )
+        _save(
+            VisionTransformer(VisionConfig("clip", 16, 1, 1, 32, 224, 14, 8, "gelu", "c")),
+            tmp_path / "imgcond/siglip/a-clip-l.safetensors",
+        )
+        _save(ReduxProjector(16, 32, 64), tmp_path / "imgcond/redux/redux-tiny.safetensors")
+    host._MODELS.clear()
+    host._ENCODINGS.clear()
+    return tmp_path
+
+
+def picture(w=96, h=64, seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+
+
+def mask_box(w, h, box) -> Image.Image:
+    arr = np.zeros((h, w), dtype=np.uint8)
+    x0, y0, x1, y1 = box
+    arr[y0:y1, x0:x1] = 255
+    return Image.fromarray(arr, "L")
+
+
+def values(**kw):
+    named = {"image1": ImageInput(picture()), "siglip": "siglip-tiny.safetensors", **kw}
+    return SPEC.parse([named])
+
+
+# --- spec -------------------------------------------------------------------------------------------------------------
+def test_spec_layout_and_axes():
+    names = [p.name for p in SPEC.params]
+    assert names[:4] == ["siglip", "redux_model", "start", "end"]
+    assert len(names) == 4 + SLOTS * len(SLOT_FIELDS)
+    axes = {p.name for p in SPEC.params if p.xyz}
+    assert {f"factor{k}" for k in range(1, 5)} <= axes and {f"weight{k}" for k in range(1, 5)} <= axes
+    assert SPEC.by_name["factor1"].minimum == 1 and SPEC.by_name["factor1"].maximum == 9
+    assert SPEC.by_name["factor1"].step == 0.1
+    assert SPEC.by_name["interpolation1"].choices == ("nearest", "bilinear", "bicubic", "area", "nearest-exact")
+    assert SPEC.by_name["control1"].choices == ("highest", "high", "medium", "low", "lowest", "advanced")
+
+
+def test_images_list_form_expands_to_slots():
+    flat = expand_images({"start": 0.2, "images": [{"image": "x", "factor": 2.0}, {"image": "y", "mode": "autocrop"}]})
+    assert flat == {"start": 0.2, "image1": "x", "factor1": 2.0, "image2": "y", "mode2": "autocrop"} | {
+        "use3": False,
+        "use4": False,
+    }
+    with pytest.raises(ArgumentError, match=r"redux.images\[0\].fact"):
+        expand_images({"images": [{"fact": 2}]})
+    with pytest.raises(ArgumentError, match=r"redux\.images"):
+        expand_images({"images": [{}] * 5})
+
+
+def test_parse_errors_name_the_argument():
+    with pytest.raises(ArgumentError, match=r"redux.factor2=12"):
+        SPEC.parse([{"factor2": 12}])
+    with pytest.raises(ArgumentError, match=r"redux.strength_type1"):
+        SPEC.parse([{"strength_type1": "add"}])
+
+
+def test_infotext_skips_unused_slots_and_pastes_back():
+    v = values(image3=ImageInput(picture(seed=3)), factor3=2.5, weight3=0.5, control3="advanced")
+    info = SPEC.infotext(v, skip=host.infotext_skip(v))
+    assert info["redux_factor3"] == 2.5 and info["redux_weight3"] == 0.5 and "redux_factor2" not in info
+    assert all(not k.startswith(("redux_image", "redux_mask")) for k in info)
+    text = {k: str(x) for k, x in info.items()}
+    back = SPEC.paste(text)
+    assert back["factor3"] == 2.5 and back["control3"] == "advanced" and back["siglip"] == "siglip-tiny.safetensors"
+
+
+# --- model files ------------------------------------------------------------------------------------------------------
+def test_files_listed_and_auto_pick_skips_wrong_kind(models):
+    assert host.list_files("siglip") == ["a-clip-l.safetensors", "siglip-tiny.safetensors"]
+    assert host.resolve("siglip", "").endswith("siglip-tiny.safetensors")  # the CLIP file sorts first but is skipped
+    assert host.resolve("redux", "").endswith("redux-tiny.safetensors")
+
+
+def test_missing_and_wrong_files_are_clear(models):
+    with pytest.raises(ImgcondError, match=r"'nope.safetensors' was not found in .*imgcond/siglip"):
+        host.resolve("siglip", "nope.safetensors")
+    with pytest.raises(ImgcondError, match=r"not a .safetensors file"):
+        host.resolve("redux", "model.ckpt")
+    with pytest.raises(ImgcondError, match=r"a-clip-l.safetensors looks like clip-vit.* expected a SigLIP so400m"):
+        host.plan(fake_p("flux"), values(siglip="a-clip-l.safetensors"))
+    (models / "imgcond/redux/redux-tiny.safetensors").unlink()
+    with pytest.raises(ImgcondError, match=r"no .safetensors file in .*imgcond/redux.*flux1-redux-dev"):
+        host.plan(fake_p("flux"), values())
+
+
+def test_extra_folders_from_settings(models, tmp_path_factory, monkeypatch):
+    extra = tmp_path_factory.mktemp("extra")
+    (extra / "redux").mkdir()
+    (models / "imgcond/redux/redux-tiny.safetensors").rename(extra / "redux" / "other.safetensors")
+    monkeypatch.setattr(host, "extra_dirs", lambda: [str(extra)])
+    assert host.list_files("redux") == ["other.safetensors"]
+    assert host.resolve("redux", "other.safetensors") == str(extra / "redux" / "other.safetensors")
+
+
+# --- planning ---------------------------------------------------------------------------------------------------------
+def test_plan_refuses_non_flux_first():
+    with pytest.raises(ImgcondError, match=r"Redux needs a Flux model, but the loaded checkpoint is SD1\.5"):
+        host.plan(fake_p("sd15"), values())
+
+
+def test_plan_needs_an_image(models):
+    with pytest.raises(ImgcondError, match="no image slot has an image"):
+        host.plan(fake_p("flux"), SPEC.parse([{"siglip": ""}]))
+    with pytest.raises(ImgcondError, match="no image slot has an image"):
+        host.plan(fake_p("flux"), values(use1=False))
+
+
+@pytest.mark.parametrize(
+    ("kw", "count"),
+    [
+        ({"control1": "highest"}, 729),
+        ({"control1": "high"}, 169),
+        ({}, 81),
+        ({"control1": "lowest"}, 25),
+        ({"control1": "advanced", "factor1": 2.0}, 196),
+        ({"control1": "advanced", "factor1": 6.0, "interpolation1": "bicubic"}, 16),
+    ],
+)
+def test_token_counts(models, kw, count):
+    job = host.plan(fake_p("flux"), values(**kw))
+    assert job.count == count and job.tokens.shape == (1, count, 64)
+    assert host.describe_counts(values(**kw))[0].startswith(f"**{count} Redux tokens**")
+
+
+def test_weight_strength_and_order(models):
+    base = host.plan(fake_p("flux"), values())
+    scaled = host.plan(fake_p("flux"), values(weight1=0.5, strength1=2.0))
+    torch.testing.assert_close(scaled.tokens, base.tokens * 0.25 * 2.0)
+    biased = host.plan(fake_p("flux"), values(strength_type1="attn_bias", strength1=0.3))
+    torch.testing.assert_close(biased.tokens, base.tokens)  # the strength goes to the attention bias instead
+    assert biased.needs_bias and not base.needs_bias
+    assert not host.plan(fake_p("flux"), values(strength_type1="attn_bias", strength1=1.0)).needs_bias
+    two = host.plan(fake_p("flux"), values(image2=ImageInput(picture(seed=5)), control2="lowest"))
+    assert two.count == 81 + 25 and [(s.slot, s.start, s.count) for s in two.spans] == [(1, 0, 81), (2, 81, 25)]
+    torch.testing.assert_close(two.tokens[:, :81], base.tokens)
+    off = host.plan(fake_p("flux"), values(image2=ImageInput(picture(seed=5)), use2=False))
+    assert off.count == 81
+
+
+def test_each_image_is_encoded_once(models, monkeypatch):
+    calls = []
+    real = host.rx.encode_tokens
+    monkeypatch.setattr(host.rx, "encode_tokens", lambda *a: calls.append(1) or real(*a))
+    host.plan(fake_p("flux"), values(image2=ImageInput(picture(seed=5)), factor1=2.0))
+    assert len(calls) == 2
+    host.plan(fake_p("flux"), values(image2=ImageInput(picture(seed=5)), weight1=0.3))  # an X/Y/Z cell: cached
+    assert len(calls) == 2
+
+
+def test_mask_selects_tokens_and_errors(models):
+    w, h = 96, 64
+    drawn = ImageInput(picture(w, h), mask_box(w, h, (0, 0, 48, 64)))  # left half
+    job = host.plan(fake_p("flux"), values(image1=drawn, control1="advanced", factor1=1.0, mode1="keep_aspect"))
+    assert 0 < job.count < 729
+    uploaded = ImageInput(mask_box(w, h, (0, 0, 96, 64)))  # the uploaded mask wins over the drawn one
+    full = host.plan(
+        fake_p("flux"), values(image1=drawn, mask1=uploaded, control1="advanced", factor1=1.0, mode1="keep_aspect")
+    )
+    assert full.count > job.count
+    with pytest.raises(ImgcondError, match=r"Redux image 1: the mask is empty"):
+        host.plan(fake_p("flux"), values(mask1=ImageInput(mask_box(w, h, (0, 0, 0, 0)))))
+    with pytest.raises(ImgcondError, match=r"Redux image 1: the mask is 40×40 pixels but the image is 96×64"):
+        host.plan(fake_p("flux"), values(mask1=ImageInput(mask_box(40, 40, (0, 0, 10, 10)))))
+    with pytest.raises(ImgcondError, match=r"Redux image 2: autocrop needs a mask"):
+        host.plan(fake_p("flux"), values(image2=ImageInput(picture()), mode2="autocrop"))
+
+
+# --- patches ----------------------------------------------------------------------------------------------------------
+class FakeCrossAttn:
+    """backend.sampling.condition.ConditionCrossAttn, reduced to what matters here."""
+
+    def __init__(self, cond):
+        self.cond = cond
+
+    def can_concat(self, other):
+        a, b = self.cond.shape[1], other.cond.shape[1]
+        return math.lcm(a, b) // min(a, b) <= 4
+
+
+@pytest.fixture
+def fake_backend(monkeypatch):
+    calls = {"attention": 0}
+
+    def attention(q, k, v, pe):
+        calls["attention"] += 1
+        b, h, n, d = q.shape
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, h * d)
+
+    flux = types.ModuleType("backend.nn.flux")
+    flux.attention = attention
+    flux.apply_rope = lambda q, k, pe: (q, k)
+    cond_mod = types.ModuleType("backend.sampling.condition")
+    cond_mod.ConditionCrossAttn = FakeCrossAttn
+    for name, mod in {
+        "backend": types.ModuleType("backend"),
+        "backend.nn": types.ModuleType("backend.nn"),
+        "backend.nn.flux": flux,
+        "backend.sampling": types.ModuleType("backend.sampling"),
+        "backend.sampling.condition": cond_mod,
+    }.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    sys.modules["backend"].nn = sys.modules["backend.nn"]
+    sys.modules["backend.nn"].flux = flux
+    monkeypatch.setitem(host._STRICT_CLASS, "cls", None)
+    host._STRICT_CLASS.clear()
+    return flux, calls
+
+
+def entries(t: torch.Tensor):
+    return [{"model_conds": {"c_crossattn": FakeCrossAttn(t), "y": "pooled"}, "strength": 1.0}]
+
+
+def job_with(n=4, d=8, spans=None, **kw):
+    v = SPEC.parse([{**kw}])
+    spans = spans or [host.Span(1, 0, n, None)]
+    return host.Job(v, torch.randn(1, n, d), spans)
+
+
+def test_modifier_appends_to_cond_only_without_touching_inputs(fake_backend):
+    job = job_with()
+    unet = FakeUnetPatcher()
+    host.install(unet, job)
+    (modifier,) = unet.model_options["conditioning_modifiers"]
+    ctx, uctx = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+    cond, uncond = entries(ctx), entries(uctx)
+    out = modifier("model", "x", torch.tensor([0.5, 0.5]), uncond, cond, 3.5, {}, 1)
+    new_cond, new_uncond = out[4], out[3]
+    got = new_cond[0]["model_conds"]["c_crossattn"].cond
+    assert got.shape == (2, 10, 8)
+    assert (
+        torch.equal(got[:, :6], ctx) and torch.equal(got[0, 6:], job.tokens[0]) and torch.equal(got[1, 6:], got[0, 6:])
+    )
+    assert new_uncond[0]["model_conds"]["c_crossattn"].cond is uctx  # same tensor: uncond untouched
+    assert new_cond[0]["model_conds"]["y"] == "pooled" and new_cond[0]["strength"] == 1.0
+    assert cond[0]["model_conds"]["c_crossattn"].cond is ctx  # the caller's (cached) conditioning is not edited
+    # 10 vs 6 would be repeated to 30 by Forge; the strict class refuses to batch them
+    strict = new_cond[0]["model_conds"]["c_crossattn"]
+    assert not strict.can_concat(new_uncond[0]["model_conds"]["c_crossattn"])
+    assert not new_uncond[0]["model_conds"]["c_crossattn"].can_concat(strict)
+    assert modifier("model", "x", torch.tensor([0.5]), None, entries(ctx), 1.0, {}, 1)[3] is None
+
+
+def test_step_window(fake_backend):
+    predictor = types.SimpleNamespace(percent_to_sigma=lambda p: 1.0 - p)
+    model = types.SimpleNamespace(predictor=predictor)
+    assert host.in_window(model, 0.8, 0.0, 1.0)
+    assert not host.in_window(model, 0.8, 0.5, 1.0) and host.in_window(model, 0.3, 0.5, 1.0)
+    assert not host.in_window(model, 0.1, 0.0, 0.5)
+    job = job_with(start=0.5)
+    unet = FakeUnetPatcher()
+    host.install(unet, job)
+    (modifier,) = unet.model_options["conditioning_modifiers"]
+    ctx = torch.randn(1, 6, 8)
+    early = modifier(model, "x", torch.tensor([0.9]), None, entries(ctx), 1.0, {}, 1)[4]
+    assert early[0]["model_conds"]["c_crossattn"].cond is ctx
+    late = modifier(model, "x", torch.tensor([0.2]), None, entries(ctx), 1.0, {}, 1)[4]
+    assert late[0]["model_conds"]["c_crossattn"].cond.shape[1] == 10
+
+
+def test_bias_rows_cond_only():
+    job = job_with(n=5, spans=[host.Span(1, 0, 3, 0.5), host.Span(2, 3, 2, None)])
+    bias = host.bias_rows(job, [1, 0], 4, n_txt=9, n_img=7, dtype=torch.float32, device="cpu")
+    assert bias.shape == (4, 1, 1, 16)
+    assert torch.equal(bias[:2], torch.zeros(2, 1, 1, 16))  # uncond chunk
+    expected = torch.zeros(16)
+    expected[4:7] = math.log(0.5)  # Redux block = last 5 text tokens: [4, 9); image 1's span is its first 3
+    assert torch.allclose(bias[2:, 0, 0], expected.expand(2, -1))
+    assert host.bias_rows(job, [1], 2, 9, 7, torch.float32, "cpu") is None
+
+
+def test_wrapper_patches_attention_only_during_the_call(fake_backend):
+    flux, _ = fake_backend
+    original = flux.attention
+    job = job_with(n=3, spans=[host.Span(1, 0, 3, 0.0)])
+    unet = FakeUnetPatcher()
+    state = host.install(unet, job)
+    wrapper = unet.model_options["model_function_wrapper"]
+    q = torch.randn(1, 2, 5 + 3 + 4, 6)
+    seen = {}
+
+    def apply_model(x, t, c_crossattn, **kw):
+        seen["patched"] = flux.attention is not original
+        return flux.attention(q, q, q, None)
+
+    state.active = True
+    biased = wrapper(
+        apply_model, {"input": 0, "timestep": 0, "c": {"c_crossattn": torch.zeros(1, 8, 4)}, "cond_or_uncond": [0]}
+    )
+    assert seen["patched"] and flux.attention is original
+    keep = torch.cat([torch.arange(0, 5), torch.arange(8, 12)])  # strength 0 removes the 3 Redux columns
+    ref = F.scaled_dot_product_attention(q, q[:, :, keep], q[:, :, keep]).transpose(1, 2).reshape(1, 12, 12)
+    torch.testing.assert_close(biased, ref, atol=1e-6, rtol=0)
+
+    def failing(*a, **k):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        wrapper(failing, {"input": 0, "timestep": 0, "c": {"c_crossattn": torch.zeros(1, 8, 4)}, "cond_or_uncond": [0]})
+    assert flux.attention is original
+    state.active = False
+    wrapper(apply_model, {"input": 0, "timestep": 0, "c": {"c_crossattn": torch.zeros(1, 8, 4)}, "cond_or_uncond": [0]})
+    assert not seen["patched"]
+    wrapper(apply_model, {"input": 0, "timestep": 0, "c": {"c_crossattn": torch.zeros(1, 5, 4)}, "cond_or_uncond": [1]})
+    assert not seen["patched"]  # uncond-only calls are never patched
+
+
+def test_wrapper_chains_an_existing_one(fake_backend):
+    order = []
+    unet = FakeUnetPatcher()
+    unet.set_model_unet_function_wrapper(lambda apply, args: order.append("inner") or apply(args["input"], 0))
+    state = host.install(unet, job_with(n=2, spans=[host.Span(1, 0, 2, 0.5)]))
+    state.active = True
+    unet.model_options["model_function_wrapper"](
+        lambda x, t, **c: order.append("model") or x,
+        {"input": 1, "timestep": 0, "c": {"c_crossattn": torch.zeros(1, 4, 2)}, "cond_or_uncond": [0]},
+    )
+    assert order == ["inner", "model"]
+
+
+def test_no_wrapper_without_bias(fake_backend):
+    unet = FakeUnetPatcher()
+    host.install(unet, job_with())
+    assert "model_function_wrapper" not in unet.model_options
+
+
+def test_patch_unet_leaves_the_base_patcher_alone(fake_backend):
+    p = fake_p("flux")
+    base = p.sd_model.forge_objects.unet
+    forge.patch_unet(p, lambda unet: host.install(unet, job_with(spans=[host.Span(1, 0, 4, 0.5)])))
+    assert "conditioning_modifiers" not in base.model_options and "model_function_wrapper" not in base.model_options
