@@ -60,20 +60,23 @@ def _match_ref(t: torch.Tensor, q: torch.Tensor, what: str) -> torch.Tensor:
     )
 
 
-def rfg_blend(base: torch.Tensor, q: torch.Tensor, refs: Sequence[RefTriple], attn: AttnFn, heads: int) -> torch.Tensor:
-    """base + Σ c_j·(attn(q,k_j,v_j) − base), where base = attn(q,k,v) was already computed.
+def blend_outputs(base: torch.Tensor, outs: Sequence[tuple[torch.Tensor, float]]) -> torch.Tensor:
+    """base + Σ c_j·(out_j − base): the RFG blend of already computed attention outputs.
 
-    Algebraically (1 − Σc)·base + Σ c_j·attn_j, written so that a reference equal to the current K/V
-    (record and use with the same seed) gives back `base` bit for bit, whatever c is.
+    Algebraically (1 − Σc)·base + Σ c_j·out_j, written so that a reference output equal to `base` (record and use
+    with the same seed) gives back `base` bit for bit, whatever c is.
     """
     out = base
-    for kr, vr, c in refs:
-        c = float(c)
-        if c == 0:
-            continue
-        ref_out = attn(q, _match_ref(kr, q, "K"), _match_ref(vr, q, "V"), heads)
-        out = out + (ref_out - base) * c
+    for ref_out, c in outs:
+        if c != 0:
+            out = out + (ref_out - base) * float(c)
     return out
+
+
+def rfg_blend(base: torch.Tensor, q: torch.Tensor, refs: Sequence[RefTriple], attn: AttnFn, heads: int) -> torch.Tensor:
+    """blend_outputs(base, [(attn(q, k_j, v_j), c_j)]), where base = attn(q, k, v) was already computed."""
+    outs = [(attn(q, _match_ref(kr, q, "K"), _match_ref(vr, q, "V"), heads), c) for kr, vr, c in refs if c != 0]
+    return blend_outputs(base, outs)
 
 
 def rfg_attention(

@@ -304,25 +304,22 @@ def install(unet: Any, job: Job, tracker: PassTracker, attn) -> None:
             return base
         if not rd.step_in_window(tracker.step, tracker.n_steps, start, end):
             return base
-        heads = extra_options["n_heads"]
+        plan: dict[int, list] = {}  # reference index -> [(chunk, k_ref, v_ref)]
         for j, branch in enumerate(chunks):
             if branch == 1 and not use_uncond:
                 continue
             name = pass_name if branch == 0 else f"{pass_name}_uncond"
-            refs = []
-            for ref, c in job.uses:
+            for i, (ref, c) in enumerate(job.uses):
                 if c == 0 or not ref.has_pass(name):
                     continue
-                ck = (id(ref), name, key)
+                ck = (i, name, key)
                 if ck not in cache:
                     e = _recorded_eval(ref, name, tracker.eval, tracker.progress)
                     cache[ck] = ref.get((name, e, *key), device=q.device, dtype=q.dtype)
-                kr, vr = cache[ck]
-                refs.append((kr, vr, c))
-            if refs:
-                rows = slice(j * b, (j + 1) * b)
-                base[rows] = rd.rfg_blend(base[rows], q[rows], refs, attn, heads)
-        return base
+                plan.setdefault(i, []).append((j, *cache[ck]))
+        if not plan:
+            return base
+        return _blend(base, q, k, v, b, plan, job.uses, attn, extra_options["n_heads"])
 
     forge.mark_ours(attn1, inner=inner_replaces)
     unet.set_model_replace_all(attn1, "attn1")
@@ -383,6 +380,33 @@ def install_image_capture(unet: Any, job: Job, tracker: PassTracker) -> None:
         return apply_model(x, t, **c)
 
     unet.set_model_unet_function_wrapper(wrapper)
+
+
+def _blend(base, q, k, v, b: int, plan: dict, uses: list, attn, heads: int):
+    """RFG-blend the planned batch chunks. When a reference has the current token count, its attention is computed
+    over the whole batch with the reference K/V in the planned chunks' rows, the same kernel call shape as `base`:
+    a reference equal to the current K/V then reproduces `base` bit for bit (attention kernels are not always
+    batch-size invariant). Otherwise (another resolution) only the planned rows are attended."""
+    outs: dict[int, list] = {}  # chunk -> [(reference output rows, c)]
+    for i, entries in plan.items():
+        c = uses[i][1]
+        if all(kr.shape[1] == k.shape[1] for _, kr, _ in entries):
+            ks, vs = list(k.split(b)), list(v.split(b))
+            for j, kr, vr in entries:
+                ks[j], vs[j] = kr.expand(b, -1, -1), vr.expand(b, -1, -1)
+            ref_out = attn(q, torch.cat(ks), torch.cat(vs), heads)
+            for j, _, _ in entries:
+                outs.setdefault(j, []).append((ref_out[j * b : (j + 1) * b], c))
+        else:
+            for j, kr, vr in entries:
+                rows = slice(j * b, (j + 1) * b)
+                ref_out = attn(q[rows], kr.expand(b, -1, -1), vr.expand(b, -1, -1), heads)
+                outs.setdefault(j, []).append((ref_out, c))
+    out = base.clone()
+    for j, pairs in outs.items():
+        rows = slice(j * b, (j + 1) * b)
+        out[rows] = rd.blend_outputs(base[rows], pairs)
+    return out
 
 
 def capture_schedule(p: Any, tracker: PassTracker) -> None:
