@@ -132,7 +132,7 @@ class ReduxScript(scripts.Script):
 
         watched = [n for n in names if not n.startswith(("weight", "strength", "margin", "start", "end"))]
         for n in watched:
-            comps[n].change(count_fn, inputs=inputs, outputs=[count], show_progress=False)
+            comps[n].change(count_fn, inputs=inputs, outputs=[count], show_progress=panel.NO_PROGRESS)
         for k, button, shown in previews:
             button.click(lambda *a, k=k: preview_fn(k, *a), inputs=inputs, outputs=[*shown, count])
 

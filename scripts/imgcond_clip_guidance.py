@@ -1,0 +1,160 @@
+"""CLIP image guidance (FlexDiffuse) accordion: thin glue between the WebUI and lib_imgcond (no maths here)."""
+
+from __future__ import annotations
+
+import gradio as gr
+from modules import script_callbacks, scripts, shared
+from modules.ui_components import InputAccordion
+
+from lib_imgcond.core.errors import ImgcondError
+from lib_imgcond.hosts import forge
+from lib_imgcond.hosts import forge_flexdiffuse as host
+from lib_imgcond.log import logger
+from lib_imgcond.ui import panel, registry, xyz
+from lib_imgcond.ui.flex_spec import AUTO, SPEC, split_images
+
+registry.register(SPEC)
+
+STATE_KEY = "flexdiffuse"
+EXTRA_DIR_OPTION = "imgcond_flexdiffuse_extra_dir"
+
+
+def _opt(name: str, default):
+    return getattr(shared.opts, name, default) if hasattr(shared, "opts") else default
+
+
+def _extra_dir() -> str:
+    return str(_opt(EXTRA_DIR_OPTION, "") or "")
+
+
+def _encoder_choices() -> list[str]:
+    try:
+        return [AUTO, *host.list_encoders(_extra_dir())]
+    except OSError as e:
+        logger.warning("cannot list CLIP vision encoders: %s", e)
+        return [AUTO]
+
+
+class ClipGuidanceScript(scripts.Script):
+    sorting_priority = 21
+
+    def title(self):
+        return SPEC.title
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        tab = "img2img" if is_img2img else "txt2img"
+        eid = lambda name: f"imgcond_flexdiffuse_{name}_{tab}"  # noqa: E731
+        p = SPEC.by_name
+        comps = {}
+        with InputAccordion(False, label=SPEC.title, elem_id=eid("enabled")) as enabled:
+            gr.Markdown(
+                "Pull the prompt's tokens toward the CLIP tokens of a guidance image (FlexDiffuse). Needs CLIP vision "
+                "encoders in `models/imgcond/clip_vision`: ViT-L/14 for SD1.5; ViT-L/14 and ViT-bigG/14 for SDXL."
+            )
+            with gr.Row():
+                with gr.Column():
+                    comps["image"] = panel.component(p["image"], eid("image"))
+                    comps["weight"] = panel.component(p["weight"], eid("weight"))
+                with gr.Column():
+                    comps["image2"] = panel.component(p["image2"], eid("image2"))
+                    comps["weight2"] = panel.component(p["weight2"], eid("weight2"))
+            with gr.Row():
+                choices = _encoder_choices()
+                for name in ("encoder", "encoder_g"):
+                    comps[name] = gr.Dropdown(
+                        label=p[name].label, choices=choices, value=AUTO, allow_custom_value=True, elem_id=eid(name)
+                    )
+                refresh = gr.Button("🔄", elem_id=eid("refresh"), scale=0, min_width=40)
+            with gr.Row():
+                comps["priority"] = panel.component(p["priority"], eid("priority"))
+                comps["reuse"] = panel.component(p["reuse"], eid("reuse"))
+            with gr.Row():
+                comps["threshold_mult"] = panel.component(p["threshold_mult"], eid("threshold_mult"))
+                comps["threshold_floor"] = panel.component(p["threshold_floor"], eid("threshold_floor"))
+            with gr.Row():
+                comps["linear_start"] = panel.component(p["linear_start"], eid("linear_start"))
+                comps["linear_end"] = panel.component(p["linear_end"], eid("linear_end"))
+            with gr.Row():
+                comps["clustered"] = panel.component(p["clustered"], eid("clustered"))
+                comps["max_guidance"] = panel.component(p["max_guidance"], eid("max_guidance"))
+                comps["header_max"] = panel.component(p["header_max"], eid("header_max"))
+            with gr.Row():
+                comps["concept"] = panel.component(p["concept"], eid("concept"))
+                comps["concept_threshold"] = panel.component(p["concept_threshold"], eid("concept_threshold"))
+            with gr.Row():
+                comps["direct"] = panel.component(p["direct"], eid("direct"))
+                comps["compatible"] = panel.component(p["compatible"], eid("compatible"))
+            with gr.Row():
+                comps["start"] = panel.component(p["start"], eid("start"))
+                comps["end"] = panel.component(p["end"], eid("end"))
+                comps["hires"] = panel.component(p["hires"], eid("hires"))
+
+        def refresh_fn(current_l, current_g):
+            choices = _encoder_choices()
+            return gr.update(choices=choices, value=current_l), gr.update(choices=choices, value=current_g)
+
+        refresh.click(
+            refresh_fn, inputs=[comps["encoder"], comps["encoder_g"]], outputs=[comps["encoder"], comps["encoder_g"]]
+        )
+        self.infotext_fields = panel.infotext_fields(SPEC, enabled, comps)
+        self.paste_field_names = [SPEC.key(x.name) for x in SPEC.params if x.infotext]
+        return panel.ordered(SPEC, enabled, comps)
+
+    def process(self, p, *args):
+        forge.drop_job_state(p, STATE_KEY)
+        try:
+            rest, extra = split_images(args)
+            values = SPEC.parse(rest, xyz.overrides(p, SPEC))
+            if not values["enabled"]:
+                return
+            job = host.plan(p, values, extra, _extra_dir())
+        except ImgcondError as e:
+            logger.error("%s", e)
+            forge.abort_generation(p, e)
+            return
+        forge.job_state(p, STATE_KEY, lambda: job)
+        p.extra_generation_params.update(host.infotext(job, SPEC))
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        job = getattr(p, "_imgcond_state", {}).get(STATE_KEY)
+        if job is None:
+            return
+        if forge.pass_name(p) == "hires" and not job.values["hires"]:
+            return
+        forge.patch_unet(p, lambda unet: host.install(unet, job))
+
+    def postprocess(self, p, processed, *args):
+        job = getattr(p, "_imgcond_state", {}).get(STATE_KEY)
+        if job is not None:
+            logger.debug("%s: %d guided conditioning tensor(s) this job", SPEC.title, job.computed)
+        forge.drop_job_state(p, STATE_KEY)
+
+
+def on_ui_settings():
+    section = ("imgcond", "ImgCond")
+    shared.opts.add_option(
+        EXTRA_DIR_OPTION,
+        shared.OptionInfo(
+            "",
+            "CLIP image guidance: extra folder with CLIP vision encoders (searched after models/imgcond/clip_vision)",
+            section=section,
+        ),
+    )
+
+
+def on_before_ui():
+    xyz.register_axes(SPEC, SPEC.title)
+
+
+def add_routes(_demo, app):
+    @app.get("/imgcond/v1/flexdiffuse/encoders")
+    def encoders():
+        return {"folders": host.encoder_dirs(_extra_dir()), "files": host.list_encoders(_extra_dir())}
+
+
+script_callbacks.on_ui_settings(on_ui_settings)
+script_callbacks.on_before_ui(on_before_ui)
+script_callbacks.on_app_started(add_routes)
