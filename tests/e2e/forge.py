@@ -202,17 +202,33 @@ class ForgeServer:
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_text().splitlines()[-n:])
 
-    def extension_tracebacks(self, expected: tuple[str, ...] = ("ImgcondError", "ArgumentError")) -> list[str]:
-        """Tracebacks in the server log that mention this extension, except the user errors it raises on purpose."""
-        out = []
-        for block in re.split(r"(?=Traceback \(most recent call last\))", self.log_text()):
+    def extension_tracebacks(
+        self, expected: tuple[str, ...] = ("ImgcondError", "ArgumentError"), text=None
+    ) -> list[str]:
+        """Tracebacks in the server log that mention this extension, except the user errors it raises on purpose.
+        Chained tracebacks ("direct cause", "during handling") count as one report."""
+        reports: list[str] = []
+        for block in re.split(r"(?=Traceback \(most recent call last\))", self.log_text() if text is None else text):
             if not block.startswith("Traceback"):
                 continue
-            if "do_read_info_from_repo" in block:
+            tail = reports[-1].rstrip() if reports else ""
+            chained = tail.endswith(("the following exception:", "another exception occurred:"))
+            if chained:
+                reports[-1] += block
+            else:
+                reports.append(block)
+        out = []
+        for report in reports:
+            if "do_read_info_from_repo" in report:
                 continue  # Forge reading git info of a checkout without an 'origin' remote: not ours
-            if ("imgcond" in block) and not any(e in block for e in expected):
-                out.append(block[:4000])
+            if "imgcond" in report and not any(e in report for e in expected):
+                out.append(report[:4000])
         return out
+
+    def startup_log(self) -> str:
+        text = self.log_text()
+        end = text.find("Startup time:")
+        return text if end < 0 else text[:end]
 
 
 class GenerationError(AssertionError):

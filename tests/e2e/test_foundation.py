@@ -13,7 +13,7 @@ def test_extension_loads_without_errors(server):
     titles = server.get("/sdapi/v1/scripts")
     for spec in techniques.values():
         assert spec["alwayson_key"] in titles["txt2img"]
-    assert not server.extension_tracebacks(expected=())
+    assert not server.extension_tracebacks(expected=(), text=server.startup_log())
 
 
 def test_disabled_txt2img_identical_to_no_extension(server, baseline):
