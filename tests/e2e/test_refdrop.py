@@ -144,3 +144,16 @@ def test_foreign_and_corrupt_reference_files(server, recorded):
     assert "truncated or corrupt" in err and "record it again" in err
     after = server.generate(forge.payload(seed=1))
     assert after.images  # the server keeps working after refused jobs
+
+
+@pytest.mark.parametrize(("sampler", "cfg"), [("Heun", 7), ("DPM++ 2M", 1)])
+def test_second_order_sampler_and_cfg1_round_trip(server, sampler, cfg):
+    body = forge.payload(seed=6, sampler_name=sampler, cfg_scale=cfg)
+    plain = server.generate(body)
+    rec = server.generate(refdrop(body, mode="Record", reference=f"r-{sampler}"))
+    assert forge.max_diff(rec.image, plain.image) == 0
+    same = server.generate(refdrop(body, mode="Use", reference=f"r-{sampler}", coefficient=0.8))
+    assert forge.max_diff(same.image, plain.image) == 0
+    other = forge.payload(seed=7, sampler_name=sampler, cfg_scale=cfg)
+    changed = server.generate(refdrop(other, mode="Use", reference=f"r-{sampler}", coefficient=0.8))
+    assert forge.max_diff(changed.image, server.generate(other).image) > 0
