@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,6 +274,12 @@ def install(unet: Any, job: Job, tracker: PassTracker, attn) -> None:
     inner_replaces = dict(unet.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {}))
     start, end = values["start"], values["end"]
     cache: dict[tuple, Any] = {}
+    names = (pass_name, f"{pass_name}_uncond") if use_uncond else (pass_name,)
+    order = [tuple(x[:3]) for x in rd.layer_table(job.family) if tuple(x[:3]) in layers]  # execution order
+    recorded = [job.record.nbytes if job.record is not None else 0]  # running count: Reference.nbytes walks all
+    copy_streams: dict[Any, Any] = {}  # device -> side stream for Record's device→host copies
+    prefetchers: dict[int, store.Prefetcher] = {}  # index in job.uses -> host→device prefetcher (CUDA only)
+    fetched = [False]  # this evaluation's reference K/V were requested
 
     def inner_for(key):
         return forge.resolve_replace(inner_replaces, key)
@@ -280,7 +287,50 @@ def install(unet: Any, job: Job, tracker: PassTracker, attn) -> None:
     def on_eval(model, x, timestep, uncond, cond, cond_scale, model_options, seed):
         tracker.on_eval(float(timestep.flatten()[0]))
         cache.clear()
+        fetched[0] = False
         return model, x, timestep, uncond, cond, cond_scale, model_options, seed
+
+    def record(k, v, key, chunks, b):
+        """Copy this call's K/V rows into job.record; on CUDA from a side stream, so the copies overlap the UNet."""
+        side = None
+        if k.is_cuda:
+            side = copy_streams.get(k.device)
+            if side is None:
+                side = copy_streams[k.device] = torch.cuda.Stream(device=k.device)
+            side.wait_stream(torch.cuda.current_stream(k.device))
+            k.record_stream(side)  # k and v stay allocated until the side stream's copies are done
+            v.record_stream(side)
+        with torch.cuda.stream(side) if side is not None else nullcontext():
+            for branch in (0, 1) if use_uncond and not job.capturing else (0,):
+                if branch in chunks:
+                    row = chunks.index(branch) * b + (0 if job.capturing else item)
+                    name = pass_name if branch == 0 else f"{pass_name}_uncond"
+                    full = (name, tracker.eval, *key)
+                    new = full not in job.record
+                    job.record.put(full, k[row : row + 1], v[row : row + 1])
+                    if new:
+                        recorded[0] += 2 * k[row].numel() * job.record._storage_dtype(k.dtype).itemsize
+        if job.budget and recorded[0] > job.budget:
+            raise ImgcondError(
+                f"RefDrop recording passed the RAM budget ({store.format_bytes(job.budget)}); "
+                "raise it in Settings → ImgCond or select fewer layers"
+            )
+
+    def prefetch(device, dtype):
+        """Start copying all reference K/V of this evaluation to the GPU, on the prefetchers' side stream."""
+        for i, (ref, c) in enumerate(job.uses):
+            if c == 0:
+                continue
+            pf = prefetchers.get(i)
+            if pf is None:
+                pf = prefetchers[i] = store.Prefetcher(ref, device, dtype)
+            pf.clear()  # the last evaluation's copies: all their uses are queued already
+            keys = []
+            for name in names:
+                if ref.has_pass(name):
+                    e = _recorded_eval(ref, name, tracker.eval, tracker.progress)
+                    keys += [(name, e, *layer) for layer in order]
+            pf.fetch(keys)
 
     def attn1(q, k, v, extra_options):
         key = (extra_options["block"][0], extra_options["block"][1], extra_options["block_index"])
@@ -291,19 +341,13 @@ def install(unet: Any, job: Job, tracker: PassTracker, attn) -> None:
         chunks = extra_options.get("cond_or_uncond") or [0]
         b = q.shape[0] // len(chunks)
         if job.recording:
-            for branch in (0, 1) if use_uncond and not job.capturing else (0,):
-                if branch in chunks:
-                    row = chunks.index(branch) * b + (0 if job.capturing else item)
-                    name = pass_name if branch == 0 else f"{pass_name}_uncond"
-                    job.record.put((name, tracker.eval, *key), k[row : row + 1], v[row : row + 1])
-            if job.budget and job.record.nbytes > job.budget:
-                raise ImgcondError(
-                    f"RefDrop recording passed the RAM budget ({store.format_bytes(job.budget)}); "
-                    "raise it in Settings → ImgCond or select fewer layers"
-                )
+            record(k, v, key, chunks, b)
             return base
         if not rd.step_in_window(tracker.step, tracker.n_steps, start, end):
             return base
+        if q.is_cuda and not fetched[0]:
+            prefetch(q.device, q.dtype)
+            fetched[0] = True
         plan: dict[int, list] = {}  # reference index -> [(chunk, k_ref, v_ref)]
         for j, branch in enumerate(chunks):
             if branch == 1 and not use_uncond:
@@ -315,7 +359,11 @@ def install(unet: Any, job: Job, tracker: PassTracker, attn) -> None:
                 ck = (i, name, key)
                 if ck not in cache:
                     e = _recorded_eval(ref, name, tracker.eval, tracker.progress)
-                    cache[ck] = ref.get((name, e, *key), device=q.device, dtype=q.dtype)
+                    pf = prefetchers.get(i) if q.is_cuda else None
+                    if pf is not None and pf.device == q.device and pf.dtype == q.dtype:
+                        cache[ck] = pf.get((name, e, *key))
+                    else:
+                        cache[ck] = ref.get((name, e, *key), device=q.device, dtype=q.dtype)
                 plan.setdefault(i, []).append((j, *cache[ck]))
         if not plan:
             return base
