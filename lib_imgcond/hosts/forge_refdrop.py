@@ -22,6 +22,7 @@ from lib_imgcond.hosts import forge
 from lib_imgcond.log import logger
 
 MODES = ("Record", "Use", "Image")
+FLUSH_EVERY = 24  # recorded layers gathered per device→host copy (bounds the device memory they hold)
 _LOCK = threading.Lock()
 REFERENCES: dict[str, store.Reference] = {}  # RAM references by name, for this WebUI process
 
@@ -140,6 +141,7 @@ class Job:
     image_seed: int = 0
     capturing: bool = False
     captured_eval: tuple = ()
+    flushers: list = field(default_factory=list)  # per pass: move the last evaluation's recorded K/V to the host
 
     @property
     def recording(self) -> bool:
@@ -266,75 +268,85 @@ def _recorded_eval(ref: store.Reference, pass_name: str, e: int, progress: float
 
 
 def install(unet: Any, job: Job, tracker: PassTracker, attn) -> None:
+    """Install RefDrop's attn1 replace (every transformer block) and its per-evaluation bookkeeping on `unet`."""
     values = job.values
     pass_name = tracker.pass_name
     layers = job.layers
     item = values["batch_item"]
     use_uncond = values["uncond"]
     inner_replaces = dict(unet.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {}))
+    inners: dict[tuple, Any] = {}
     start, end = values["start"], values["end"]
-    cache: dict[tuple, Any] = {}
     names = (pass_name, f"{pass_name}_uncond") if use_uncond else (pass_name,)
     order = [tuple(x[:3]) for x in rd.layer_table(job.family) if tuple(x[:3]) in layers]  # execution order
-    recorded = [job.record.nbytes if job.record is not None else 0]  # running count: Reference.nbytes walks all
-    copy_streams: dict[Any, Any] = {}  # device -> side stream for Record's device→host copies
-    prefetchers: dict[int, store.Prefetcher] = {}  # index in job.uses -> host→device prefetcher (CUDA only)
-    fetched = [False]  # this evaluation's reference K/V were requested
+    source = _ReferenceSource(job.uses, order, recording=job.record)
+    tasks: list = []  # this evaluation's (reference index, pass name, branch, recorded evaluation, c)
+    state = {"planned": None, "recorded": job.record.nbytes if job.record is not None else 0}
+    pending: list = []  # (key, k row, v row) recorded during this evaluation, still on the device
+    streams: dict = {}
 
-    def inner_for(key):
-        return forge.resolve_replace(inner_replaces, key)
-
-    def on_eval(model, x, timestep, uncond, cond, cond_scale, model_options, seed):
-        tracker.on_eval(float(timestep.flatten()[0]))
-        cache.clear()
-        fetched[0] = False
-        return model, x, timestep, uncond, cond, cond_scale, model_options, seed
-
-    def record(k, v, key, chunks, b):
-        """Copy this call's K/V rows into job.record; on CUDA from a side stream, so the copies overlap the UNet."""
+    def flush():
+        """Move this evaluation's recorded K/V to the host: one gather and one copy, on a side stream on CUDA."""
+        if not pending:
+            return
+        device = pending[0][1].device
         side = None
-        if k.is_cuda:
-            side = copy_streams.get(k.device)
+        if device.type == "cuda":
+            side = streams.get(device)
             if side is None:
-                side = copy_streams[k.device] = torch.cuda.Stream(device=k.device)
-            side.wait_stream(torch.cuda.current_stream(k.device))
-            k.record_stream(side)  # k and v stay allocated until the side stream's copies are done
-            v.record_stream(side)
+                side = streams[device] = torch.cuda.Stream(device=device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            for _key, k, v in pending:
+                k.record_stream(side)  # the rows stay allocated until the side stream has copied them
+                v.record_stream(side)
         with torch.cuda.stream(side) if side is not None else nullcontext():
-            for branch in (0, 1) if use_uncond and not job.capturing else (0,):
-                if branch in chunks:
-                    row = chunks.index(branch) * b + (0 if job.capturing else item)
-                    name = pass_name if branch == 0 else f"{pass_name}_uncond"
-                    full = (name, tracker.eval, *key)
-                    new = full not in job.record
-                    job.record.put(full, k[row : row + 1], v[row : row + 1])
-                    if new:
-                        recorded[0] += 2 * k[row].numel() * job.record._storage_dtype(k.dtype).itemsize
-        if job.budget and recorded[0] > job.budget:
+            state["recorded"] += job.record.put_many(pending)
+        pending.clear()
+        if job.budget and state["recorded"] > job.budget:
             raise ImgcondError(
                 f"RefDrop recording passed the RAM budget ({store.format_bytes(job.budget)}); "
                 "raise it in Settings → ImgCond or select fewer layers"
             )
 
-    def prefetch(device, dtype):
-        """Start copying all reference K/V of this evaluation to the GPU, on the prefetchers' side stream."""
+    if job.record is not None:
+        job.flushers.append(flush)
+
+    def on_eval(model, x, timestep, uncond, cond, cond_scale, model_options, seed):
+        flush()
+        source.live.clear()
+        tracker.on_eval(float(timestep.flatten()[0]))
+        return model, x, timestep, uncond, cond, cond_scale, model_options, seed
+
+    def plan_eval(device, dtype):
+        """Once per evaluation: which recorded evaluation each reference contributes, and start moving it."""
+        tasks.clear()
+        state["planned"] = tracker.eval
+        if not rd.step_in_window(tracker.step, tracker.n_steps, start, end):
+            return
         for i, (ref, c) in enumerate(job.uses):
-            if c == 0:
-                continue
-            pf = prefetchers.get(i)
-            if pf is None:
-                pf = prefetchers[i] = store.Prefetcher(ref, device, dtype)
-            pf.clear()  # the last evaluation's copies: all their uses are queued already
-            keys = []
-            for name in names:
-                if ref.has_pass(name):
-                    e = _recorded_eval(ref, name, tracker.eval, tracker.progress)
-                    keys += [(name, e, *layer) for layer in order]
-            pf.fetch(keys)
+            for branch, name in enumerate(names):
+                if c != 0 and ref.has_pass(name):
+                    tasks.append((i, name, branch, _recorded_eval(ref, name, tracker.eval, tracker.progress), c))
+        source.prepare(tasks, device, dtype)
+
+    def record(k, v, key, chunks, b):
+        for branch in (0, 1) if use_uncond and not job.capturing else (0,):
+            if branch in chunks:
+                row = chunks.index(branch) * b + (0 if job.capturing else item)
+                name = pass_name if branch == 0 else f"{pass_name}_uncond"
+                full = store.RefKey(name, tracker.eval, *key)
+                kv = (k[row : row + 1], v[row : row + 1])
+                pending.append((full, *kv))
+                if job.capturing:
+                    source.live[full] = kv  # Image mode: the real call reads them straight from the device
+        if len(pending) >= FLUSH_EVERY:
+            flush()
 
     def attn1(q, k, v, extra_options):
         key = (extra_options["block"][0], extra_options["block"][1], extra_options["block_index"])
-        inner = inner_for(key)
+        if key not in inners:
+            inners[key] = forge.resolve_replace(inner_replaces, key)
+        inner = inners[key]
         base = inner(q, k, v, extra_options) if inner else attn(q, k, v, extra_options["n_heads"])
         if key not in layers:
             return base
@@ -343,28 +355,16 @@ def install(unet: Any, job: Job, tracker: PassTracker, attn) -> None:
         if job.recording:
             record(k, v, key, chunks, b)
             return base
-        if not rd.step_in_window(tracker.step, tracker.n_steps, start, end):
+        if state["planned"] != tracker.eval:
+            plan_eval(q.device, q.dtype)
+        if not tasks:
             return base
-        if q.is_cuda and not fetched[0]:
-            prefetch(q.device, q.dtype)
-            fetched[0] = True
         plan: dict[int, list] = {}  # reference index -> [(chunk, k_ref, v_ref)]
-        for j, branch in enumerate(chunks):
-            if branch == 1 and not use_uncond:
-                continue
-            name = pass_name if branch == 0 else f"{pass_name}_uncond"
-            for i, (ref, c) in enumerate(job.uses):
-                if c == 0 or not ref.has_pass(name):
-                    continue
-                ck = (i, name, key)
-                if ck not in cache:
-                    e = _recorded_eval(ref, name, tracker.eval, tracker.progress)
-                    pf = prefetchers.get(i) if q.is_cuda else None
-                    if pf is not None and pf.device == q.device and pf.dtype == q.dtype:
-                        cache[ck] = pf.get((name, e, *key))
-                    else:
-                        cache[ck] = ref.get((name, e, *key), device=q.device, dtype=q.dtype)
-                plan.setdefault(i, []).append((j, *cache[ck]))
+        for i, name, branch, e, _c in tasks:
+            kr, vr = source.get(i, name, e, key)
+            for j, chunk_branch in enumerate(chunks):
+                if chunk_branch == branch:
+                    plan.setdefault(i, []).append((j, kr, vr))
         if not plan:
             return base
         return _blend(base, q, k, v, b, plan, job.uses, attn, extra_options["n_heads"])
@@ -374,7 +374,100 @@ def install(unet: Any, job: Job, tracker: PassTracker, attn) -> None:
     unet.add_conditioning_modifier(on_eval)
     if job.image_latent is not None:
         job.record.meta["trace"][pass_name] = tracker.trace  # filled live: Use reads the evaluation just captured
-        install_image_capture(unet, job, tracker)
+        install_image_capture(unet, job, tracker, flush)
+
+
+class _ReferenceSource:
+    """Reference K/V on the sampling device, for one pass.
+
+    On CUDA a reference whose K/V for the pass fit comfortably in free VRAM (at most 40 %) is uploaded once, on a side
+    stream, each evaluation's tensors behind their own event; others are prefetched one evaluation ahead of use. On
+    the CPU the stored tensors are used as they are (cast once per evaluation if the dtype differs)."""
+
+    RESIDENT_SHARE = 0.4
+
+    def __init__(self, uses: list, order: list, recording: store.Reference | None = None):
+        self.uses, self.order = uses, order
+        self.recording = recording  # Image mode: the reference being captured in this very pass
+        self.live: dict = {}  # RefKey -> device (k, v) captured for the current evaluation
+        self.resident: dict[tuple, dict] = {}  # (i, name) -> {(e, layer): (k, v)}
+        self.events: dict[tuple, Any] = {}  # (i, name, e) -> upload event still to wait for
+        self.prefetchers: dict[int, store.Prefetcher] = {}
+        self.current: dict[tuple, tuple] = {}  # (i, name, e, layer) -> (k, v), this evaluation (CPU and fallbacks)
+        self.stream = None
+        self.device, self.dtype = None, None
+
+    def prepare(self, tasks: list, device, dtype) -> None:
+        self.current.clear()
+        self.device, self.dtype = device, dtype
+        if device.type != "cuda":
+            return
+        for i, name, _branch, e, _c in tasks:
+            ref = self.uses[i][0]
+            if ref is self.recording:
+                continue  # read from `live`
+            if (i, name) not in self.resident and not self._upload(i, ref, name, device, dtype):
+                self.resident[(i, name)] = None  # too large: prefetch per evaluation instead
+            if self.resident.get((i, name)) is None:
+                pf = self.prefetchers.get(i)
+                if pf is None:
+                    pf = self.prefetchers[i] = store.Prefetcher(ref, device, dtype)
+                pf.fetch([(name, e, *layer) for layer in self.order])
+
+    def _upload(self, i: int, ref, name: str, device, dtype) -> bool:
+        wanted = set(self.order)
+        keys = [key for key in ref if key.pass_name == name and key.layer in wanted]
+        size = dtype.itemsize if hasattr(dtype, "itemsize") else torch.empty(0, dtype=dtype).element_size()
+        need = sum(2 * ref.get(key)[0].numel() for key in keys) * size
+        free, _total = torch.cuda.mem_get_info(device)
+        if need > free * self.RESIDENT_SHARE:
+            return False
+        self.stream = self.stream or torch.cuda.Stream(device=device)
+        table: dict = {}
+        self.stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self.stream):
+            last = None
+            for key in sorted(keys, key=lambda x: x.step):
+                if last is not None and key.step != last:
+                    self._mark(i, name, last)
+                k, v = ref.get(key)
+                table[(key.step, key.layer)] = (
+                    k.to(device, dtype, non_blocking=k.is_pinned()),
+                    v.to(device, dtype, non_blocking=v.is_pinned()),
+                )
+                last = key.step
+            if last is not None:
+                self._mark(i, name, last)
+        self.resident[(i, name)] = table
+        return True
+
+    def _mark(self, i: int, name: str, e: int) -> None:
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        self.events[(i, name, e)] = event
+
+    def get(self, i: int, name: str, e: int, layer: tuple) -> tuple:
+        if self.live and self.uses[i][0] is self.recording:
+            hit = self.live.get(store.RefKey(name, e, *layer))
+            if hit is not None:
+                return hit
+        table = self.resident.get((i, name))
+        if table is not None:
+            event = self.events.pop((i, name, e), None)
+            if event is not None:
+                torch.cuda.current_stream().wait_event(event)
+            return table[(e, layer)]
+        ck = (i, name, e, layer)
+        hit = self.current.get(ck)
+        if hit is None:
+            pf = self.prefetchers.get(i)
+            ref = self.uses[i][0]
+            if pf is not None:
+                hit = pf.get((name, e, *layer))
+            else:
+                hit = ref.get((name, e, *layer), device=self.device, dtype=self.dtype)
+            self.current[ck] = hit
+        return hit
 
 
 def _slice_c(c: dict, row: int, batch: int) -> dict:
@@ -397,7 +490,7 @@ def _slice_c(c: dict, row: int, batch: int) -> dict:
     return out
 
 
-def install_image_capture(unet: Any, job: Job, tracker: PassTracker) -> None:
+def install_image_capture(unet: Any, job: Job, tracker: PassTracker, flush) -> None:
     """Mode Image: before the model call of each evaluation, run the UNet once on the reference image noised to the
     current sigma (fixed noise), recording its K/V; the real call then blends them in."""
     inner = unet.model_options.get("model_function_wrapper")
@@ -423,6 +516,7 @@ def install_image_capture(unet: Any, job: Job, tracker: PassTracker) -> None:
                 apply_model(x_ref, sigma, **_slice_c(c, row, x.shape[0]))
             finally:
                 job.capturing = False
+            flush()  # keep it for later plain Use; this evaluation reads the device copies
         if inner is not None:
             return inner(apply_model, args)
         return apply_model(x, t, **c)
@@ -450,11 +544,14 @@ def _blend(base, q, k, v, b: int, plan: dict, uses: list, attn, heads: int):
                 rows = slice(j * b, (j + 1) * b)
                 ref_out = attn(q[rows], kr.expand(b, -1, -1), vr.expand(b, -1, -1), heads)
                 outs.setdefault(j, []).append((ref_out, c))
-    out = base.clone()
     for j, pairs in outs.items():
-        rows = slice(j * b, (j + 1) * b)
-        out[rows] = rd.blend_outputs(base[rows], pairs)
-    return out
+        rows = base[j * b : (j + 1) * b]
+        if len(pairs) == 1:
+            ref_out, c = pairs[0]
+            rows.lerp_(ref_out.to(rows.dtype), float(c))  # = rows + c·(ref_out − rows), one kernel
+        else:
+            rows.copy_(rd.blend_outputs(rows, pairs))
+    return base
 
 
 def capture_schedule(p: Any, tracker: PassTracker) -> None:
@@ -474,6 +571,8 @@ def capture_schedule(p: Any, tracker: PassTracker) -> None:
 
 
 def finish_record(job: Job, trackers: dict[str, PassTracker], save_file: bool) -> store.Reference:
+    for flush in job.flushers:
+        flush()
     ref = job.record
     ref.meta["steps"] = {name: t.n_steps for name, t in trackers.items()}
     ref.meta["trace"] = {name: list(t.trace) for name, t in trackers.items()}

@@ -59,9 +59,9 @@ def test_record_stores_cond_row_and_returns_plain_attention():
     q, k, v = qkv(0)
     out = run_pass(unet, 3.0, q, k, v)
     assert torch.equal(out, attn(q, k, v, HEADS))
+    host.finish_record(job, {"first": tracker}, save_file=False)
     kr, vr = job.record.get(("first", 0, "output", 3, 0))
     assert torch.equal(kr, k[1:2]) and torch.equal(vr, v[1:2])  # chunks [uncond, cond]: cond is row 1
-    host.finish_record(job, {"first": tracker}, save_file=False)
     assert host.REFERENCES["r"].meta["trace"]["first"] == [0.0]
 
 

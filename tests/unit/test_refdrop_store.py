@@ -374,3 +374,25 @@ def test_cuda_put_prefetch_round_trip():
     gk, gv = pf.get(key)
     assert gk.is_cuda
     assert torch.equal(gv, (k * 2).half())
+
+
+def test_put_many_matches_put_exactly():
+    import torch as t
+
+    from lib_imgcond.core.refdrop_store import Reference
+
+    g = t.Generator().manual_seed(3)
+    items = [
+        (("first", 0, "input", 1, 0), t.randn(1, 6, 8, generator=g), t.randn(1, 6, 8, generator=g)),
+        (("first", 0, "middle", 0, 0), t.randn(1, 2, 16, generator=g), t.randn(1, 2, 16, generator=g)),
+        (("first_uncond", 1, "output", 11, 0), t.randn(1, 6, 8, generator=g), t.randn(1, 6, 8, generator=g)),
+    ]
+    a, b = Reference("a", "sd15"), Reference("b", "sd15", store_fp16=True)
+    added = a.put_many(items)
+    assert added == sum(2 * k.numel() * 4 for _, k, _ in items)
+    b.put_many(items)
+    for key, k, v in items:
+        ka, va = a.get(key)
+        assert t.equal(ka, k) and t.equal(va, v)
+        assert b.get(key)[0].dtype == t.float16
+    assert a.steps("first") == 1 and a.steps("first_uncond") == 2 and a.channels(("middle", 0, 0)) == 16
