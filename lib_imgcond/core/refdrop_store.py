@@ -144,6 +144,7 @@ class Reference:
         if self.meta["source"] not in SOURCES:
             raise ArgumentError("source", self.meta["source"], " or ".join(SOURCES))
         self._kv: dict[RefKey, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._lazy: list[tuple[torch.Tensor, list]] = []  # put_many blocks whose per-key views are not made yet
         self._seen_steps: dict[str, int] = {}
         self._channels: dict[Layer, int] = {}
         self._pending: list[Any] = []
@@ -234,21 +235,34 @@ class Reference:
                 flat = flat.to(dtype)
             block = self._arena.empty((total,), dtype)
             block.copy_(flat, non_blocking=flat.is_cuda)
+        entries = []
         offset = 0
         for (key, k, _v), n in zip(items, sizes, strict=True):
             key = key if isinstance(key, RefKey) else RefKey(*key)
-            kv = (block[offset : offset + n].view(k.shape), block[offset + n : offset + 2 * n].view(k.shape))
+            entries.append((key, offset, n, k.shape))
             offset += 2 * n
-            self._kv[key] = kv
+            self._kv[key] = None  # views are made on first read (see _materialize): cheap in the sampling loop
             if key.step >= self._seen_steps.get(key.pass_name, 0):
                 self._seen_steps[key.pass_name] = key.step + 1
             self._channels[key.layer] = k.shape[-1]
+        self._lazy.append((block, entries))
         if flat.is_cuda:
             self._unsynced = True
         return total * block.element_size()
 
+    def _materialize(self) -> None:
+        for block, entries in self._lazy:
+            for key, offset, n, shape in entries:
+                if self._kv.get(key, 0) is None:
+                    self._kv[key] = (
+                        block[offset : offset + n].view(shape),
+                        block[offset + n : offset + 2 * n].view(shape),
+                    )
+        self._lazy.clear()
+
     def finalize(self) -> None:
         """Wait for pending device→host copies and refresh the derived metadata."""
+        self._materialize()
         for event in self._pending:
             event.synchronize()
         self._pending.clear()
@@ -267,6 +281,8 @@ class Reference:
         """(k, v) for ``key``, moved/cast when device or dtype is given."""
         if self._pending or self._unsynced:
             self.finalize()
+        if self._lazy:
+            self._materialize()
         pair = self._kv.get(key)  # type: ignore[arg-type]
         if pair is None:
             raise ImgcondError(f"reference '{self.name}' has no K/V for {tuple(key)}; record it again")
@@ -290,6 +306,7 @@ class Reference:
 
     @property
     def nbytes(self) -> int:
+        self._materialize()
         return sum(t.numel() * t.element_size() for pair in self._kv.values() for t in pair)
 
 

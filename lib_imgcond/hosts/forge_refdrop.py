@@ -7,6 +7,7 @@ closures over per-job state, so `UnetPatcher.clone()` never copies the K/V store
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from contextlib import nullcontext
@@ -347,18 +348,16 @@ def install(unet: Any, job: Job, tracker: PassTracker, attn) -> None:
         if key not in inners:
             inners[key] = forge.resolve_replace(inner_replaces, key)
         inner = inners[key]
-        base = inner(q, k, v, extra_options) if inner else attn(q, k, v, extra_options["n_heads"])
+        heads = extra_options["n_heads"]
         if key not in layers:
-            return base
+            return inner(q, k, v, extra_options) if inner else attn(q, k, v, heads)
         chunks = extra_options.get("cond_or_uncond") or [0]
         b = q.shape[0] // len(chunks)
         if job.recording:
             record(k, v, key, chunks, b)
-            return base
+            return inner(q, k, v, extra_options) if inner else attn(q, k, v, heads)
         if state["planned"] != tracker.eval:
             plan_eval(q.device, q.dtype)
-        if not tasks:
-            return base
         plan: dict[int, list] = {}  # reference index -> [(chunk, k_ref, v_ref)]
         for i, name, branch, e, _c in tasks:
             kr, vr = source.get(i, name, e, key)
@@ -366,8 +365,13 @@ def install(unet: Any, job: Job, tracker: PassTracker, attn) -> None:
                 if chunk_branch == branch:
                     plan.setdefault(i, []).append((j, kr, vr))
         if not plan:
-            return base
-        return _blend(base, q, k, v, b, plan, job.uses, attn, extra_options["n_heads"])
+            return inner(q, k, v, extra_options) if inner else attn(q, k, v, heads)
+        if inner is None and q.is_cuda:
+            fused = _fused(q, k, v, b, plan, job.uses, attn, heads)
+            if fused is not None:
+                return fused
+        base = inner(q, k, v, extra_options) if inner else attn(q, k, v, heads)
+        return _blend(base, q, k, v, b, plan, job.uses, attn, heads)
 
     forge.mark_ours(attn1, inner=inner_replaces)
     unet.set_model_replace_all(attn1, "attn1")
@@ -415,36 +419,45 @@ class _ReferenceSource:
                 pf.fetch([(name, e, *layer) for layer in self.order])
 
     def _upload(self, i: int, ref, name: str, device, dtype) -> bool:
+        """Copy a reference pass to the GPU storage by storage (a few large pinned slabs, not thousands of tensors),
+        then take views; each evaluation waits only for the slabs that hold its K/V."""
         wanted = set(self.order)
-        keys = [key for key in ref if key.pass_name == name and key.layer in wanted]
-        size = dtype.itemsize if hasattr(dtype, "itemsize") else torch.empty(0, dtype=dtype).element_size()
-        need = sum(2 * ref.get(key)[0].numel() for key in keys) * size
+        keys = sorted((key for key in ref if key.pass_name == name and key.layer in wanted), key=lambda x: x.step)
+        need = sum(2 * ref.get(key)[0].numel() for key in keys) * torch.empty(0, dtype=dtype).element_size()
         free, _total = torch.cuda.mem_get_info(device)
         if need > free * self.RESIDENT_SHARE:
             return False
         self.stream = self.stream or torch.cuda.Stream(device=device)
-        table: dict = {}
+        storages: dict[int, tuple] = {}  # data_ptr -> (storage, upload order)
+        layout = []
+        for key in keys:
+            for t in ref.get(key):
+                st = t.untyped_storage()
+                if st.data_ptr() not in storages:
+                    storages[st.data_ptr()] = (st, len(storages))
+                layout.append((key, st.data_ptr(), t.storage_offset() * t.element_size(), t.shape, t.dtype))
         self.stream.wait_stream(torch.cuda.current_stream(device))
+        uploaded, events = {}, []
         with torch.cuda.stream(self.stream):
-            last = None
-            for key in sorted(keys, key=lambda x: x.step):
-                if last is not None and key.step != last:
-                    self._mark(i, name, last)
-                k, v = ref.get(key)
-                table[(key.step, key.layer)] = (
-                    k.to(device, dtype, non_blocking=k.is_pinned()),
-                    v.to(device, dtype, non_blocking=v.is_pinned()),
-                )
-                last = key.step
-            if last is not None:
-                self._mark(i, name, last)
-        self.resident[(i, name)] = table
+            for ptr, (st, _order) in storages.items():
+                host = torch.empty(0, dtype=torch.uint8).set_(st)
+                uploaded[ptr] = host.to(device, non_blocking=host.is_pinned())
+                event = torch.cuda.Event()
+                event.record(self.stream)
+                events.append(event)
+            table: dict = {}
+            last_slab: dict[int, int] = {}
+            for key, ptr, offset, shape, t_dtype in layout:
+                n = t_dtype.itemsize * math.prod(shape)
+                t = uploaded[ptr][offset : offset + n].view(t_dtype).view(shape)
+                if t.dtype != dtype:
+                    t = t.to(dtype)
+                table.setdefault((key.step, key.layer), []).append(t)
+                last_slab[key.step] = max(last_slab.get(key.step, 0), storages[ptr][1])
+        self.resident[(i, name)] = {k: tuple(v) for k, v in table.items()}
+        for e, slab in last_slab.items():
+            self.events[(i, name, e)] = events[slab]
         return True
-
-    def _mark(self, i: int, name: str, e: int) -> None:
-        event = torch.cuda.Event()
-        event.record(self.stream)
-        self.events[(i, name, e)] = event
 
     def get(self, i: int, name: str, e: int, layer: tuple) -> tuple:
         if self.live and self.uses[i][0] is self.recording:
@@ -524,15 +537,51 @@ def install_image_capture(unet: Any, job: Job, tracker: PassTracker, flush) -> N
     unet.set_model_unet_function_wrapper(wrapper)
 
 
+def _fused(q, k, v, b: int, plan: dict, uses: list, attn, heads: int):
+    """CUDA, same token count: the plain attention and every reference branch in one kernel call (one launch
+    sequence instead of two; SDPA is batch invariant there, so the plain rows equal an unpatched call's)."""
+    qs, ks, vs, where = [q], [k], [v], []
+    for i, entries in plan.items():
+        for j, kr, vr in entries:
+            if kr.shape[1] != k.shape[1]:
+                return None
+            qs.append(q[j * b : (j + 1) * b])
+            ks.append(kr if b == 1 else kr.expand(b, -1, -1))
+            vs.append(vr if b == 1 else vr.expand(b, -1, -1))
+            where.append((j, uses[i][1]))
+    out = attn(torch.cat(qs), torch.cat(ks), torch.cat(vs), heads)
+    n = q.shape[0]
+    base = out[:n]
+    outs: dict[int, list] = {}
+    for idx, (j, c) in enumerate(where):
+        outs.setdefault(j, []).append((out[n + idx * b : n + (idx + 1) * b], c))
+    _apply(base, b, outs)
+    return base
+
+
+def _apply(base, b: int, outs: dict) -> None:
+    """base[chunk rows] ← blend with that chunk's reference outputs, in place."""
+    for j, pairs in outs.items():
+        rows = base[j * b : (j + 1) * b]
+        if len(pairs) == 1:
+            ref_out, c = pairs[0]
+            rows.lerp_(ref_out if ref_out.dtype == rows.dtype else ref_out.to(rows.dtype), float(c))
+        else:
+            rows.copy_(rd.blend_outputs(rows, pairs))
+
+
 def _blend(base, q, k, v, b: int, plan: dict, uses: list, attn, heads: int):
-    """RFG-blend the planned batch chunks. When a reference has the current token count, its attention is computed
-    over the whole batch with the reference K/V in the planned chunks' rows, the same kernel call shape as `base`:
-    a reference equal to the current K/V then reproduces `base` bit for bit (attention kernels are not always
-    batch-size invariant). Otherwise (another resolution) only the planned rows are attended."""
+    """RFG-blend the planned batch chunks of `base` in place.
+
+    On the CPU, where Forge's attention kernels are not batch-size invariant for every shape, a reference with the
+    current token count is attended over the whole batch (reference K/V in the planned chunks' rows), the same call
+    shape as `base`: a reference equal to the current K/V then gives back `base` bit for bit. On CUDA (SDPA kernels
+    are batch invariant, see benchmarks/attention_batch_invariance.py) and for other token counts only the planned
+    rows are attended, which is cheaper."""
     outs: dict[int, list] = {}  # chunk -> [(reference output rows, c)]
     for i, entries in plan.items():
         c = uses[i][1]
-        if all(kr.shape[1] == k.shape[1] for _, kr, _ in entries):
+        if not q.is_cuda and all(kr.shape[1] == k.shape[1] for _, kr, _ in entries):
             ks, vs = list(k.split(b)), list(v.split(b))
             for j, kr, vr in entries:
                 ks[j], vs[j] = kr.expand(b, -1, -1), vr.expand(b, -1, -1)
@@ -542,15 +591,10 @@ def _blend(base, q, k, v, b: int, plan: dict, uses: list, attn, heads: int):
         else:
             for j, kr, vr in entries:
                 rows = slice(j * b, (j + 1) * b)
-                ref_out = attn(q[rows], kr.expand(b, -1, -1), vr.expand(b, -1, -1), heads)
-                outs.setdefault(j, []).append((ref_out, c))
-    for j, pairs in outs.items():
-        rows = base[j * b : (j + 1) * b]
-        if len(pairs) == 1:
-            ref_out, c = pairs[0]
-            rows.lerp_(ref_out.to(rows.dtype), float(c))  # = rows + c·(ref_out − rows), one kernel
-        else:
-            rows.copy_(rd.blend_outputs(rows, pairs))
+                if b > 1:
+                    kr, vr = kr.expand(b, -1, -1), vr.expand(b, -1, -1)
+                outs.setdefault(j, []).append((attn(q[rows], kr, vr, heads), c))
+    _apply(base, b, outs)
     return base
 
 

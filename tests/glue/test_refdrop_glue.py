@@ -188,3 +188,15 @@ def test_image_mode_captures_reference_before_each_evaluation():
     tokens = x.flatten(2).transpose(1, 2)
     plain = attn(tokens, tokens, tokens, HEADS)
     assert torch.equal(out[0], plain[0]) and not torch.equal(out[1], plain[1])
+
+
+def test_fused_path_matches_separate_calls():
+    q, k, v = qkv(7, batch=4)
+    kr, vr = qkv(8, batch=1)[1:]
+    kr2, vr2 = qkv(9, batch=1)[1:]
+    uses = [(None, 0.4), (None, -0.2)]
+    plan = {0: [(1, kr, vr)], 1: [(1, kr2, vr2)]}  # chunks [uncond, cond], b = 2: blend the cond rows
+    fused = host._fused(q, k, v, 2, plan, uses, attn, HEADS)
+    separate = host._blend(attn(q, k, v, HEADS), q.clone(), k, v, 2, plan, uses, attn, HEADS)
+    torch.testing.assert_close(fused, separate)
+    assert torch.equal(fused[:2], attn(q, k, v, HEADS)[:2])
