@@ -10,7 +10,7 @@ from lib_imgcond.core.errors import ImgcondError
 from lib_imgcond.hosts import forge
 from lib_imgcond.hosts import forge_flexdiffuse as host
 from lib_imgcond.log import logger
-from lib_imgcond.ui import panel, registry, xyz
+from lib_imgcond.ui import panel, registry, script, xyz
 from lib_imgcond.ui.flex_spec import AUTO, SPEC, split_images
 
 registry.register(SPEC)
@@ -35,18 +35,12 @@ def _encoder_choices() -> list[str]:
         return [AUTO]
 
 
-class ClipGuidanceScript(scripts.Script):
+class ClipGuidanceScript(script.TechniqueScript, scripts.Script):
+    spec = SPEC
     sorting_priority = 21
 
-    def title(self):
-        return SPEC.title
-
-    def show(self, is_img2img):
-        return scripts.AlwaysVisible
-
     def ui(self, is_img2img):
-        tab = "img2img" if is_img2img else "txt2img"
-        eid = lambda name: f"imgcond_flexdiffuse_{name}_{tab}"  # noqa: E731
+        eid = self.elem_ids(is_img2img)
         p = SPEC.by_name
         comps = {}
         with InputAccordion(False, label=SPEC.title, elem_id=eid("enabled")) as enabled:
@@ -68,29 +62,13 @@ class ClipGuidanceScript(scripts.Script):
                         label=p[name].label, choices=choices, value=AUTO, allow_custom_value=True, elem_id=eid(name)
                     )
                 refresh = gr.Button("🔄", elem_id=eid("refresh"), scale=0, min_width=40)
-            with gr.Row():
-                comps["priority"] = panel.component(p["priority"], eid("priority"))
-                comps["reuse"] = panel.component(p["reuse"], eid("reuse"))
-            with gr.Row():
-                comps["threshold_mult"] = panel.component(p["threshold_mult"], eid("threshold_mult"))
-                comps["threshold_floor"] = panel.component(p["threshold_floor"], eid("threshold_floor"))
-            with gr.Row():
-                comps["linear_start"] = panel.component(p["linear_start"], eid("linear_start"))
-                comps["linear_end"] = panel.component(p["linear_end"], eid("linear_end"))
-            with gr.Row():
-                comps["clustered"] = panel.component(p["clustered"], eid("clustered"))
-                comps["max_guidance"] = panel.component(p["max_guidance"], eid("max_guidance"))
-                comps["header_max"] = panel.component(p["header_max"], eid("header_max"))
-            with gr.Row():
-                comps["concept"] = panel.component(p["concept"], eid("concept"))
-                comps["concept_threshold"] = panel.component(p["concept_threshold"], eid("concept_threshold"))
-            with gr.Row():
-                comps["direct"] = panel.component(p["direct"], eid("direct"))
-                comps["compatible"] = panel.component(p["compatible"], eid("compatible"))
-            with gr.Row():
-                comps["start"] = panel.component(p["start"], eid("start"))
-                comps["end"] = panel.component(p["end"], eid("end"))
-                comps["hires"] = panel.component(p["hires"], eid("hires"))
+            panel.row(SPEC, comps, ("priority", "reuse"), eid)
+            panel.row(SPEC, comps, ("threshold_mult", "threshold_floor"), eid)
+            panel.row(SPEC, comps, ("linear_start", "linear_end"), eid)
+            panel.row(SPEC, comps, ("clustered", "max_guidance", "header_max"), eid)
+            panel.row(SPEC, comps, ("concept", "concept_threshold"), eid)
+            panel.row(SPEC, comps, ("direct", "compatible"), eid)
+            panel.row(SPEC, comps, ("start", "end", "hires"), eid)
 
         def refresh_fn(current_l, current_g):
             choices = _encoder_choices()

@@ -11,7 +11,7 @@ from lib_imgcond.core.mixing import MixParams, schedule_svg, zprime_weights
 from lib_imgcond.hosts import forge
 from lib_imgcond.hosts import forge_mixing as host
 from lib_imgcond.log import logger
-from lib_imgcond.ui import panel, registry, xyz
+from lib_imgcond.ui import panel, registry, script, xyz
 from lib_imgcond.ui.mixing_spec import SPEC
 
 registry.register(SPEC)
@@ -29,17 +29,13 @@ def plot_html(*values) -> str:
     return f'<div title="z′ weight per hires step, assuming {PLOT_STEPS} hires steps">{svg}</div>'
 
 
-class HiresMixingScript(scripts.Script):
+class HiresMixingScript(script.TechniqueScript, scripts.Script):
+    spec = SPEC
+    txt2img_only = True
     sorting_priority = 22
 
-    def title(self):
-        return SPEC.title
-
-    def show(self, is_img2img):
-        return scripts.AlwaysVisible if not is_img2img else False
-
     def ui(self, is_img2img):
-        eid = lambda name: f"imgcond_hrmix_{name}_txt2img"  # noqa: E731
+        eid = self.elem_ids(is_img2img)
         p = SPEC.by_name
         with InputAccordion(False, label=SPEC.title, elem_id=eid("enabled")) as enabled:
             gr.Markdown(
@@ -48,20 +44,11 @@ class HiresMixingScript(scripts.Script):
                 "with the weight plotted below (DemoFusion skip residual / Iterative Mixing)."
             )
             comps = {}
-            with gr.Row():
-                comps["schedule"] = panel.component(p["schedule"], eid("schedule"))
-                comps["alpha"] = panel.component(p["alpha"], eid("alpha"))
-            with gr.Row():
-                comps["start"] = panel.component(p["start"], eid("start"))
-                comps["stop"] = panel.component(p["stop"], eid("stop"))
-                comps["clamp"] = panel.component(p["clamp"], eid("clamp"))
-            with gr.Row():
-                comps["blend_min"] = panel.component(p["blend_min"], eid("blend_min"))
-                comps["blend_max"] = panel.component(p["blend_max"], eid("blend_max"))
+            panel.row(SPEC, comps, ("schedule", "alpha"), eid)
+            panel.row(SPEC, comps, ("start", "stop", "clamp"), eid)
+            panel.row(SPEC, comps, ("blend_min", "blend_max"), eid)
             comps["blend"] = panel.component(p["blend"], eid("blend"))
-            with gr.Row():
-                comps["normalize"] = panel.component(p["normalize"], eid("normalize"))
-                comps["fresh_noise"] = panel.component(p["fresh_noise"], eid("fresh_noise"))
+            panel.row(SPEC, comps, ("normalize", "fresh_noise"), eid)
             plot = gr.HTML(plot_html(*(p[n].default for n in _CURVE)), elem_id=eid("plot"))
             gr.Markdown(f"z′ weight per hires step (plotted for {PLOT_STEPS} steps; the fractions scale with yours).")
         inputs = [comps[n] for n in _CURVE]

@@ -12,7 +12,7 @@ from lib_imgcond.core.errors import ImgcondError
 from lib_imgcond.hosts import forge
 from lib_imgcond.hosts import forge_redux as host
 from lib_imgcond.log import logger
-from lib_imgcond.ui import panel, registry, xyz
+from lib_imgcond.ui import panel, registry, script, xyz
 from lib_imgcond.ui.redux_spec import SLOTS, SPEC, expand_images
 
 registry.register(SPEC)
@@ -39,18 +39,12 @@ def _ui_values(names: list[str], args) -> dict:
     return SPEC.parse([{"enabled": True, **dict(zip(names, args, strict=True))}])
 
 
-class ReduxScript(scripts.Script):
+class ReduxScript(script.TechniqueScript, scripts.Script):
+    spec = SPEC
     sorting_priority = 21
 
-    def title(self):
-        return SPEC.title
-
-    def show(self, is_img2img):
-        return scripts.AlwaysVisible
-
     def ui(self, is_img2img):
-        tab = "img2img" if is_img2img else "txt2img"
-        eid = lambda name: f"imgcond_redux_{name}_{tab}"  # noqa: E731
+        eid = self.elem_ids(is_img2img)
         p = SPEC.by_name
         comps: dict = {}
         previews = []
@@ -67,9 +61,7 @@ class ReduxScript(scripts.Script):
                         elem_id=eid(name), info=p[name].info,
                     )  # fmt: skip
                 refresh = gr.Button("🔄", elem_id=eid("refresh"), scale=0, min_width=40)
-            with gr.Row():
-                comps["start"] = panel.component(p["start"], eid("start"))
-                comps["end"] = panel.component(p["end"], eid("end"))
+            panel.row(SPEC, comps, ("start", "end"), eid)
             with gr.Tabs():
                 for k in range(1, SLOTS + 1):
                     with gr.Tab(f"Image {k}"):

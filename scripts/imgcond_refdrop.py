@@ -10,7 +10,7 @@ from lib_imgcond.core.errors import ImgcondError
 from lib_imgcond.hosts import forge
 from lib_imgcond.hosts import forge_refdrop as host
 from lib_imgcond.log import logger
-from lib_imgcond.ui import panel, registry, xyz
+from lib_imgcond.ui import panel, registry, script, xyz
 from lib_imgcond.ui.refdrop_spec import SPEC
 
 registry.register(SPEC)
@@ -20,18 +20,12 @@ def _opt(name: str, default):
     return getattr(shared.opts, name, default) if hasattr(shared, "opts") else default
 
 
-class RefDropScript(scripts.Script):
+class RefDropScript(script.TechniqueScript, scripts.Script):
+    spec = SPEC
     sorting_priority = 20
 
-    def title(self):
-        return SPEC.title
-
-    def show(self, is_img2img):
-        return scripts.AlwaysVisible
-
     def ui(self, is_img2img):
-        tab = "img2img" if is_img2img else "txt2img"
-        eid = lambda name: f"imgcond_refdrop_{name}_{tab}"  # noqa: E731
+        eid = self.elem_ids(is_img2img)
         p = SPEC.by_name
         with InputAccordion(False, label=SPEC.title, elem_id=eid("enabled")) as enabled:
             gr.Markdown(
@@ -49,14 +43,9 @@ class RefDropScript(scripts.Script):
                 remove = gr.Button("🗑️", elem_id=eid("delete"), scale=0, min_width=40)
             comps["coefficient"] = panel.component(p["coefficient"], eid("coefficient"))
             comps["more_references"] = panel.component(p["more_references"], eid("more"))
-            with gr.Row():
-                comps["start"] = panel.component(p["start"], eid("start"))
-                comps["end"] = panel.component(p["end"], eid("end"))
+            panel.row(SPEC, comps, ("start", "end"), eid)
             comps["layers"] = panel.component(p["layers"], eid("layers"))
-            with gr.Row():
-                comps["hires"] = panel.component(p["hires"], eid("hires"))
-                comps["uncond"] = panel.component(p["uncond"], eid("uncond"))
-                comps["save"] = panel.component(p["save"], eid("save"))
+            panel.row(SPEC, comps, ("hires", "uncond", "save"), eid)
             comps["batch_item"] = panel.component(p["batch_item"], eid("batch_item"))
             comps["image"] = panel.component(p["image"], eid("image"))
             library = gr.Markdown(_library_text(), elem_id=eid("library"))

@@ -36,6 +36,13 @@ def component(param: Param, elem_id: str, **overrides: Any):
     return gr.Image(type="pil", **kw)
 
 
+def row(spec: Spec, comps: dict, names: tuple[str, ...] | list[str], eid) -> None:
+    """One gr.Row holding the components of `names` (added to `comps`), ids from `eid(name)`."""
+    with gr.Row():
+        for name in names:
+            comps[name] = component(spec.by_name[name], eid(name))
+
+
 def mask_image(label: str, elem_id: str):
     """An image input the user can draw a mask on (white = selected)."""
     if GRADIO4:

@@ -21,6 +21,17 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason=forge.SKIP_REASON))
 
 
+def _serve(srv: forge.ForgeServer):
+    """Start `srv`, hand it to the tests, then fail if the extension logged an unexpected traceback; always stop it."""
+    srv.start()
+    yield srv
+    try:
+        leaked = srv.extension_tracebacks()
+        assert not leaked, "tracebacks mentioning the extension in the server log:\n" + "\n".join(leaked)
+    finally:
+        srv.cleanup()
+
+
 @pytest.fixture(scope="session")
 def sd15_ckpt():
     return forge.checkpoint("sd15")
@@ -29,13 +40,7 @@ def sd15_ckpt():
 @pytest.fixture(scope="session")
 def server(sd15_ckpt):
     """Forge with this extension, SD1.5 random checkpoint. Fails the session if the extension logged a traceback."""
-    srv = forge.ForgeServer(sd15_ckpt, with_extension=True).start()
-    yield srv
-    try:
-        leaked = srv.extension_tracebacks()
-        assert not leaked, "tracebacks mentioning the extension in the server log:\n" + "\n".join(leaked)
-    finally:
-        srv.cleanup()
+    yield from _serve(forge.ForgeServer(sd15_ckpt, with_extension=True))
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +48,7 @@ def sdxl_server(request):
     """Forge with this extension and the SDXL checkpoint (about 19 GB of RAM: only with IMGCOND_E2E_SDXL=1)."""
     if os.environ.get("IMGCOND_E2E_SDXL") != "1":
         pytest.skip("SDXL e2e tests need about 19 GB of RAM: set IMGCOND_E2E_SDXL=1 to run them")
-    srv = forge.ForgeServer(forge.checkpoint("sdxl"), with_extension=True).start()
-    yield srv
-    try:
-        leaked = srv.extension_tracebacks()
-        assert not leaked, "tracebacks mentioning the extension in the server log:\n" + "\n".join(leaked)
-    finally:
-        srv.cleanup()
+    yield from _serve(forge.ForgeServer(forge.checkpoint("sdxl"), with_extension=True))
 
 
 @pytest.fixture(scope="session")

@@ -24,39 +24,9 @@ ZERO = {"threshold_mult": 0.0, "linear_start": 0.0, "linear_end": 0.0, "clustere
 
 def clip_vision_state(proj: int, seed: int, hidden: int = 64, layers: int = 2, mlp: int = 256, grid: int = 16):
     """Seeded random CLIPVisionModelWithProjection tensors (patch 14, image 224 → 1 + 16² tokens)."""
-    import torch
+    from tests.vision_states import clip_shapes, random_state
 
-    p = "vision_model."
-    shapes = {
-        p + "embeddings.class_embedding": (hidden,),
-        p + "embeddings.patch_embedding.weight": (hidden, 3, 14, 14),
-        p + "embeddings.position_embedding.weight": (grid * grid + 1, hidden),
-        p + "pre_layrnorm.weight": (hidden,),
-        p + "pre_layrnorm.bias": (hidden,),
-        p + "post_layernorm.weight": (hidden,),
-        p + "post_layernorm.bias": (hidden,),
-        "visual_projection.weight": (proj, hidden),
-    }
-    for i in range(layers):
-        pre = f"{p}encoder.layers.{i}."
-        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            shapes[f"{pre}self_attn.{name}.weight"] = (hidden, hidden)
-            shapes[f"{pre}self_attn.{name}.bias"] = (hidden,)
-        for name in ("layer_norm1", "layer_norm2"):
-            shapes[f"{pre}{name}.weight"] = (hidden,)
-            shapes[f"{pre}{name}.bias"] = (hidden,)
-        shapes[f"{pre}mlp.fc1.weight"] = (mlp, hidden)
-        shapes[f"{pre}mlp.fc1.bias"] = (mlp,)
-        shapes[f"{pre}mlp.fc2.weight"] = (hidden, mlp)
-        shapes[f"{pre}mlp.fc2.bias"] = (hidden,)
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, shape in sorted(shapes.items()):
-        if "norm" in key and key.endswith(".weight"):
-            out[key] = torch.ones(shape)
-        else:
-            out[key] = torch.randn(shape, generator=g) * (0.02 if "embedding" in key else 0.1)
-    return out
+    return random_state(clip_shapes(hidden, layers, mlp, 14, grid, proj), seed, scale=0.1)
 
 
 def write_encoder(folder: Path, name: str, proj: int, seed: int) -> Path:

@@ -18,6 +18,7 @@ from lib_imgcond.hosts import forge_flexdiffuse as host
 from lib_imgcond.ui.flex_spec import AUTO, SPEC, split_images
 from lib_imgcond.ui.spec import ImageInput
 from tests.glue.fakes import FakeUnetPatcher
+from tests.vision_states import clip_shapes, random_state
 
 P = "vision_model."
 
@@ -96,36 +97,7 @@ def fake_forge(monkeypatch, tmp_path):
 # --- encoder files ----------------------------------------------------------------------------------------------------
 def clip_state(hidden=32, layers=2, mlp=64, patch=14, grid=3, proj=768, seed=0) -> dict[str, torch.Tensor]:
     """A random CLIPVisionModelWithProjection state dict in the Hugging Face key layout."""
-    shapes = {
-        f"{P}embeddings.class_embedding": (hidden,),
-        f"{P}embeddings.patch_embedding.weight": (hidden, 3, patch, patch),
-        f"{P}embeddings.position_embedding.weight": (grid * grid + 1, hidden),
-        f"{P}pre_layrnorm.weight": (hidden,),
-        f"{P}pre_layrnorm.bias": (hidden,),
-        f"{P}post_layernorm.weight": (hidden,),
-        f"{P}post_layernorm.bias": (hidden,),
-        "visual_projection.weight": (proj, hidden),
-    }
-    for i in range(layers):
-        pre = f"{P}encoder.layers.{i}."
-        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            shapes[f"{pre}self_attn.{name}.weight"] = (hidden, hidden)
-            shapes[f"{pre}self_attn.{name}.bias"] = (hidden,)
-        for name in ("layer_norm1", "layer_norm2"):
-            shapes[f"{pre}{name}.weight"] = (hidden,)
-            shapes[f"{pre}{name}.bias"] = (hidden,)
-        shapes[f"{pre}mlp.fc1.weight"] = (mlp, hidden)
-        shapes[f"{pre}mlp.fc1.bias"] = (mlp,)
-        shapes[f"{pre}mlp.fc2.weight"] = (hidden, mlp)
-        shapes[f"{pre}mlp.fc2.bias"] = (hidden,)
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, shape in sorted(shapes.items()):
-        if "norm" in key and key.endswith("weight"):
-            out[key] = torch.ones(shape)
-        else:
-            out[key] = torch.randn(shape, generator=g) * 0.05
-    return out
+    return random_state(clip_shapes(hidden, layers, mlp, patch, grid, proj), seed)
 
 
 def write(folder, name, state):

@@ -20,27 +20,7 @@ from lib_imgcond.core.vision import (
     preprocess,
     read_shapes,
 )
-
-P = "vision_model."
-
-
-def layer_shapes(hidden: int, layers: int, mlp: int) -> dict[str, tuple[int, ...]]:
-    out: dict[str, tuple[int, ...]] = {}
-    for i in range(layers):
-        pre = f"{P}encoder.layers.{i}."
-        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            out[f"{pre}self_attn.{name}.weight"] = (hidden, hidden)
-            out[f"{pre}self_attn.{name}.bias"] = (hidden,)
-        for name in ("layer_norm1", "layer_norm2"):
-            out[f"{pre}{name}.weight"] = (hidden,)
-            out[f"{pre}{name}.bias"] = (hidden,)
-        out[f"{pre}mlp.fc1.weight"] = (mlp, hidden)
-        out[f"{pre}mlp.fc1.bias"] = (mlp,)
-        out[f"{pre}mlp.fc2.weight"] = (hidden, mlp)
-        out[f"{pre}mlp.fc2.bias"] = (hidden,)
-    out[f"{P}post_layernorm.weight"] = (hidden,)
-    out[f"{P}post_layernorm.bias"] = (hidden,)
-    return out
+from tests.vision_states import P, clip_shapes, layer_shapes
 
 
 def siglip_shapes(hidden=32, layers=2, mlp=64, patch=14, grid=3, head=True) -> dict[str, tuple[int, ...]]:
@@ -55,18 +35,6 @@ def siglip_shapes(hidden=32, layers=2, mlp=64, patch=14, grid=3, head=True) -> d
         out[f"{P}head.attention.in_proj_weight"] = (3 * hidden, hidden)
         out[f"{P}head.mlp.fc1.weight"] = (mlp, hidden)
     return out
-
-
-def clip_shapes(hidden=32, layers=2, mlp=64, patch=14, grid=3, proj=24) -> dict[str, tuple[int, ...]]:
-    return {
-        f"{P}embeddings.class_embedding": (hidden,),
-        f"{P}embeddings.patch_embedding.weight": (hidden, 3, patch, patch),
-        f"{P}embeddings.position_embedding.weight": (grid * grid + 1, hidden),
-        f"{P}pre_layrnorm.weight": (hidden,),
-        f"{P}pre_layrnorm.bias": (hidden,),
-        **layer_shapes(hidden, layers, mlp),
-        "visual_projection.weight": (proj, hidden),
-    }
 
 
 def randomize(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
