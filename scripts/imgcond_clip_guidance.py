@@ -77,9 +77,7 @@ class ClipGuidanceScript(script.TechniqueScript, scripts.Script):
         refresh.click(
             refresh_fn, inputs=[comps["encoder"], comps["encoder_g"]], outputs=[comps["encoder"], comps["encoder_g"]]
         )
-        self.infotext_fields = panel.infotext_fields(SPEC, enabled, comps)
-        self.paste_field_names = [SPEC.key(x.name) for x in SPEC.params if x.infotext]
-        return panel.ordered(SPEC, enabled, comps)
+        return self.finish_ui(enabled, comps)
 
     def process(self, p, *args):
         forge.drop_job_state(p, STATE_KEY)

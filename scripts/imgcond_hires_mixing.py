@@ -54,9 +54,7 @@ class HiresMixingScript(script.TechniqueScript, scripts.Script):
         inputs = [comps[n] for n in _CURVE]
         for name in _CURVE:
             comps[name].change(plot_html, inputs=inputs, outputs=[plot], show_progress=panel.NO_PROGRESS)
-        self.infotext_fields = panel.infotext_fields(SPEC, enabled, comps)
-        self.paste_field_names = [SPEC.key(x.name) for x in SPEC.params if x.infotext]
-        return panel.ordered(SPEC, enabled, comps)
+        return self.finish_ui(enabled, comps)
 
     def process(self, p, *args):
         try:

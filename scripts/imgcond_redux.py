@@ -134,12 +134,10 @@ class ReduxScript(script.TechniqueScript, scripts.Script):
         refresh.click(
             refresh_fn, inputs=[comps["siglip"], comps["redux_model"]], outputs=[comps["siglip"], comps["redux_model"]]
         )
-        self.infotext_fields = panel.infotext_fields(SPEC, enabled, comps)
-        self.paste_field_names = [SPEC.key(x.name) for x in SPEC.params if x.infotext]
-        return panel.ordered(SPEC, enabled, comps)
+        return self.finish_ui(enabled, comps)
 
     def process(self, p, *args):
-        values = self._values(p, args)
+        values = self.parse_args(p, args)
         if not values["enabled"]:
             return
         try:
@@ -164,15 +162,10 @@ class ReduxScript(script.TechniqueScript, scripts.Script):
     def postprocess(self, p, processed, *args):
         forge.drop_job_state(p, STATE_KEY)
 
-    def _values(self, p, args):
-        try:
-            if args and isinstance(args[0], Mapping):
-                args = (expand_images(dict(args[0])), *args[1:])
-            return SPEC.parse(args, xyz.overrides(p, SPEC))
-        except ImgcondError as e:
-            logger.error("%s", e)
-            forge.abort_generation(p, e)
-            return {"enabled": False}
+    def prepare_args(self, args):
+        if args and isinstance(args[0], Mapping):
+            return (expand_images(dict(args[0])), *args[1:])
+        return args
 
 
 def on_ui_settings():

@@ -63,12 +63,10 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
 
         refresh.click(refresh_fn, inputs=[comps["reference"]], outputs=[comps["reference"], library])
         remove.click(delete_fn, inputs=[comps["reference"]], outputs=[comps["reference"], library])
-        self.infotext_fields = panel.infotext_fields(SPEC, enabled, comps)
-        self.paste_field_names = [SPEC.key(x.name) for x in SPEC.params if x.infotext]
-        return panel.ordered(SPEC, enabled, comps)
+        return self.finish_ui(enabled, comps)
 
     def process(self, p, *args):
-        values = self._values(p, args)
+        values = self.parse_args(p, args)
         if not values["enabled"]:
             return
         try:
@@ -108,14 +106,6 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
             host.finish_record(state["job"], state["trackers"], state["job"].values["save"])
         except ImgcondError as e:
             logger.error("%s", e)
-
-    def _values(self, p, args):
-        try:
-            return SPEC.parse(args, xyz.overrides(p, SPEC))
-        except ImgcondError as e:
-            logger.error("%s", e)
-            forge.abort_generation(p, e)
-            return {"enabled": False}
 
 
 def _library_text() -> str:

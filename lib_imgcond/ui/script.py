@@ -6,8 +6,13 @@ module, so the shared part must not be one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
+from lib_imgcond.core.errors import ImgcondError
+from lib_imgcond.hosts import forge
+from lib_imgcond.log import logger
+from lib_imgcond.ui import panel, xyz
 from lib_imgcond.ui.spec import Spec
 
 
@@ -27,3 +32,22 @@ class TechniqueScript:
         """`name` → a unique element id for this technique and tab."""
         tab = "img2img" if is_img2img else "txt2img"
         return lambda name: f"imgcond_{self.spec.prefix}_{name}_{tab}"
+
+    def finish_ui(self, enabled, comps: dict) -> list:
+        """Paste-back fields from the spec, and the component list `ui()` returns."""
+        self.infotext_fields = panel.infotext_fields(self.spec, enabled, comps)
+        self.paste_field_names = [self.spec.key(x.name) for x in self.spec.params if x.infotext]
+        return panel.ordered(self.spec, enabled, comps)
+
+    def prepare_args(self, args: Sequence[Any]) -> Sequence[Any]:
+        """Hook: rewrite raw hook arguments before validation (e.g. an API shorthand)."""
+        return args
+
+    def parse_args(self, p, args: Sequence[Any]) -> dict:
+        """Validated values (X/Y/Z overrides applied); on bad input the job is stopped with the message."""
+        try:
+            return self.spec.parse(self.prepare_args(args), xyz.overrides(p, self.spec))
+        except ImgcondError as e:
+            logger.error("%s", e)
+            forge.abort_generation(p, e)
+            return {"enabled": False}
