@@ -462,22 +462,19 @@ def test_mixer_euler_sequence_mixes_each_step_once():
     assert torch.equal(x, snapshot)
 
 
-def test_mixer_heun_sequence_default_first_match():
-    """Heun: σ0, σ1(sub), σ1, σ2(sub), σ2, … — each step mixes exactly once, at its first evaluation."""
-    m, sig = _mixer(MixParams(schedule="linear", blend_min=0.1))
+@pytest.mark.parametrize(
+    ("substep_repeats_sigma", "later_flags"),
+    [(False, [True, False]), (True, [False, True])],
+    ids=["default-first-match", "substep-flag"],
+)
+def test_mixer_heun_sequence(substep_repeats_sigma, later_flags):
+    """Heun: σ0, σ1(sub), σ1, σ2(sub), σ2, … — each step mixes exactly once: at its first evaluation by default,
+    at its second (the real state) with substep_repeats_sigma."""
+    m, sig = _mixer(MixParams(schedule="linear", blend_min=0.1), substep_repeats_sigma=substep_repeats_sigma)
     seq = [0] + [j for i in range(1, 10) for j in (i, i)]
     x = torch.zeros(2, 4, 8, 8)
     flags = [m.mix_(x, float(sig[i])) for i in seq]
-    assert flags == [True] + [True, False] * 9
-    assert m.mixed_steps == list(range(10))
-
-
-def test_mixer_heun_sequence_with_substep_flag():
-    m, sig = _mixer(MixParams(schedule="linear", blend_min=0.1), substep_repeats_sigma=True)
-    seq = [0] + [j for i in range(1, 10) for j in (i, i)]
-    x = torch.zeros(2, 4, 8, 8)
-    flags = [m.mix_(x, float(sig[i])) for i in seq]
-    assert flags == [True] + [False, True] * 9
+    assert flags == [True] + later_flags * 9
     assert m.mixed_steps == list(range(10))
 
 
