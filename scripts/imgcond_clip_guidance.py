@@ -44,6 +44,7 @@ class ClipGuidanceScript(script.TechniqueScript, scripts.Script):
         p = SPEC.by_name
         comps = {}
         with InputAccordion(False, label=SPEC.title, elem_id=eid("enabled")) as enabled:
+            self.host_notice()
             gr.Markdown(
                 "Pull the prompt's tokens toward the CLIP tokens of a guidance image (FlexDiffuse). Needs CLIP vision "
                 "encoders in `models/imgcond/clip_vision`: ViT-L/14 for SD1.5; ViT-L/14 and ViT-bigG/14 for SDXL."
@@ -83,16 +84,18 @@ class ClipGuidanceScript(script.TechniqueScript, scripts.Script):
         forge.drop_job_state(p, STATE_KEY)
         try:
             rest, extra = split_images(args)
-            values = SPEC.parse(rest, xyz.overrides(p, SPEC))
-            if not values["enabled"]:
-                return
+        except ImgcondError as e:
+            script.stop(p, e)
+            return
+        values = self.parse_args(p, rest)
+        if not values["enabled"]:
+            return
+        try:
             job = host.plan(p, values, extra, _extra_dir())
         except ImgcondError as e:
-            logger.error("%s", e)
-            forge.abort_generation(p, e)
+            script.stop(p, e)
             return
         forge.job_state(p, STATE_KEY, lambda: job)
-        p.extra_generation_params.update(host.infotext(job, SPEC))
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         job = getattr(p, "_imgcond_state", {}).get(STATE_KEY)
@@ -101,6 +104,7 @@ class ClipGuidanceScript(script.TechniqueScript, scripts.Script):
         if forge.pass_name(p) == "hires" and not job.values["hires"]:
             return
         forge.patch_unet(p, lambda unet: host.install(unet, job))
+        p.extra_generation_params.update(host.infotext(job, SPEC))  # once the patch is really installed
 
     def postprocess(self, p, processed, *args):
         job = getattr(p, "_imgcond_state", {}).get(STATE_KEY)

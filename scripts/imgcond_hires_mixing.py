@@ -38,6 +38,7 @@ class HiresMixingScript(script.TechniqueScript, scripts.Script):
         eid = self.elem_ids(is_img2img)
         p = SPEC.by_name
         with InputAccordion(False, label=SPEC.title, elem_id=eid("enabled")) as enabled:
+            self.host_notice()
             gr.Markdown(
                 "Acts on the **hires-fix pass only** (does nothing when Hires. fix is off): before every hires step "
                 "the sampler's latent is mixed with the upscaled first-pass latent noised to that step's level, "
@@ -57,14 +58,13 @@ class HiresMixingScript(script.TechniqueScript, scripts.Script):
         return self.finish_ui(enabled, comps)
 
     def process(self, p, *args):
+        values = self.parse_args(p, args)
+        if not values["enabled"]:
+            return
         try:
-            values = SPEC.parse(args, xyz.overrides(p, SPEC))
-            if not values["enabled"]:
-                return
             params = host.mix_params(values)
         except ImgcondError as e:
-            logger.error("%s", e)
-            forge.abort_generation(p, e)
+            script.stop(p, e)
             return
         if not getattr(p, "enable_hr", False):
             logger.info("Hires iterative mixing acts on the hires-fix pass only; Hires. fix is off, so it does nothing")

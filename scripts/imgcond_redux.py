@@ -11,7 +11,6 @@ from modules.ui_components import InputAccordion
 from lib_imgcond.core.errors import ImgcondError
 from lib_imgcond.hosts import forge
 from lib_imgcond.hosts import forge_redux as host
-from lib_imgcond.log import logger
 from lib_imgcond.ui import panel, registry, script, xyz
 from lib_imgcond.ui.redux_spec import SLOTS, SPEC, expand_images
 
@@ -49,6 +48,7 @@ class ReduxScript(script.TechniqueScript, scripts.Script):
         comps: dict = {}
         previews = []
         with InputAccordion(False, label=SPEC.title, elem_id=eid("enabled")) as enabled:
+            self.host_notice()
             gr.Markdown(
                 "Flux Redux: reference images become extra conditioning tokens after the prompt (Flux only). "
                 "Models: `models/imgcond/siglip/` (sigclip_vision_patch14_384.safetensors) and "
@@ -144,20 +144,19 @@ class ReduxScript(script.TechniqueScript, scripts.Script):
             job = host.plan(p, values)
         except Exception as e:  # every failure stops the job before sampling, with a message
             error = e if isinstance(e, ImgcondError) else ImgcondError(f"Redux: {type(e).__name__}: {e}")
-            logger.error("%s", error)
-            forge.abort_generation(p, error)
+            script.stop(p, error)
             return
         forge.drop_job_state(p, STATE_KEY)
         forge.job_state(p, STATE_KEY, lambda: job)
-        shown = {**values, "siglip": job.siglip, "redux_model": job.redux}
-        p.extra_generation_params.update(SPEC.infotext(shown, skip=host.infotext_skip(values)))
-        p.extra_generation_params["Redux tokens"] = job.count
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         job = getattr(p, "_imgcond_state", {}).get(STATE_KEY)
         if job is None:
             return
         forge.patch_unet(p, lambda unet: host.install(unet, job))
+        shown = {**job.values, "siglip": job.siglip, "redux_model": job.redux}  # once the patch is really installed
+        p.extra_generation_params.update(SPEC.infotext(shown, skip=host.infotext_skip(job.values)))
+        p.extra_generation_params["Redux tokens"] = job.count
 
     def postprocess(self, p, processed, *args):
         forge.drop_job_state(p, STATE_KEY)

@@ -28,6 +28,7 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
         eid = self.elem_ids(is_img2img)
         p = SPEC.by_name
         with InputAccordion(False, label=SPEC.title, elem_id=eid("enabled")) as enabled:
+            self.host_notice()
             gr.Markdown(
                 "Record the self-attention of a generation into a named reference (**Record**), then blend it into "
                 "later generations (**Use**): coefficient > 0 keeps the reference's look, < 0 pushes away from it."
@@ -75,11 +76,9 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
             if values["mode"] == "Image":
                 job.image_latent = host.encode_image(p, values["image"].image)
         except ImgcondError as e:
-            logger.error("%s", e)
-            forge.abort_generation(p, e)
+            script.stop(p, e)
             return
         forge.job_state(p, "refdrop", lambda: {"job": job, "trackers": {}})
-        p.extra_generation_params.update(SPEC.infotext(values))
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         state = getattr(p, "_imgcond_state", {}).get("refdrop")
@@ -97,6 +96,7 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
         host.capture_schedule(p, tracker)
         attn = forge.attention_kernel()
         forge.patch_unet(p, lambda unet: host.install(unet, job, tracker, attn))
+        p.extra_generation_params.update(SPEC.infotext(job.values))  # written once the patch is really installed
 
     def postprocess(self, p, processed, *args):
         state = getattr(p, "_imgcond_state", {}).pop("refdrop", None)

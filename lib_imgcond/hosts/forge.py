@@ -19,33 +19,53 @@ FAMILY_LABELS = {
     "sd3": "SD3",
     "flux": "Flux",
     "chroma": "Chroma",
+    "flux2": "Flux.2 (Klein)",
+    "qwen_image": "Qwen-Image",
+    "zimage": "Z-Image",
+    "wan": "Wan",
+    "lumina2": "Lumina 2",
+    "anima": "Anima",
+    "krea2": "Krea 2",
+    "mugen": "Mugen",
+    "ernie_image": "ERNIE-Image",
+    "pid": "PiD",
     "other": "an unknown architecture",
+}
+
+# Diffusion-engine class names of Forge 2.0 and Forge Neo. The engine's class, not its transformer's, tells the
+# families apart: Neo's Flux.2 Klein runs on the same `IntegratedFluxTransformer2DModel` as Flux.1, and Mugen
+# sets `is_sdxl` without being SDXL.
+ENGINE_FAMILIES = {
+    "StableDiffusion": "sd15",
+    "StableDiffusion2": "sd2",
+    "StableDiffusionXL": "sdxl",
+    "StableDiffusionXLRefiner": "sdxl_refiner",
+    "StableDiffusion3": "sd3",
+    "Flux": "flux",
+    "Chroma": "chroma",
+    "Flux2": "flux2",
+    "QwenImage": "qwen_image",
+    "ZImage": "zimage",
+    "Wan": "wan",
+    "Lumina2": "lumina2",
+    "Anima": "anima",
+    "Krea2": "krea2",
+    "Mugen": "mugen",
+    "ErnieImage": "ernie_image",
+    "PiD": "pid",
 }
 
 _STATE_ATTR = "_imgcond_state"
 
 
 def model_family(sd_model: Any) -> str:
-    """'sd15', 'sd2', 'sdxl', 'sdxl_refiner', 'sd3', 'flux', 'chroma' or 'other'."""
-    name = type(sd_model).__name__
-    if name == "StableDiffusionXLRefiner":
-        return "sdxl_refiner"
-    if name == "Flux":
-        return "flux"
-    if name == "Chroma":
-        return "chroma"
-    if getattr(sd_model, "is_sdxl", False):
-        return "sdxl"
-    if getattr(sd_model, "is_sd1", False):
-        return "sd15"
-    if getattr(sd_model, "is_sd2", False):
-        return "sd2"
-    if getattr(sd_model, "is_sd3", False):
-        return "sd3"
-    unet = getattr(getattr(sd_model, "forge_objects", None), "unet", None)
-    inner = getattr(getattr(unet, "model", None), "diffusion_model", None)
-    if type(inner).__name__ == "IntegratedFluxTransformer2DModel":
-        return "flux"
+    """A key of FAMILY_LABELS: from the engine's class name, else (an engine we do not know) from its flags."""
+    family = ENGINE_FAMILIES.get(type(sd_model).__name__)
+    if family is not None:
+        return family
+    for flag, name in (("is_sdxl", "sdxl"), ("is_sd1", "sd15"), ("is_sd2", "sd2"), ("is_sd3", "sd3")):
+        if getattr(sd_model, flag, False):
+            return name
     return "other"
 
 

@@ -9,7 +9,8 @@
   repeat the shorter uncond context to a common length, which changes Flux's joint attention. The uncond context is
   never altered, so the uncond prediction stays exactly what it is without Redux.
 * for `attn_bias` strengths ≠ 1, a model function wrapper that replaces `backend.nn.flux.attention` for the duration
-  of one model call (restored in `finally`) with torch SDPA plus a log-strength key bias on the Redux columns.
+  of one model call (restored in `finally`) with one that adds a log-strength key bias on the Redux columns: through
+  the host's own attention with a mask where it takes one (Forge Neo), else RoPE + torch SDPA (Forge 2.0).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from lib_imgcond.core import redux as rx
 from lib_imgcond.core import vision as vs
 from lib_imgcond.core.errors import ImgcondError
 from lib_imgcond.hosts import forge
+from lib_imgcond.hosts import host as webui
 from lib_imgcond.log import logger
 from lib_imgcond.ui.redux_spec import SLOT_FIELDS, SLOTS, slot_values
 
@@ -480,12 +482,35 @@ def bias_rows(job: Job, cond_or_uncond: list, batch: int, n_txt: int, n_img: int
     return out
 
 
-def biased_attention(apply_rope, bias_for):
-    """A drop-in for `backend.nn.flux.attention(q, k, v, pe)`: RoPE, then torch SDPA with the call's key bias."""
+def merged_mask(mask: torch.Tensor | None, bias: torch.Tensor | None, dtype) -> torch.Tensor | None:
+    """The host's incoming attention mask (bool keep-mask or additive; (L, L), (B, L, L) or (B, H, L, L)) plus our
+    (B, 1, 1, L) key bias, as one additive 4-D mask."""
+    if mask is None or bias is None:
+        return bias if mask is None else mask
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    while mask.ndim < 4:
+        mask = mask.unsqueeze(0 if mask.ndim == 2 else 1)
+    return mask.to(bias.dtype) + bias
 
-    def attention(q, k, v, pe):
+
+def biased_attention(original, apply_rope, bias_for, host_mask: bool):
+    """A drop-in for the Flux blocks' `attention`, adding the call's key bias.
+
+    With `host_mask` (Forge Neo: `attention(q, k, v, pe, mask=None, transformer_options={})`) the host's own
+    attention runs with the bias as its mask. Forge 2.0's `attention(q, k, v, pe)` takes no mask, so there it is
+    RoPE then torch SDPA with the bias."""
+    if host_mask:
+
+        def attention(q, k, v, pe, mask=None, transformer_options=None, **kwargs):
+            bias = merged_mask(mask, bias_for(q), q.dtype)
+            return original(q, k, v, pe, mask=bias, transformer_options=transformer_options or {}, **kwargs)
+
+        return attention
+
+    def attention(q, k, v, pe, mask=None, **_kwargs):
         q, k = apply_rope(q, k, pe)
-        bias = bias_for(q)
+        bias = merged_mask(mask, bias_for(q), q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=0.0, is_causal=False)
         b, heads, length, dim = out.shape
         return out.transpose(1, 2).reshape(b, length, heads * dim)
@@ -500,6 +525,8 @@ def make_wrapper(job: Job, state: PassState, inner):
         if inner is not None:
             return inner(apply_model, args)
         return apply_model(args["input"], args["timestep"], **args["c"])
+
+    host_mask = webui.capabilities().flux_attention_mask
 
     def wrapper(apply_model, args):
         rows = list(args.get("cond_or_uncond") or [])
@@ -518,7 +545,7 @@ def make_wrapper(job: Job, state: PassState, inner):
             return cache[key]
 
         original = fluxmod.attention
-        fluxmod.attention = biased_attention(fluxmod.apply_rope, bias_for)
+        fluxmod.attention = biased_attention(original, fluxmod.apply_rope, bias_for, host_mask)
         try:
             return call(apply_model, args)
         finally:

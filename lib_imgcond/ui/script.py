@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from lib_imgcond.core.errors import ImgcondError
-from lib_imgcond.hosts import forge
+from lib_imgcond.hosts import forge, host
 from lib_imgcond.log import logger
 from lib_imgcond.ui import panel, xyz
 from lib_imgcond.ui.spec import Spec
@@ -43,11 +43,28 @@ class TechniqueScript:
         """Hook: rewrite raw hook arguments before validation (e.g. an API shorthand)."""
         return args
 
+    def host_notice(self) -> None:
+        """Inside the accordion: one line saying the technique cannot run on this WebUI (nothing on Forge/Neo)."""
+        text = host.notice(self.spec.title)
+        if text:
+            import gradio as gr
+
+            gr.Markdown(text)
+
     def parse_args(self, p, args: Sequence[Any]) -> dict:
-        """Validated values (X/Y/Z overrides applied); on bad input the job is stopped with the message."""
+        """Validated values (X/Y/Z overrides applied); on bad input, or on a WebUI without Forge's patcher, the job
+        is stopped with the message."""
         try:
-            return self.spec.parse(self.prepare_args(args), xyz.overrides(p, self.spec))
+            values = self.spec.parse(self.prepare_args(args), xyz.overrides(p, self.spec))
+            if values["enabled"]:
+                host.require_forge(p, self.spec.title)
+            return values
         except ImgcondError as e:
-            logger.error("%s", e)
-            forge.abort_generation(p, e)
+            stop(p, e)
             return {"enabled": False}
+
+
+def stop(p, error: ImgcondError) -> None:
+    """Log a user error in one line and stop the job before it samples."""
+    logger.error("%s", error)
+    forge.abort_generation(p, error)

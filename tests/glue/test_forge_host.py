@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from lib_imgcond.core.errors import ImgcondError
@@ -23,6 +25,42 @@ def test_refiner_and_unknown():
 
     assert forge.model_family(StableDiffusionXLRefiner()) == "sdxl_refiner"
     assert forge.model_family(Odd()) == "other"
+
+
+def _engine(name: str, **flags):
+    """An engine object whose class has the host's class name, like Forge's diffusion engines."""
+    return type(name, (), flags)()
+
+
+@pytest.mark.parametrize(
+    ("engine", "family"),
+    [
+        ("Flux2", "flux2"),  # Neo's Flux.2 Klein: same transformer class as Flux.1, not Flux.1
+        ("Chroma", "chroma"),
+        ("QwenImage", "qwen_image"),
+        ("ZImage", "zimage"),
+        ("Wan", "wan"),
+        ("Lumina2", "lumina2"),
+        ("StableDiffusion3", "sd3"),
+    ],
+)
+def test_neo_families(engine, family):
+    sd_model = _engine(engine)
+    sd_model.forge_objects = SimpleNamespace(
+        unet=SimpleNamespace(model=SimpleNamespace(diffusion_model=_engine("IntegratedFluxTransformer2DModel")))
+    )
+    assert forge.model_family(sd_model) == family
+    assert family in forge.FAMILY_LABELS
+
+
+def test_flags_do_not_override_a_known_engine():
+    assert forge.model_family(_engine("Mugen", is_sdxl=True)) == "mugen"  # Neo's Mugen sets is_sdxl
+    assert forge.model_family(_engine("SomethingNew", is_sdxl=True)) == "sdxl"
+
+
+def test_flux2_is_refused_by_redux_with_its_name():
+    with pytest.raises(ImgcondError, match=r"Redux needs a Flux model, but the loaded checkpoint is Flux\.2 \(Klein\)"):
+        forge.require_family(_engine("Flux2"), ("flux",), "Redux")
 
 
 def test_require_family_message():

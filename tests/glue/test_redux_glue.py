@@ -379,3 +379,52 @@ def test_patch_unet_leaves_the_base_patcher_alone(fake_backend):
     base = p.sd_model.forge_objects.unet
     forge.patch_unet(p, lambda unet: host.install(unet, job_with(spans=[host.Span(1, 0, 4, 0.5)])))
     assert "conditioning_modifiers" not in base.model_options and "model_function_wrapper" not in base.model_options
+
+
+def test_neo_wrapper_goes_through_the_host_attention_with_a_mask(fake_backend, monkeypatch):
+    """Forge Neo's `attention(q, k, v, pe, mask=None, transformer_options={})`: the bias reaches the host's own
+    attention as its mask, merged with a mask the host passes in; nothing else of the call changes."""
+    flux, _ = fake_backend
+    seen = []
+
+    def neo_attention(q, k, v, pe, mask=None, transformer_options={}):  # noqa: B006 - the host's signature
+        seen.append((mask, transformer_options))
+        b, h, n, d = q.shape
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, n, h * d)
+
+    flux.attention = neo_attention
+    monkeypatch.setattr(host.webui, "capabilities", lambda: host.webui.Capabilities(True, flux_attention_mask=True))
+    job = job_with(n=3, spans=[host.Span(1, 0, 3, 0.0)])
+    unet = FakeUnetPatcher()
+    state = host.install(unet, job)
+    state.active = True
+    q = torch.randn(1, 2, 12, 6)
+    keep = torch.cat([torch.arange(0, 5), torch.arange(8, 12)])
+    incoming = torch.ones(12, 12, dtype=torch.bool)
+    incoming[:, 11] = False  # the host's own mask hides the last key
+    kept = keep[keep != 11]
+
+    def apply_model(x, t, c_crossattn, **kw):
+        return flux.attention(q, q, q, None, mask=incoming, transformer_options={"block_index": 3})
+
+    args = {"input": 0, "timestep": 0, "c": {"c_crossattn": torch.zeros(1, 8, 4)}, "cond_or_uncond": [0]}
+    out = unet.model_options["model_function_wrapper"](apply_model, args)
+    assert flux.attention is neo_attention
+    mask, options = seen[-1]
+    assert mask.shape == (1, 1, 12, 12) and options == {"block_index": 3}
+    ref = F.scaled_dot_product_attention(q, q[:, :, kept], q[:, :, kept]).transpose(1, 2).reshape(1, 12, 12)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+
+
+def test_merged_mask_shapes():
+    bias = torch.zeros(2, 1, 1, 5)
+    bias[..., 4] = float("-inf")
+    assert host.merged_mask(None, bias, torch.float32) is bias
+    additive = torch.randn(5, 5)
+    assert host.merged_mask(additive, None, torch.float32) is additive
+    got = host.merged_mask(additive, bias, torch.float32)
+    assert got.shape == (2, 1, 5, 5) and torch.equal(got[1, 0, :, :4], additive[:, :4]) and got[0, 0, 0, 4] == -math.inf
+    keep = torch.ones(2, 5, 5, dtype=torch.bool)
+    keep[:, :, 0] = False
+    got = host.merged_mask(keep, bias, torch.float32)
+    assert got.shape == (2, 1, 5, 5) and bool((got[..., 0] == -math.inf).all()) and bool((got[..., 1:4] == 0).all())
