@@ -2,6 +2,7 @@
 
     cd $IMGCOND_FORGE_DIR && $IMGCOND_FORGE_PYTHON <repo>/tests/e2e/flux_backend_check.py [--dtype float32|float64]
 
+Works with Forge 2.0 and Forge Neo (their constructors, predictor and KModel differ; see `build_unet`).
 A tiny `IntegratedFluxTransformer2DModel` (random weights) is wrapped by Forge's `UnetPatcher` and driven through
 Forge's `sampling_function`, with this extension's `plan` (tiny SigLIP + Redux files in a temporary models folder)
 and `install` on a patcher clone, as `process` / `process_before_every_sampling` do. Prints one JSON object of
@@ -25,12 +26,17 @@ sys.argv = [sys.argv[0], *sys.argv[1:]]
 _cli = argparse.ArgumentParser()
 _cli.add_argument("--dtype", default="float32", choices=("float32", "float64"))
 OPTS = _cli.parse_args()
-sys.argv = [sys.argv[0], "--always-cpu"]  # Forge's backend reads its flags from sys.argv at import
-for extra in (REPO, FORGE, FORGE / "packages_3rdparty", FORGE / "repositories" / "huggingface_guess"):
+NEO = (FORGE / "modules_forge" / "packages").is_dir()  # Forge Neo vendors its packages there
+sys.argv = [sys.argv[0], "--cpu" if NEO else "--always-cpu"]  # the backend reads its flags from sys.argv at import
+for extra in (REPO, FORGE, FORGE / "packages_3rdparty", FORGE / "modules_forge" / "packages"):
     sys.path.insert(0, str(extra))
+sys.path.insert(0, str(FORGE / "repositories" / "huggingface_guess"))
+
+import inspect  # noqa: E402
 
 import backend.nn.flux as fluxmod  # noqa: E402
 import torch  # noqa: E402
+from backend import args as backend_args  # noqa: E402
 from backend import memory_management as mm  # noqa: E402
 from backend.modules.k_prediction import PredictionFlux  # noqa: E402
 from backend.patcher.unet import UnetPatcher  # noqa: E402
@@ -52,10 +58,13 @@ T5_LEN = 256
 # --- the tiny model ---------------------------------------------------------------------------------------------------
 def build_unet() -> UnetPatcher:
     torch.manual_seed(0)
-    model = fluxmod.IntegratedFluxTransformer2DModel(
+    shape = dict(
         in_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=64, mlp_ratio=4, num_heads=2, depth=1,
         depth_single_blocks=1, axes_dim=[4, 14, 14], theta=10000, qkv_bias=True, guidance_embed=True,
     )  # fmt: skip
+    if "out_channels" in inspect.signature(fluxmod.IntegratedFluxTransformer2DModel).parameters:
+        shape.update(out_channels=16, patch_size=2)  # Neo: per-patch channels and the patch size are arguments
+    model = fluxmod.IntegratedFluxTransformer2DModel(**shape)
     with torch.no_grad():
         for mod in model.modules():
             if isinstance(mod, torch.nn.Linear):
@@ -67,8 +76,14 @@ def build_unet() -> UnetPatcher:
     model.load_device = mm.get_torch_device()
     model.initial_device = torch.device("cpu")
     model.offload_device = mm.unet_offload_device()
-    pred = PredictionFlux(seq_len=4096, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15)
-    return UnetPatcher.from_model(model=model, diffusers_scheduler=None, k_predictor=pred, config=None)
+    if "model_config" in inspect.signature(PredictionFlux).parameters:  # Neo: the shift comes from a model config
+        pred = PredictionFlux(SimpleNamespace(sampling_settings={"shift": 1.15}))
+        backend_args.dynamic_args.ops = "ForgeOperations"  # what Neo's loader sets before building a KModel
+        config = SimpleNamespace(memory_usage_factor=1.0)
+    else:
+        pred = PredictionFlux(seq_len=4096, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15)
+        config = None
+    return UnetPatcher.from_model(model=model, diffusers_scheduler=None, k_predictor=pred, config=config)
 
 
 class Cond(dict):

@@ -1,8 +1,10 @@
 """Start a real Stable Diffusion WebUI Forge headless on CPU and talk to its API.
 
-The Forge installation is read from the environment (see README "End-to-end tests"):
+The WebUI installation is read from the environment (see README "End-to-end tests"); it may be Forge 2.0 or Forge
+Neo, told apart by `host_kind` (the start flags, the settings file and the hires upscaler differ):
 
-    IMGCOND_FORGE_DIR      Forge's folder (launch.py, backend/, repositories/ with its three cloned repositories)
+    IMGCOND_FORGE_DIR      the WebUI's folder: Forge 2.0 (launch.py, backend/, repositories/ with its three cloned
+                           repositories) or Forge Neo (launch.py, backend/, modules_forge/packages/ vendored)
     IMGCOND_FORGE_PYTHON   the python of Forge's virtual environment
     IMGCOND_SD15_CKPT      optional: an SD1.5 checkpoint; a seeded random one is generated when unset
     IMGCOND_SDXL_CKPT      optional: an SDXL checkpoint for the SDXL tests; generated when unset
@@ -49,6 +51,33 @@ def forge_paths() -> tuple[Path, Path] | None:
     if not py.exists():
         raise RuntimeError(f"IMGCOND_FORGE_PYTHON={py} does not exist")
     return forge_dir, py
+
+
+def host_kind(forge_dir: Path | None = None) -> str:
+    """'neo' for Forge Neo (it vendors huggingface_guess, k_diffusion… in modules_forge/packages), else 'forge'."""
+    if forge_dir is None:
+        paths = forge_paths()
+        if paths is None:
+            return "none"
+        forge_dir = paths[0]
+    return "neo" if (forge_dir / "modules_forge" / "packages").is_dir() else "forge"
+
+
+def is_neo() -> bool:
+    return host_kind() == "neo"
+
+
+def neo_version_uid(forge_dir: Path) -> str:
+    """The settings version Neo's launcher waits for (it prompts on stdin without it)."""
+    text = (forge_dir / "modules" / "launch_utils.py").read_text(errors="replace")
+    found = re.search(r'VERSION_UID\s*(?::[^=]*)?=\s*"([^"]+)"', text)
+    return found.group(1) if found else "PY313"
+
+
+def hires_upscaler() -> str:
+    """An upscaler that needs no model file: Forge 2.0's latent one; Neo has no latent upscalers ('None' is a
+    Lanczos resize of the decoded image, then a VAE encode)."""
+    return "None" if is_neo() else "Latent"
 
 
 def cache_dir() -> Path:
@@ -111,19 +140,30 @@ class ForgeServer:
         settings.update(
             live_previews_enable=False, samples_save=False, grid_save=False, save_images_before_face_restoration=False
         )
+        neo = host_kind(self.forge_dir) == "neo"
+        if neo:
+            settings["VERSION_UID"] = neo_version_uid(self.forge_dir)
         config.write_text(json.dumps(settings))
-        args = [
+        common = [
             str(self.python), "launch.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test",
-            "--always-cpu", "--nowebui", "--server-name", "127.0.0.1", "--port", str(self.port),
-            "--data-dir", str(self.data_dir), "--ckpt-dir", str(self.ckpt.parent), "--ckpt", str(self.ckpt),
-            "--no-download-sd-model", "--disable-nan-check", "--no-hashing",
+            "--nowebui", "--server-name", "127.0.0.1", "--port", str(self.port), "--data-dir", str(self.data_dir),
+            "--no-hashing",
         ]  # fmt: skip
+        if neo:  # Neo loads the first checkpoint of its folders: a folder holding only ours
+            ckpts = self.data_dir / "checkpoints"
+            ckpts.mkdir(exist_ok=True)
+            if not (ckpts / self.ckpt.name).exists():
+                (ckpts / self.ckpt.name).symlink_to(self.ckpt.resolve())
+            args = [*common, "--cpu", "--skip-python-version-check", "--ckpt-dirs", str(ckpts)]
+        else:
+            args = [*common, "--always-cpu", "--ckpt-dir", str(self.ckpt.parent), "--ckpt", str(self.ckpt)]
+            args += ["--no-download-sd-model", "--disable-nan-check"]
         if not self.with_extension:
             args.append("--disable-extra-extensions")
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             args, cwd=self.forge_dir, env=offline_env(), stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -294,7 +334,7 @@ def payload(**kw) -> dict:
     if out.get("enable_hr"):
         out.setdefault("hr_additional_modules", ["Use same choices"])
         out.setdefault("hr_scale", 2)
-        out.setdefault("hr_upscaler", "Latent")
+        out.setdefault("hr_upscaler", hires_upscaler())
         out.setdefault("hr_second_pass_steps", 2)
         out.setdefault("denoising_strength", 0.5)
     return out

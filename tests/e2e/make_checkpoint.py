@@ -12,11 +12,13 @@ import argparse
 import os
 import sys
 
-sys.argv += ["--always-cpu"]  # backend.args reads sys.argv; no CUDA probe on CPU-only machines
 _here = os.getcwd()
+_NEO = os.path.isdir(os.path.join(_here, "modules_forge", "packages"))  # Forge Neo vendors its packages there
+# backend.args reads sys.argv; no CUDA probe on CPU-only machines (Neo's flag is --cpu, Forge 2.0's --always-cpu)
+sys.argv += ["--cpu" if _NEO else "--always-cpu"]
 sys.path[:0] = [
     _here,
-    os.path.join(_here, "packages_3rdparty"),
+    os.path.join(_here, "modules_forge", "packages") if _NEO else os.path.join(_here, "packages_3rdparty"),
     os.path.join(_here, "repositories", "huggingface_guess"),
 ]
 

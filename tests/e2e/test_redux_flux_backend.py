@@ -34,6 +34,8 @@ def _run(dtype: str) -> dict:
 
 @pytest.fixture(scope="module", params=["float32", "float64"])
 def result(request):
+    if request.param == "float64" and forge.is_neo():
+        pytest.skip("Forge Neo's Flux RoPE (comfy_kitchen's apply_rope) has no float64 path: fp32 tolerances only")
     return _run(request.param)
 
 

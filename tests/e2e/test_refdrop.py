@@ -78,9 +78,9 @@ def test_batch_and_other_step_count(server, recorded):
     out = server.generate(refdrop(forge.payload(seed=2, batch_size=2), mode="Use", reference="cat", coefficient=0.4))
     assert len(out.images) == 2
     out = server.generate(
-        refdrop(forge.payload(seed=2, steps=5, width=96), mode="Use", reference="cat", coefficient=0.4)
+        refdrop(forge.payload(seed=2, steps=5, width=128), mode="Use", reference="cat", coefficient=0.4)
     )
-    assert out.image.shape == (64, 96, 3)
+    assert out.image.shape == (64, 128, 3)  # 128: Forge Neo rounds sizes to multiples of 64
 
 
 def test_hires_record_and_use(server, plain):
