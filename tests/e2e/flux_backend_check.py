@@ -47,6 +47,7 @@ from lib_imgcond.core.redux import ReduxProjector  # noqa: E402
 from lib_imgcond.core.vision import VisionConfig, VisionTransformer  # noqa: E402
 from lib_imgcond.hosts import forge  # noqa: E402
 from lib_imgcond.hosts import forge_redux as host  # noqa: E402
+from lib_imgcond.hosts import host as webui  # noqa: E402
 from lib_imgcond.ui.redux_spec import SPEC  # noqa: E402
 from lib_imgcond.ui.spec import ImageInput  # noqa: E402
 
@@ -188,7 +189,7 @@ def diff(a, b) -> float:
 
 
 def main() -> None:
-    out: dict = {"dtype": OPTS.dtype}
+    out: dict = {"dtype": OPTS.dtype, "host": webui.capabilities().name}
     tmp = Path(tempfile.mkdtemp(prefix="imgcond-redux-"))
     write_models(tmp)
     forge.models_dir = lambda *parts: str(tmp.joinpath(*parts))

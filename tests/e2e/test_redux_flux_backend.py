@@ -44,6 +44,10 @@ def tol(result, fp32: float) -> float:
     return 0.0 if result["dtype"] == "float64" else fp32
 
 
+def test_the_host_is_probed_as_what_it_is(result):
+    assert result["host"] == ("Forge Neo" if forge.is_neo() else "Forge")
+
+
 def test_context_grows_by_the_token_count(result):
     assert result["tokens_medium"] == 81
     assert result["ctx_off"] == [256] and result["ctx_medium"] == [256 + 81]
