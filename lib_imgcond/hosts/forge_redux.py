@@ -8,9 +8,8 @@
   a strict variant of Forge's `ConditionCrossAttn` that refuses to batch different lengths: Forge would otherwise
   repeat the shorter uncond context to a common length, which changes Flux's joint attention. The uncond context is
   never altered, so the uncond prediction stays exactly what it is without Redux.
-* for `attn_bias` strengths ≠ 1, a model function wrapper that replaces `backend.nn.flux.attention` for the duration
-  of one model call (restored in `finally`) with one that adds a log-strength key bias on the Redux columns: through
-  the host's own attention with a mask where it takes one (Forge Neo), else RoPE + torch SDPA (Forge 2.0).
+* for `attn_bias` strengths ≠ 1, a log-strength key bias on the Redux columns (`redux_bias`: Neo's block replaces
+  with a mask, or on Forge 2.0 a swap of `backend.nn.flux.attention` for one model call, restored in `finally`).
 """
 
 from __future__ import annotations
@@ -23,13 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from lib_imgcond.core import redux as rx
 from lib_imgcond.core import vision as vs
 from lib_imgcond.core.errors import ImgcondError
-from lib_imgcond.hosts import forge
-from lib_imgcond.hosts import host as webui
+from lib_imgcond.hosts import forge, redux_bias
 from lib_imgcond.log import logger
 from lib_imgcond.ui.redux_spec import SLOT_FIELDS, SLOTS, slot_values
 
@@ -421,10 +418,13 @@ def in_window(model: Any, sigma: float, start: float, end: float) -> bool:
 
 
 class PassState:
-    """What the modifier learned about the current denoiser call, read by the model wrapper."""
+    """What the modifier learned about the current denoiser call (`active`), and the bias of the model call under
+    way (`call`, set by the bias wrapper; `biased_calls` counts them)."""
 
     def __init__(self):
         self.active = False
+        self.call = None
+        self.biased_calls = 0
 
 
 def _rewrap(entries, cls, tokens_like=None):
@@ -465,100 +465,10 @@ def make_modifier(job: Job, state: PassState):
     return modifier
 
 
-def bias_rows(job: Job, cond_or_uncond: list, batch: int, n_txt: int, n_img: int, dtype, device) -> torch.Tensor | None:
-    """(batch, 1, 1, n_txt + n_img) key bias for one model call: log-strength on the Redux columns of cond rows
-    (the Redux block is the last `job.count` text tokens), zero for uncond rows. None when nothing is biased."""
-    if 0 not in cond_or_uncond or n_txt < job.count:
-        return None
-    base = n_txt - job.count
-    spans = [(base + s.start, base + s.start + s.count) for s in job.spans if s.bias_strength is not None]
-    strengths = [s.bias_strength for s in job.spans if s.bias_strength is not None]
-    row = rx.attention_bias(n_txt, n_img, spans, strengths, dtype=dtype, device=device)
-    chunk = batch // len(cond_or_uncond)
-    out = torch.zeros(batch, 1, 1, n_txt + n_img, dtype=dtype, device=device)
-    for i, branch in enumerate(cond_or_uncond):
-        if branch == 0:
-            out[i * chunk : (i + 1) * chunk] = row
-    return out
-
-
-def merged_mask(mask: torch.Tensor | None, bias: torch.Tensor | None, dtype) -> torch.Tensor | None:
-    """The host's incoming attention mask (bool keep-mask or additive; (L, L), (B, L, L) or (B, H, L, L)) plus our
-    (B, 1, 1, L) key bias, as one additive 4-D mask."""
-    if mask is None or bias is None:
-        return bias if mask is None else mask
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-    while mask.ndim < 4:
-        mask = mask.unsqueeze(0 if mask.ndim == 2 else 1)
-    return mask.to(bias.dtype) + bias
-
-
-def biased_attention(original, apply_rope, bias_for, host_mask: bool):
-    """A drop-in for the Flux blocks' `attention`, adding the call's key bias.
-
-    With `host_mask` (Forge Neo: `attention(q, k, v, pe, mask=None, transformer_options={})`) the host's own
-    attention runs with the bias as its mask. Forge 2.0's `attention(q, k, v, pe)` takes no mask, so there it is
-    RoPE then torch SDPA with the bias."""
-    if host_mask:
-
-        def attention(q, k, v, pe, mask=None, transformer_options=None, **kwargs):
-            bias = merged_mask(mask, bias_for(q), q.dtype)
-            return original(q, k, v, pe, mask=bias, transformer_options=transformer_options or {}, **kwargs)
-
-        return attention
-
-    def attention(q, k, v, pe, mask=None, **_kwargs):
-        q, k = apply_rope(q, k, pe)
-        bias = merged_mask(mask, bias_for(q), q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=0.0, is_causal=False)
-        b, heads, length, dim = out.shape
-        return out.transpose(1, 2).reshape(b, length, heads * dim)
-
-    return attention
-
-
-def make_wrapper(job: Job, state: PassState, inner):
-    """Model function wrapper: patches `backend.nn.flux.attention` for one model call when a bias is needed."""
-
-    def call(apply_model, args):
-        if inner is not None:
-            return inner(apply_model, args)
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    host_mask = webui.capabilities().flux_attention_mask
-
-    def wrapper(apply_model, args):
-        rows = list(args.get("cond_or_uncond") or [])
-        context = args["c"].get("c_crossattn")
-        if not state.active or context is None or 0 not in rows:
-            return call(apply_model, args)
-        import backend.nn.flux as fluxmod
-
-        n_txt = int(context.shape[1])
-        cache: dict[tuple, Any] = {}
-
-        def bias_for(q):
-            key = (q.shape[0], q.shape[2], q.dtype, q.device)
-            if key not in cache:
-                cache[key] = bias_rows(job, rows, q.shape[0], n_txt, q.shape[2] - n_txt, q.dtype, q.device)
-            return cache[key]
-
-        original = fluxmod.attention
-        fluxmod.attention = biased_attention(original, fluxmod.apply_rope, bias_for, host_mask)
-        try:
-            return call(apply_model, args)
-        finally:
-            fluxmod.attention = original
-
-    return wrapper
-
-
 def install(unet: Any, job: Job) -> PassState:
     """Patch one pass's UnetPatcher clone."""
     state = PassState()
     unet.add_conditioning_modifier(make_modifier(job, state))
     if job.needs_bias:
-        inner = unet.model_options.get("model_function_wrapper")
-        unet.set_model_unet_function_wrapper(make_wrapper(job, state, inner))
+        redux_bias.install(unet, job, state)
     return state

@@ -4,9 +4,9 @@ Every adapter asks `capabilities()` instead of probing on its own, so Forge 2.0 
 
 * `patcher`: Forge's `UnetPatcher` (`backend.patcher.unet`) exists. Without it (AUTOMATIC1111, reForge) none of the
   techniques can patch a model, and each one refuses with `NEEDS_FORGE` instead of silently doing nothing.
-* `flux_attention_mask`: the Flux blocks' `attention(q, k, v, pe, mask=…, transformer_options=…)` takes a mask and the
-  transformer options (Forge Neo); Forge 2.0's is `attention(q, k, v, pe)`. Redux's attention bias then goes through
-  the host's own attention (its RoPE and kernel) with a mask, instead of our RoPE + SDPA.
+* `flux_block_replace`: the Flux forward takes `transformer_options` and so honours its
+  `patches_replace["dit"]` block replaces, whose blocks take an `attn_mask` (Forge Neo). Forge 2.0's Flux has no
+  patch point inside the model: there a module function is swapped for one model call instead.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ NEEDS_FORGE = "needs Stable Diffusion WebUI Forge or Forge Neo"
 @dataclass(frozen=True)
 class Capabilities:
     patcher: bool
-    flux_attention_mask: bool = False
+    flux_block_replace: bool = False
 
     @property
     def name(self) -> str:
         if not self.patcher:
             return "a WebUI without Forge's model patcher"
-        return "Forge Neo" if self.flux_attention_mask else "Forge"
+        return "Forge Neo" if self.flux_block_replace else "Forge"
 
 
 def _importable(name: str) -> bool:
@@ -42,9 +42,12 @@ def _importable(name: str) -> bool:
         return False
 
 
-def _takes(module: str, function: str, *names: str) -> bool:
+def _takes(module: str, path: str, *names: str) -> bool:
+    """Whether `module`'s callable at dotted `path` has every parameter in `names`."""
     try:
-        fn = getattr(importlib.import_module(module), function)
+        fn = importlib.import_module(module)
+        for part in path.split("."):
+            fn = getattr(fn, part)
         params = inspect.signature(fn).parameters
     except (ImportError, AttributeError, TypeError, ValueError):
         return False
@@ -56,7 +59,8 @@ def probe() -> Capabilities:
     patcher = _importable("backend.patcher.unet")
     return Capabilities(
         patcher=patcher,
-        flux_attention_mask=patcher and _takes("backend.nn.flux", "attention", "mask", "transformer_options"),
+        flux_block_replace=patcher
+        and _takes("backend.nn.flux", "IntegratedFluxTransformer2DModel.forward_orig", "transformer_options"),
     )
 
 

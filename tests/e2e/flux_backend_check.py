@@ -45,7 +45,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from lib_imgcond.core.redux import ReduxProjector  # noqa: E402
 from lib_imgcond.core.vision import VisionConfig, VisionTransformer  # noqa: E402
-from lib_imgcond.hosts import forge  # noqa: E402
+from lib_imgcond.hosts import forge, redux_bias  # noqa: E402
 from lib_imgcond.hosts import forge_redux as host  # noqa: E402
 from lib_imgcond.hosts import host as webui  # noqa: E402
 from lib_imgcond.ui.redux_spec import SPEC  # noqa: E402
@@ -142,23 +142,30 @@ def picture(seed: int, w: int = 96, h: int = 64):
 
 # --- driving Forge's sampling function --------------------------------------------------------------------------------
 class Recorder:
-    """Forward pre-hook on the diffusion model: the context of every call and whether attention was patched."""
+    """Forward pre-hook on the diffusion model: the context of every call, whether the Redux bias is on for it, and
+    whether the module's attention function is swapped during it (Forge 2.0's mechanism; never on Neo)."""
 
-    def __init__(self, model):
+    def __init__(self, model, state=None):
         self.calls = []
+        self.state = state
         self.handle = model.register_forward_pre_hook(self.hook, with_kwargs=True)
 
     def hook(self, _module, args, kwargs):
         ctx = kwargs.get("context")
-        self.calls.append({"context": ctx.detach().clone(), "patched": fluxmod.attention is not ORIGINAL_ATTENTION})
+        self.calls.append(
+            {
+                "context": ctx.detach().clone(),
+                "patched": self.state is not None and self.state.call is not None,
+                "swapped": fluxmod.attention is not ORIGINAL_ATTENTION,
+            }
+        )
 
 
 def run(unet, batch: int, cfg: float, sigma: float, values: dict | None, steps: int = 1):
     """One (or `steps` Euler) denoiser evaluation(s) through sampling_function; returns outputs and the recorder."""
     job = host.plan(SimpleNamespace(sd_model=Flux(unet)), values) if values is not None else None
     pass_unet = unet.clone()
-    if job is not None:
-        host.install(pass_unet, job)
+    state = host.install(pass_unet, job) if job is not None else None
     g = torch.Generator().manual_seed(5)
     x = torch.randn(batch, 16, 8, 8, generator=g)
     cond, uncond = conds(batch, 10), conds(batch, 20) if cfg != 1.0 else None
@@ -166,7 +173,7 @@ def run(unet, batch: int, cfg: float, sigma: float, values: dict | None, steps: 
         inner_model=SimpleNamespace(inner_model=SimpleNamespace(forge_objects=SimpleNamespace(unet=pass_unet))),
         p=SimpleNamespace(seeds=[1]),
     )
-    rec = Recorder(unet.model.diffusion_model)
+    rec = Recorder(unet.model.diffusion_model, state)
     sampling_prepare(pass_unet, x)
     sigmas = torch.linspace(sigma, 0.0, steps + 1)
     outs = []
@@ -227,6 +234,7 @@ def main() -> None:
     off3, _, _, _ = run(unet, 1, 1.0, 0.8, None, steps=3)
     out["bias0_vs_off"] = diff(s0["final"], off3["final"])
     out["bias0_patched_calls"] = sum(c["patched"] for c in rec_s0.calls)
+    out["bias0_swapped_calls"] = sum(c["swapped"] for c in rec_s0.calls)
     out["bias0_ctx"] = [c["context"].shape[1] for c in rec_s0.calls]
     mul1, _, _, _ = run(unet, 1, 1.0, 0.8, values(strength1=1.0), steps=3)
     b1, rec_b1, _, _ = run(unet, 1, 1.0, 0.8, values(strength_type1="attn_bias", strength1=1.0), steps=3)
@@ -235,8 +243,7 @@ def main() -> None:
     # the patched SDPA path itself at strength 1 (forced), against the unpatched append
     job_forced = host.plan(p, values(strength_type1="attn_bias", strength1=1.0))
     forced = unet.clone()
-    state = host.install(forced, job_forced)
-    forced.set_model_unet_function_wrapper(host.make_wrapper(job_forced, state, None))
+    redux_bias.install(forced, job_forced, host.install(forced, job_forced))
     out["bias1_forced_vs_multiply1"] = _forced_diff(forced, mul1)
     half, _, _, _ = run(unet, 1, 1.0, 0.8, values(strength_type1="attn_bias", strength1=0.5))
     out["bias_half_vs_off"] = diff(half["denoised"], base["denoised"])

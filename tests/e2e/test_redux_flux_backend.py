@@ -62,6 +62,8 @@ def test_batch_rows_keep_their_own_prompt(result):
 
 def test_attention_bias_strength_zero_equals_redux_off(result):
     assert result["bias0_patched_calls"] == 3 and result["bias0_ctx"] == [337, 337, 337]
+    # Neo: through its dit block replaces, no module function swapped; Forge 2.0: the swap, during each call
+    assert result["bias0_swapped_calls"] == (0 if forge.is_neo() else 3)
     assert result["bias0_vs_off"] <= tol(result, 1e-5)
     assert result["mixed_bias0_vs_image1"] <= tol(result, 1e-5)
     assert result["cfg_bias0_vs_off"] <= tol(result, 2e-5)

@@ -28,8 +28,9 @@ def _module(name: str, **attrs) -> types.ModuleType:
     return mod
 
 
-def _fake_backend(monkeypatch, attention) -> None:
-    flux = _module("backend.nn.flux", attention=attention)
+def _fake_backend(monkeypatch, forward_orig) -> None:
+    model = type("IntegratedFluxTransformer2DModel", (), {"forward_orig": forward_orig})
+    flux = _module("backend.nn.flux", IntegratedFluxTransformer2DModel=model)
     mods = {
         "backend": _module("backend"),
         "backend.nn": _module("backend.nn", flux=flux),
@@ -47,20 +48,20 @@ def test_probe_without_forge(monkeypatch):
     for name in ("backend", "backend.patcher", "backend.patcher.unet"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     caps = host.probe()
-    assert caps == host.Capabilities(patcher=False, flux_attention_mask=False)
+    assert caps == host.Capabilities(patcher=False, flux_block_replace=False)
     assert caps.name == "a WebUI without Forge's model patcher"
 
 
 def test_probe_forge2(monkeypatch):
-    _fake_backend(monkeypatch, lambda q, k, v, pe: q)
+    _fake_backend(monkeypatch, lambda self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None: img)
     caps = host.probe()
-    assert caps.patcher and not caps.flux_attention_mask and caps.name == "Forge"
+    assert caps.patcher and not caps.flux_block_replace and caps.name == "Forge"
 
 
 def test_probe_neo(monkeypatch):
-    _fake_backend(monkeypatch, lambda q, k, v, pe, mask=None, transformer_options={}: q)
+    _fake_backend(monkeypatch, lambda self, img, img_ids, txt, txt_ids, timesteps, y, transformer_options={}: img)
     caps = host.probe()
-    assert caps.patcher and caps.flux_attention_mask and caps.name == "Forge Neo"
+    assert caps.patcher and caps.flux_block_replace and caps.name == "Forge Neo"
 
 
 def test_require_forge_and_notice(monkeypatch):

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from lib_imgcond.core.errors import ArgumentError, ImgcondError
 from lib_imgcond.core.redux import ReduxProjector
 from lib_imgcond.core.vision import VisionConfig, VisionTransformer
-from lib_imgcond.hosts import forge
+from lib_imgcond.hosts import forge, redux_bias
 from lib_imgcond.hosts import forge_redux as host
 from lib_imgcond.ui.redux_spec import SLOT_FIELDS, SLOTS, SPEC, expand_images
 from lib_imgcond.ui.spec import ImageInput
@@ -310,13 +310,13 @@ def test_step_window(fake_backend):
 
 def test_bias_rows_cond_only():
     job = job_with(n=5, spans=[host.Span(1, 0, 3, 0.5), host.Span(2, 3, 2, None)])
-    bias = host.bias_rows(job, [1, 0], 4, n_txt=9, n_img=7, dtype=torch.float32, device="cpu")
+    bias = redux_bias.bias_rows(job, [1, 0], 4, n_txt=9, n_img=7, dtype=torch.float32, device="cpu")
     assert bias.shape == (4, 1, 1, 16)
     assert torch.equal(bias[:2], torch.zeros(2, 1, 1, 16))  # uncond chunk
     expected = torch.zeros(16)
     expected[4:7] = math.log(0.5)  # Redux block = last 5 text tokens: [4, 9); image 1's span is its first 3
     assert torch.allclose(bias[2:, 0, 0], expected.expand(2, -1))
-    assert host.bias_rows(job, [1], 2, 9, 7, torch.float32, "cpu") is None
+    assert redux_bias.bias_rows(job, [1], 2, 9, 7, torch.float32, "cpu") is None
 
 
 def test_wrapper_patches_attention_only_during_the_call(fake_backend):
@@ -381,50 +381,105 @@ def test_patch_unet_leaves_the_base_patcher_alone(fake_backend):
     assert "conditioning_modifiers" not in base.model_options and "model_function_wrapper" not in base.model_options
 
 
-def test_neo_wrapper_goes_through_the_host_attention_with_a_mask(fake_backend, monkeypatch):
-    """Forge Neo's `attention(q, k, v, pe, mask=None, transformer_options={})`: the bias reaches the host's own
-    attention as its mask, merged with a mask the host passes in; nothing else of the call changes."""
+class _NeoFlux:
+    """A stand-in Flux of Forge Neo's shape: one double and one single block, each an SDPA over [txt, img] with the
+    block's `attn_mask`, run through `transformer_options["patches_replace"]["dit"]` the way Neo's forward does."""
+
+    def __init__(self):
+        self.double_blocks, self.single_blocks = [None], [None]
+        self.masks = []
+
+    def attend(self, x, mask):  # x: (batch, tokens, features), one head
+        self.masks.append(mask)
+        h = x[:, None]
+        return F.scaled_dot_product_attention(h, h, h, attn_mask=mask)[:, 0]
+
+    def forward(self, txt, img, transformer_options, attn_mask=None):
+        replaces = transformer_options.get("patches_replace", {}).get("dit", {})
+
+        def double(args):
+            joint = self.attend(torch.cat([args["txt"], args["img"]], dim=1), args.get("attn_mask"))
+            n = args["txt"].shape[1]
+            return joint[:, :n], joint[:, n:]
+
+        def single(args):
+            return {"img": self.attend(args["img"], args.get("attn_mask"))}
+
+        args = {"txt": txt, "img": img, "attn_mask": attn_mask}
+        out = replaces[("double_block", 0)](args, {"original_block": double})
+        joined = torch.cat(out, dim=1)
+        return replaces[("single_block", 0)]({"img": joined, "attn_mask": attn_mask}, {"original_block": single})
+
+
+def _neo(monkeypatch):
+    caps = host.redux_bias.webui.Capabilities(True, flux_block_replace=True)
+    monkeypatch.setattr(host.redux_bias.webui, "capabilities", lambda: caps)
+
+
+def test_neo_bias_goes_through_block_replaces_with_a_mask(fake_backend, monkeypatch):
+    """Forge Neo: every double/single block is replaced by one that merges the bias into its `attn_mask` (and
+    chains to another extension's replace); the module's attention function is never swapped."""
     flux, _ = fake_backend
-    seen = []
-
-    def neo_attention(q, k, v, pe, mask=None, transformer_options={}):  # noqa: B006 - the host's signature
-        seen.append((mask, transformer_options))
-        b, h, n, d = q.shape
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, n, h * d)
-
-    flux.attention = neo_attention
-    monkeypatch.setattr(host.webui, "capabilities", lambda: host.webui.Capabilities(True, flux_attention_mask=True))
+    original = flux.attention
+    _neo(monkeypatch)
+    model = _NeoFlux()
+    unet = FakeUnetPatcher(diffusion_model=model)
+    theirs = []
+    unet.set_model_patch_replace(lambda args, extra: theirs.append(1) or extra["original_block"](args), "dit",
+                                 "single_block", 0)  # fmt: skip
     job = job_with(n=3, spans=[host.Span(1, 0, 3, 0.0)])
-    unet = FakeUnetPatcher()
     state = host.install(unet, job)
     state.active = True
-    q = torch.randn(1, 2, 12, 6)
-    keep = torch.cat([torch.arange(0, 5), torch.arange(8, 12)])
+    txt, img = torch.randn(1, 8, 6), torch.randn(1, 4, 6)  # 8 text tokens = 5 prompt + 3 Redux
     incoming = torch.ones(12, 12, dtype=torch.bool)
     incoming[:, 11] = False  # the host's own mask hides the last key
-    kept = keep[keep != 11]
 
-    def apply_model(x, t, c_crossattn, **kw):
-        return flux.attention(q, q, q, None, mask=incoming, transformer_options={"block_index": 3})
+    def apply_model(x, t, c_crossattn, transformer_options):
+        seen_swap.append(flux.attention is not original)
+        out = model.forward(txt, img, transformer_options, attn_mask=None)
+        return model, out
 
-    args = {"input": 0, "timestep": 0, "c": {"c_crossattn": torch.zeros(1, 8, 4)}, "cond_or_uncond": [0]}
-    out = unet.model_options["model_function_wrapper"](apply_model, args)
-    assert flux.attention is neo_attention
-    mask, options = seen[-1]
-    assert mask.shape == (1, 1, 12, 12) and options == {"block_index": 3}
-    ref = F.scaled_dot_product_attention(q, q[:, :, kept], q[:, :, kept]).transpose(1, 2).reshape(1, 12, 12)
-    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    seen_swap = []
+    args = {"input": 0, "timestep": 0, "c": {"c_crossattn": torch.zeros(1, 8, 4),
+            "transformer_options": unet.model_options["transformer_options"]}, "cond_or_uncond": [0]}  # fmt: skip
+    wrapper = unet.model_options["model_function_wrapper"]
+    wrapper(apply_model, args)
+    assert seen_swap == [False] and flux.attention is original and theirs == [1]
+    assert state.biased_calls == 1 and state.call is None
+    assert len(model.masks) == 2
+    # both blocks saw the key bias for 8 + 4 tokens: the 3 Redux columns (5, 6, 7) at log(0) = -inf
+    for mask in model.masks:
+        assert mask.shape == (1, 1, 1, 12)
+        assert bool((mask[..., 5:8] == -math.inf).all()) and bool((mask[..., :5] == 0).all())
+    # an incoming host mask is merged, not replaced
+    merged = redux_bias.merged_mask(incoming, model.masks[0], torch.float32)
+    assert merged.shape == (1, 1, 12, 12) and bool((merged[..., 11] == -math.inf).all())
+    # outside the window (or an uncond-only call) the blocks run unbiased
+    state.active, model.masks = False, []
+    wrapper(apply_model, args)
+    assert model.masks == [None, None] and state.biased_calls == 1
+
+
+def test_neo_clone_of_a_patched_patcher_does_not_chain_to_itself(fake_backend, monkeypatch):
+    _neo(monkeypatch)
+    unet = FakeUnetPatcher(diffusion_model=_NeoFlux())
+    job = job_with(n=2, spans=[host.Span(1, 0, 2, 0.5)])
+    host.install(unet, job)
+    again = unet.clone()
+    host.install(again, job)
+    fn = again.model_options["transformer_options"]["patches_replace"]["dit"][("double_block", 0)]
+    assert fn._imgcond and fn._imgcond_inner is None
 
 
 def test_merged_mask_shapes():
     bias = torch.zeros(2, 1, 1, 5)
     bias[..., 4] = float("-inf")
-    assert host.merged_mask(None, bias, torch.float32) is bias
+    assert redux_bias.merged_mask(None, bias, torch.float32) is bias
     additive = torch.randn(5, 5)
-    assert host.merged_mask(additive, None, torch.float32) is additive
-    got = host.merged_mask(additive, bias, torch.float32)
+    assert redux_bias.merged_mask(additive, None, torch.float32) is additive
+    got = redux_bias.merged_mask(additive, bias, torch.float32)
     assert got.shape == (2, 1, 5, 5) and torch.equal(got[1, 0, :, :4], additive[:, :4]) and got[0, 0, 0, 4] == -math.inf
     keep = torch.ones(2, 5, 5, dtype=torch.bool)
     keep[:, :, 0] = False
-    got = host.merged_mask(keep, bias, torch.float32)
+    got = redux_bias.merged_mask(keep, bias, torch.float32)
     assert got.shape == (2, 1, 5, 5) and bool((got[..., 0] == -math.inf).all()) and bool((got[..., 1:4] == 0).all())
