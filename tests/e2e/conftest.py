@@ -21,6 +21,10 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason=forge.SKIP_REASON))
 
 
+def pytest_sessionfinish(session, exitstatus):
+    forge.stop_all()  # whatever a failing fixture left behind
+
+
 def _serve(srv: forge.ForgeServer):
     """Start `srv`, hand it to the tests, then fail if the extension logged an unexpected traceback; always stop it."""
     srv.start()

@@ -16,7 +16,10 @@ repository linked in), so the Forge folder itself is never modified.
 
 from __future__ import annotations
 
+import atexit
 import base64
+import contextlib
+import ctypes
 import io
 import json
 import os
@@ -110,6 +113,47 @@ def offline_env() -> dict[str, str]:
     return env
 
 
+# Servers run in their own session (so a signal to the suite's terminal does not reach them half-way); every exit
+# path of the suite therefore kills their process groups: normal exit (atexit), SIGTERM/SIGINT, pytest's session
+# finish (conftest), and the parent dying outright (PR_SET_PDEATHSIG on the server process).
+_LIVE: set[ForgeServer] = set()
+NEEDS_GIB = {"sd15": 8.0, "sdxl": 20.0}  # a server's peak RSS (measured 7.2 / 19 GB) plus a little
+
+
+def stop_all() -> None:
+    for srv in list(_LIVE):
+        srv.stop()
+
+
+def _on_signal(signum, frame):
+    stop_all()
+    previous = _PREVIOUS.get(signum)
+    if callable(previous):
+        previous(signum, frame)
+    else:
+        raise SystemExit(128 + signum)
+
+
+_PREVIOUS = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+atexit.register(stop_all)
+
+
+def _die_with_parent() -> None:
+    """In the server process before exec: be killed when the suite's process dies (Linux)."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def available_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("inf")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -131,6 +175,13 @@ class ForgeServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 240) -> ForgeServer:
+        need = NEEDS_GIB["sdxl" if "sdxl" in self.ckpt.name.lower() else "sd15"]
+        have = available_gib()
+        if have < need:
+            raise RuntimeError(
+                f"not starting a WebUI server: {have:.1f} GiB of RAM available, it needs about {need:.0f} GiB "
+                "(is another server or suite still running? stop it by its PID)"
+            )
         (self.data_dir / "extensions").mkdir(parents=True, exist_ok=True)
         link = self.data_dir / "extensions" / EXT_NAME
         if self.with_extension and not link.exists():
@@ -163,8 +214,9 @@ class ForgeServer:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             args, cwd=self.forge_dir, env=offline_env(), stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
         )  # fmt: skip
+        _LIVE.add(self)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -178,6 +230,7 @@ class ForgeServer:
         raise RuntimeError(f"Forge did not answer within {timeout}s:\n{self.log_tail()}")
 
     def stop(self) -> None:
+        _LIVE.discard(self)
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:

@@ -1,0 +1,63 @@
+"""The e2e harness never leaves a WebUI server behind: its servers die with the suite however it ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.e2e import forge
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="process-group and PDEATHSIG semantics are Linux's")
+
+SUITE = """
+import subprocess, sys, time
+from tests.e2e import forge
+child = subprocess.Popen(["sleep", "120"], start_new_session=True, preexec_fn=forge._die_with_parent)
+srv = forge.ForgeServer.__new__(forge.ForgeServer)
+srv.proc, srv._log = child, None
+forge._LIVE.add(srv)
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _run_suite_then(sig: int) -> int:
+    suite = subprocess.Popen([sys.executable, "-c", SUITE], stdout=subprocess.PIPE, text=True, cwd=forge.REPO)
+    child = int(suite.stdout.readline())
+    assert _alive(child)
+    suite.send_signal(sig)
+    suite.wait(30)
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return child
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_server_dies_with_the_suite(sig):
+    child = _run_suite_then(sig)
+    alive = _alive(child)
+    if alive:
+        os.killpg(child, signal.SIGKILL)
+    assert not alive, f"the server outlived a suite ended by {signal.Signals(sig).name}"
+
+
+def test_refuses_to_start_without_ram(monkeypatch, tmp_path):
+    monkeypatch.setattr(forge, "available_gib", lambda: 3.0)
+    monkeypatch.setattr(forge, "forge_paths", lambda: (tmp_path, tmp_path / "python"))
+    srv = forge.ForgeServer(tmp_path / "imgcond-random-sd15.safetensors", data_dir=tmp_path)
+    with pytest.raises(RuntimeError, match=r"3\.0 GiB of RAM available, it needs about 8 GiB"):
+        srv.start()
