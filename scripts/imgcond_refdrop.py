@@ -117,6 +117,9 @@ def _library_text() -> str:
         return "No references yet."
     lines = ["| reference | model | size | steps | image | where |", "|---|---|---|---|---|---|"]
     for r in rows:
+        if r.get("broken"):
+            lines.append(f"| {r['name']} | ⚠️ unreadable: {r['broken']} | | | | file |")
+            continue
         where = " + ".join(w for w, on in (("RAM", r["in_ram"]), ("file", r["saved"])) if on)
         steps = ", ".join(f"{k}: {v}" for k, v in (r.get("steps") or {}).items() if not k.endswith("_uncond"))
         lines.append(f"| {r['name']} | {r['family']} | {r['size']} | {steps} | {r['width']}×{r['height']} | {where} |")

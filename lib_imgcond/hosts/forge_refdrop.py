@@ -86,19 +86,28 @@ def delete(name: str) -> bool:
     return found
 
 
+_INFO_KEYS = ("family", "bytes", "steps", "width", "height", "layers")
+
+
 def describe() -> list[dict[str, Any]]:
-    """Name, where it lives, size, model family, steps and size of every reference (for the UI and the API)."""
+    """Name, where it lives, size, model family, steps and size of every reference (for the UI and the API). A file
+    that cannot be read is listed too, with `broken` saying why (None for readable ones), so one bad file never
+    hides the others; Use of it gives the same reason, and delete works on it."""
     out = []
     saved = set(saved_names())
     for name in all_names():
         ref = REFERENCES.get(name)
+        broken = None
         if ref is not None:
             info = {"family": ref.family, "bytes": ref.nbytes, "steps": dict(ref.meta.get("steps", {}))}
             info.update(width=ref.meta.get("width"), height=ref.meta.get("height"), layers=ref.meta.get("layers"))
         else:
-            info = store.reference_info(_file(name))
-            info = {k: info.get(k) for k in ("family", "bytes", "steps", "width", "height", "layers")}
-        info.update(name=name, in_ram=ref is not None, saved=name in saved)
+            try:
+                info = store.reference_info(_file(name))
+            except (ImgcondError, OSError) as e:
+                info, broken = {}, str(e)
+            info = {k: info.get(k) for k in _INFO_KEYS}
+        info.update(name=name, in_ram=ref is not None, saved=name in saved, broken=broken)
         info["size"] = store.format_bytes(int(info.get("bytes") or 0))
         out.append(info)
     return out

@@ -200,3 +200,20 @@ def test_fused_path_matches_separate_calls():
     separate = host._blend(attn(q, k, v, HEADS), q.clone(), k, v, 2, plan, uses, attn, HEADS)
     torch.testing.assert_close(fused, separate)
     assert torch.equal(fused[:2], attn(q, k, v, HEADS)[:2])
+
+
+def test_library_lists_a_corrupt_file_as_broken_beside_the_good_ones(monkeypatch, tmp_path):
+    monkeypatch.setattr(host, "references_dir", lambda: str(tmp_path))
+    job, unet, tracker = record("good")
+    run_pass(unet, 3.0, *qkv(0))
+    host.finish_record(job, {"first": tracker}, save_file=True)
+    host.REFERENCES.clear()  # listed from its file, as after a restart
+    (tmp_path / "bad.safetensors").write_bytes(torch.Generator().manual_seed(0).seed().to_bytes(8, "little") * 64)
+    rows = {r["name"]: r for r in host.describe()}
+    assert set(rows) == {"bad", "good"}
+    assert rows["good"]["broken"] is None and rows["good"]["family"] == "sd15" and rows["good"]["saved"]
+    assert "bad.safetensors is truncated or corrupt" in rows["bad"]["broken"] and rows["bad"]["family"] is None
+    with pytest.raises(ImgcondError, match="truncated or corrupt"):
+        host.lookup("bad")  # Use of it: the same clear error
+    assert host.delete("bad") and not (tmp_path / "bad.safetensors").exists()
+    assert [r["name"] for r in host.describe()] == ["good"]
