@@ -125,10 +125,6 @@ def on_ui_settings():
     )
 
 
-def on_before_ui():
-    xyz.register_axes(SPEC, SPEC.title)
-
-
 def add_routes(_demo, app):
     @app.get("/imgcond/v1/flexdiffuse/encoders")
     def encoders():
@@ -136,5 +132,5 @@ def add_routes(_demo, app):
 
 
 script_callbacks.on_ui_settings(on_ui_settings)
-script_callbacks.on_before_ui(on_before_ui)
+xyz.hook(SPEC, SPEC.title)
 script_callbacks.on_app_started(add_routes)

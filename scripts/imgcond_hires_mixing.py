@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gradio as gr
-from modules import script_callbacks, scripts
+from modules import scripts
 from modules.ui_components import InputAccordion
 
 from lib_imgcond.core.errors import ImgcondError
@@ -82,8 +82,4 @@ class HiresMixingScript(script.TechniqueScript, scripts.Script):
         forge.drop_job_state(p, "hrmix")
 
 
-def on_before_ui():
-    xyz.register_axes(SPEC, "Hires mixing")
-
-
-script_callbacks.on_before_ui(on_before_ui)
+xyz.hook(SPEC, "Hires mixing")

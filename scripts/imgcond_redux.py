@@ -179,9 +179,5 @@ def on_ui_settings():
     )
 
 
-def on_before_ui():
-    xyz.register_axes(SPEC, "Redux")
-
-
 script_callbacks.on_ui_settings(on_ui_settings)
-script_callbacks.on_before_ui(on_before_ui)
+xyz.hook(SPEC, "Redux")

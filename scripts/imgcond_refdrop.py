@@ -146,10 +146,6 @@ def on_ui_settings():
     )
 
 
-def on_before_ui():
-    xyz.register_axes(SPEC, "RefDrop", {"reference": host.all_names})
-
-
 def add_routes(_demo, app):
     @app.get("/imgcond/v1/refdrop/references")
     def references():
@@ -161,5 +157,5 @@ def add_routes(_demo, app):
 
 
 script_callbacks.on_ui_settings(on_ui_settings)
-script_callbacks.on_before_ui(on_before_ui)
+xyz.hook(SPEC, "RefDrop", {"reference": host.all_names})
 script_callbacks.on_app_started(add_routes)

@@ -25,6 +25,27 @@ def _setter(prefix: str, name: str):
     return apply
 
 
+def _confirm(prefix: str, param):
+    """The host's `confirm(p, xs)` hook: every axis value is checked before the grid starts (ArgumentError names the
+    argument, the value and what is allowed)."""
+
+    def confirm(_p, xs):
+        for x in xs:
+            param.coerce(x, f"{prefix}.{param.name}")
+
+    return confirm
+
+
+def hook(spec: Spec, label: str, choices: dict[str, Any] | None = None) -> None:
+    """Register the axes now and again before the UI is built (both idempotent). Now matters: the host's xyz_grid
+    script loads before extension scripts, and an API-only server (`--nowebui`) fixes its X/Y/Z choices when it sets
+    up the scripts, before any `on_before_ui` callback runs."""
+    from modules import script_callbacks
+
+    register_axes(spec, label, choices)
+    script_callbacks.on_before_ui(lambda: register_axes(spec, label, choices))
+
+
 def find_xyz_module():
     from modules import scripts
 
@@ -53,7 +74,13 @@ def register_axes(spec: Spec, label: str, choices: dict[str, Any] | None = None)
         if choice_fn is None and param.kind == "choice":
             choice_fn = lambda p=param: list(p.choices)  # noqa: E731
         xyz.axis_options.append(
-            xyz.AxisOption(tag + param.label, kind, _setter(spec.prefix, param.name), choices=choice_fn)
+            xyz.AxisOption(
+                tag + param.label,
+                kind,
+                _setter(spec.prefix, param.name),
+                confirm=_confirm(spec.prefix, param),
+                choices=choice_fn,
+            )
         )
         added += 1
     logger.debug("registered %d X/Y/Z axes for %s", added, label)

@@ -157,3 +157,36 @@ def test_second_order_sampler_and_cfg1_round_trip(server, sampler, cfg):
     other = forge.payload(seed=7, sampler_name=sampler, cfg_scale=cfg)
     changed = server.generate(refdrop(other, mode="Use", reference=f"r-{sampler}", coefficient=0.8))
     assert forge.max_diff(changed.image, server.generate(other).image) > 0
+
+
+def _xyz_args(server, label: str, values: str) -> list:
+    """Positional X/Y/Z plot args with `label` on X (found in the API's own choices) and nothing on Y/Z."""
+    info = server.get("/sdapi/v1/script-info")
+    plot = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    labels = plot["args"][0]["choices"]
+    assert label in labels, f"{label!r} is not among the API's X/Y/Z types ({len(labels)} types)"
+    args = [labels.index(label), values, [], 0, "", [], 0, "", []]
+    args += [False, True, False, False, False, False, False]  # legend, lone images, sub-grids, -1 seeds, vary ×3
+    if any(a["label"] == "Row Count" for a in plot["args"]):
+        args.append(0)  # Forge Neo's run() takes a row count (0 = auto) before the margin size
+    return [*args, 0, False]
+
+
+def test_xyz_plot_over_the_api_only_server(server, recorded, plain):
+    """The axes exist on a --nowebui server; c = 0 cell = plain image, c = 0.5 cell = the same request without the
+    plot."""
+    body = refdrop(forge.payload(seed=2), mode="Use", reference="cat", coefficient=0.9)
+    body.update(script_name="x/y/z plot", script_args=_xyz_args(server, "[RefDrop] RFG coefficient c", "0, 0.5"))
+    out = server.generate(body)
+    cells = [img for img in out.images if img.shape == plain[2].shape]
+    assert len(cells) == 2, [img.shape for img in out.images]
+    assert forge.max_diff(cells[0], plain[2]) == 0
+    assert forge.max_diff(cells[1], cells[0]) > 0
+    direct = server.generate(refdrop(forge.payload(seed=2), mode="Use", reference="cat", coefficient=0.5))
+    assert forge.max_diff(cells[1], direct.image) == 0
+
+
+def test_xyz_bad_axis_value_fails_before_the_grid(server, recorded):
+    body = refdrop(forge.payload(seed=2), mode="Use", reference="cat")
+    body.update(script_name="x/y/z plot", script_args=_xyz_args(server, "[RefDrop] RFG coefficient c", "0, 1.5"))
+    assert "refdrop.coefficient" in server.generate_error(body)

@@ -98,7 +98,7 @@ def _webui_stand_ins(monkeypatch) -> None:
     mods = {
         "gradio": _module("gradio", __version__="3.41.2", update=noop, Markdown=noop, Number=object),
         "modules": _module("modules"),
-        "modules.scripts": _module("modules.scripts", Script=_Script, AlwaysVisible=object()),
+        "modules.scripts": _module("modules.scripts", Script=_Script, AlwaysVisible=object(), scripts_data=[]),
         "modules.script_callbacks": _module(
             "modules.script_callbacks", on_ui_settings=noop, on_before_ui=noop, on_app_started=noop
         ),

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from lib_imgcond.core.errors import ArgumentError
 from lib_imgcond.ui import xyz
 from lib_imgcond.ui.refdrop_spec import SPEC
 
@@ -50,3 +51,33 @@ def test_cells_get_their_own_overrides(fake_xyz):
     assert xyz.overrides(cell_b, SPEC) == {"coefficient": -0.4}
     assert xyz.overrides(p, SPEC) == {}
     assert SPEC.parse([True], xyz.overrides(cell_b, SPEC))["coefficient"] == -0.4
+
+
+class ConfirmingAxisOption(AxisOption):
+    def __init__(self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None, prepare=None):
+        super().__init__(label, type, apply, choices=choices)
+        self.confirm = confirm
+
+
+def test_axis_values_are_confirmed_before_the_grid(fake_xyz):
+    fake_xyz.AxisOption = ConfirmingAxisOption
+    xyz.register_axes(SPEC, "RefDrop")
+    axis = next(o for o in fake_xyz.axis_options if o.label.endswith("RFG coefficient c"))
+    axis.confirm(None, [0.0, 0.5, -1.0])
+    with pytest.raises(ArgumentError, match=r"refdrop\.coefficient=1\.5"):
+        axis.confirm(None, [0.0, 1.5])
+
+
+def test_hook_registers_at_import_and_before_the_ui(fake_xyz, monkeypatch):
+    """An API-only server fixes its X/Y/Z choices before any on_before_ui callback: the axes must exist at once."""
+    later = []
+    callbacks = types.ModuleType("modules.script_callbacks")
+    callbacks.on_before_ui = later.append
+    monkeypatch.setitem(sys.modules, "modules.script_callbacks", callbacks)
+    sys.modules["modules"].script_callbacks = callbacks
+    xyz.hook(SPEC, "RefDrop")
+    assert any(o.label == "[RefDrop] RFG coefficient c" for o in fake_xyz.axis_options)
+    count = len(fake_xyz.axis_options)
+    (callback,) = later
+    callback()  # a UI (re)load later: no duplicates
+    assert len(fake_xyz.axis_options) == count
