@@ -12,8 +12,9 @@ Conventions used throughout this module
 
 Window semantics (applies to every schedule)
 --------------------------------------------
-With ``a = ⌊start·n⌋``, ``S = max(1, ⌊stop·n⌋)`` (``S = 0`` when ``stop == 0``) and ``C = ⌊clamp·n⌋``, mixing is
-active for ``a ≤ i < min(S, C)``. Outside that window the weight is exactly ``0.0`` (not ``blend_min``). Inside it the
+With ``a = ⌊start·n⌋``, ``S = ⌊stop·n⌋`` (``S = 0`` when ``stop == 0``; when ``0 < stop·n < 1``, ``S = n`` for
+linear, as in Iterative Mixing, and ``S = 1`` otherwise) and ``C = ⌊clamp·n⌋``, mixing is active for
+``a ≤ i < min(S, C)``. Outside that window the weight is exactly ``0.0`` (not ``blend_min``). Inside it the
 schedule's curve value ``w ∈ [0, 1]`` is squeezed into ``[blend_min, blend_max]``: ``w' = blend_min + w·(blend_max −
 blend_min)``; ``blend_max = 0`` therefore gives all-zero weights. The curves use the progress ``p = i / S`` so that
 ``stop > 1`` stretches them beyond the last step. ``⌊f·n⌋`` is computed with a 1e-9 tolerance so that e.g.

@@ -150,11 +150,23 @@ def _curve(schedule: str, i: int, stop_step: int, start_step: int, n: int, alpha
     return 1.0 - _sigmoid(5.0 * alpha * (i / m - mid))
 
 
+def _stop_step(schedule: str, stop: float, n: int) -> int:
+    """The curve's end S (see zprime_weights): ⌊stop·n⌋, with the stop-rounds-to-0 rule per schedule."""
+    if stop <= 0:
+        return 0
+    s = _frac_to_step(stop, n)
+    if s == 0:
+        return n if schedule == "linear" else 1
+    return s
+
+
 def zprime_weights(params: MixParams, n_steps: int) -> list[float]:
     """Weight on the noised reference z' for each hires step i = 0 … n_steps−1 (0 = pure sampler latent).
 
-    Mixing is active only inside the window ⌊start·n⌋ ≤ i < min(S, ⌊clamp·n⌋) with S = max(1, ⌊stop·n⌋)
-    (S = 0, i.e. no mixing, when stop == 0); everywhere else the weight is exactly 0.0. Inside the window, with
+    Mixing is active only inside the window ⌊start·n⌋ ≤ i < min(S, ⌊clamp·n⌋) with S = ⌊stop·n⌋ (S = 0, i.e. no
+    mixing, when stop == 0); everywhere else the weight is exactly 0.0. When 0 < stop·n < 1 (⌊stop·n⌋ = 0 although
+    stop > 0), linear uses S = n, the plain ramp of Iterative Mixing's linear (its ``stop or steps``); the other
+    schedules use S = 1 (only step 0 is mixed; the original's cosine gives a NaN there). Inside the window, with
     progress p = i/S:
 
     * demofusion_cosine: ``((1 + cos πp)/2)^α`` — DemoFusion's c₁ with step progress instead of (1000 − t)/1000.
@@ -170,7 +182,7 @@ def zprime_weights(params: MixParams, n_steps: int) -> list[float]:
     n = _check_steps(n_steps)
     alpha = float(params.alpha)
     start_step = _frac_to_step(float(params.start), n)
-    stop_step = max(1, _frac_to_step(float(params.stop), n)) if float(params.stop) > 0 else 0
+    stop_step = _stop_step(params.schedule, float(params.stop), n)
     end = min(stop_step, _frac_to_step(float(params.clamp), n))
     lo, hi = float(params.blend_min), float(params.blend_max)
     weights: list[float] = []
@@ -197,8 +209,10 @@ def im_denoised_weights(
 
     schedule: "cosine" (alias "im_cosine"), "linear" or "logistic". Reproduces the original's quirks (cosine ignores
     ``start``; linear/logistic give 0 before start; clamped steps become 1 before the squeeze, hence ``blend_max``
-    after it) with two fixes from the seeds' crash list: a stop that rounds to 0 steps is treated as 1 step for
-    cosine/linear (no NaN) and as "no stop" (M = n − 1) for logistic (no NameError), and the logistic is overflow-free.
+    after it). A stop that rounds to 0 steps (stop·n < 1, stop = 0 included) gives, like the original, the plain ramp
+    ``i/n`` for linear (its ``stop or steps``). Two fixes from the seeds' crash list: there cosine is treated as a
+    1-step curve (the original's c₀ is NaN; ours is its limit 0, then 1) and logistic as "no stop" (M = n − 1; the
+    original raises NameError); and the logistic is overflow-free.
     """
     n = _check_steps(n, "n")
     if schedule not in _IM_SCHEDULES:
@@ -214,7 +228,7 @@ def im_denoised_weights(
     stop_step = _frac_to_step(float(stop), n)
     c: list[float] = []
     if schedule in ("cosine", "im_cosine", "linear"):
-        s = max(stop_step, 1)
+        s = stop_step or (n if schedule == "linear" else 1)
         for i in range(n):
             if i > s:
                 c.append(1.0)

@@ -171,12 +171,31 @@ def test_zero_and_one_step():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("schedule", [s for s in SCHEDULES if s != "linear"])
 def test_stop_rounding_to_zero_is_well_defined(schedule):
     w = zprime_weights(MixParams(schedule=schedule, stop=0.04), 20)
     assert all(math.isfinite(v) for v in w)
+    assert w[0] > 0.0
     assert w[1:] == [0.0] * 19  # S = 1: only step 0 lies in the window
     assert zprime_weights(MixParams(schedule=schedule, stop=0.0), 20) == [0.0] * 20
+
+
+def test_linear_stop_rounding_to_zero_is_the_originals_plain_ramp():
+    # Iterative Mixing's linear: stop = int(0.04·20) = 0 → `or steps` → c_i = i/20 (it used to be [0, 1, 1, …])
+    c = im_denoised_weights(20, stop=0.04, schedule="linear")
+    assert c == pytest.approx([i / 20 for i in range(20)], abs=1e-12)
+    assert im_denoised_weights(20, stop=0.0, schedule="linear") == c  # int(0·20) = 0 takes the same path
+    assert im_denoised_weights(20, stop=0.04, start=0.25, schedule="linear") == [0.0] * 5 + c[5:]
+    # our z' weights are 1 − c on the whole pass
+    w = zprime_weights(MixParams(schedule="linear", stop=0.04), 20)
+    assert w == pytest.approx([1.0 - i / 20 for i in range(20)], abs=1e-12)
+    # stop = 0 stays our explicit "no mixing"
+    assert zprime_weights(MixParams(schedule="linear", stop=0.0), 20) == [0.0] * 20
+
+
+def test_cosine_stop_rounding_to_zero_keeps_the_nan_fix():
+    # the original gives c_0 = NaN (0/0) and 1 after; ours is the limit 0 at i = 0 and 1 from then on
+    assert im_denoised_weights(20, alpha=2.4, stop=0.04, schedule="cosine") == [0.0] + [1.0] * 19
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "logistic"])
