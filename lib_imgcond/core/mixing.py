@@ -3,7 +3,9 @@
 Conventions used throughout this module
 ---------------------------------------
 * ``w`` is always the weight on the **noised reference** ``z'_i = noise_scaling(σ_i, ε, z_up)``; ``1 − w`` is the
-  weight on the sampler's own latent ``x``. ``w = 0`` means "no mixing" and leaves ``x`` untouched bitwise.
+  weight on the sampler's own latent ``x``. In the mixer a step with ``w = 0`` is not mixed: ``x`` stays untouched
+  bitwise whatever the blend (``blend`` itself is continuous in ``w``, so norm_only's ``w = 0`` end is x rescaled to
+  ``‖z'‖``, see ``blend``).
   (Iterative Mixing's code uses the opposite convention: its ``c`` weights the denoised latent. ``im_denoised_weights``
   reproduces that convention for reference; everything else here speaks ``w``.)
 * Steps are the sampler steps of the hires pass, ``i = 0 … n−1``, one per entry of the sigma schedule minus the final 0.

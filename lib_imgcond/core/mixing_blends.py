@@ -72,18 +72,22 @@ def blend(name: str, zprime: torch.Tensor, x: torch.Tensor, w: float | torch.Ten
     * addition: ``(1 − w)·x + w·z'``.
     * slerp: ``sin(wω)/sin ω · z' + sin((1 − w)ω)/sin ω · x``, ω the angle between z' and x (magnitudes interpolate
       too). Parallel / anti-parallel vectors (sin ω < 1e-6) and zero vectors fall back to addition, the ω → 0 limit.
-    * norm_only: ``z' + (1 − w)·(‖z'‖·x/‖x‖ − z')``: x's direction with z''s magnitude, moved toward z' by w. A zero
-      x falls back to addition. Note the limit w → 0 is x rescaled to ‖z'‖, not x itself.
+    * norm_only: ``z' + (1 − w)·(‖z'‖·x/‖x‖ − z')`` (the original's ``l1 + c·(‖l1‖·l2/‖l2‖ − l1)``): x's direction
+      with z''s magnitude, moved toward z' by w. Continuous in w on all of [0, 1]; its ends are **w = 1 → z'** and
+      **w = 0 → ‖z'‖·x/‖x‖**, i.e. x rescaled to z''s norm, *not* x itself (norm_only always imposes z''s magnitude;
+      the rescaling is what it does at small weights). A zero x falls back to addition.
 
-    ``w == 0`` returns a clone of x and ``w == 1`` a copy of z' (cast to x's dtype) for every blend, so weight 0
-    always means "unchanged". w may be a float or a one-element tensor (read as a Python float; the same number gives
-    bitwise-identical results). Arithmetic runs in float32 (float64 for float64 inputs).
+    ``w == 1`` returns a copy of z' (cast to x's dtype) for every blend; ``w == 0`` returns a clone of x for addition
+    and slerp and the rescaled x for norm_only (its continuous end). The per-step mixer never calls blend for a step
+    whose weight is 0, so there weight 0 means "unchanged" for every blend. w may be a float or a one-element tensor
+    (read as a Python float; the same number gives bitwise-identical results). Arithmetic runs in float32 (float64
+    for float64 inputs).
     """
     if name not in BLENDS:
         raise ArgumentError("blend", name, f"one of {', '.join(BLENDS)}")
     wf = _as_weight(w)
     zprime = _match_batch(zprime.to(device=x.device), x, "zprime")
-    if wf == 0.0:
+    if wf == 0.0 and name != "norm_only":
         return x.clone()
     if wf == 1.0:
         return zprime.to(dtype=x.dtype, copy=True).contiguous()

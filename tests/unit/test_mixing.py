@@ -9,6 +9,7 @@ import torch
 
 from lib_imgcond.core.errors import ArgumentError, ImgcondError
 from lib_imgcond.core.mixing import (
+    BLENDS,
     SCHEDULES,
     HiresMixer,
     MixParams,
@@ -103,9 +104,11 @@ def test_mixer_ignores_off_schedule_substeps():
     assert flags == [True, False] * 9 + [True]
 
 
-def test_mixer_blend_max_zero_leaves_x_bitwise_equal():
+@pytest.mark.parametrize("blend", BLENDS)
+def test_mixer_blend_max_zero_leaves_x_bitwise_equal(blend):
+    # also for norm_only, whose blend at w = 0 rescales x: the mixer does not blend weight-0 steps
     for schedule in SCHEDULES:
-        m, sig = _mixer(MixParams(schedule=schedule, blend_max=0.0, normalize=True))
+        m, sig = _mixer(MixParams(schedule=schedule, blend_max=0.0, normalize=True, blend=blend))
         assert m.weights == [0.0] * 10
         x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(14)).half()
         before = x.clone()

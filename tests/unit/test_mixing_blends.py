@@ -42,7 +42,11 @@ def test_blend_weight_convention_is_zprime_weight():
 def test_blend_endpoints(name):
     zp, x = latents(3, (2, 4, 5, 5))
     out0 = blend(name, zp, x, 0.0)
-    assert torch.equal(out0, x)
+    if name == "norm_only":  # its continuous w = 0 end: x rescaled to ‖z'‖ (see test_norm_only_is_continuous)
+        scale = zp.flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)
+        assert torch.allclose(out0, x * scale[:, None, None, None], atol=1e-6)
+    else:
+        assert torch.equal(out0, x)
     assert out0 is not x
     out1 = blend(name, zp, x, 1.0)
     assert torch.equal(out1, zp)
@@ -147,3 +151,38 @@ def test_noise_scaling_eps_and_flow():
     for b in range(2):
         assert torch.allclose(out[b], sig[b] * noise[b] + (1 - sig[b]) * latent[b])
     assert torch.equal(noise_scaling(1.0, noise, latent, True), noise)
+
+
+def _hires_like_pair(sigma: float = 1.2):
+    """x: a sampler state; z' = z_up + σ·ε: a noised reference of a clearly different norm (SDXL-sized latent)."""
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(1, 4, 64, 64, generator=g)
+    zp = torch.randn(1, 4, 64, 64, generator=g) + sigma * torch.randn(1, 4, 64, 64, generator=g)
+    return zp, x
+
+
+def test_norm_only_is_continuous_at_both_ends():
+    zp, x = _hires_like_pair()
+    n_z, n_x = zp.norm().item(), x.norm().item()
+    assert abs(n_z - n_x) > 30.0  # the norms differ a lot, so "x" and "x rescaled" are far apart
+    rescaled = x * (n_z / n_x)
+    assert (rescaled - x).norm().item() > 30.0  # the size of the old jump at w = 0
+    # w = 0 is the limit w → 0⁺: x rescaled to ‖z'‖ (the original's c = 1), not x itself
+    at0 = blend("norm_only", zp, x, 0.0)
+    assert torch.allclose(at0, rescaled, atol=1e-5)
+    assert (blend("norm_only", zp, x, 1e-7) - at0).abs().max().item() < 1e-5
+    assert (blend("norm_only", zp, x, 1e-4) - at0).abs().max().item() < 1e-3
+    # w = 1 is the limit w → 1⁻: z'
+    assert torch.equal(blend("norm_only", zp, x, 1.0), zp)
+    assert (blend("norm_only", zp, x, 1.0 - 1e-7) - zp).abs().max().item() < 1e-5
+    # and in between it is the original's formula l1 + c·(‖l1‖·l2/‖l2‖ − l1), c = 1 − w
+    for w in (0.1, 0.5, 0.9):
+        c = 1.0 - w
+        assert torch.allclose(blend("norm_only", zp, x, w), zp + c * (rescaled - zp), atol=1e-5)
+
+
+def test_norm_only_zero_x_falls_back_to_addition_at_both_ends():
+    zp, x = _hires_like_pair()
+    zero = torch.zeros_like(x)
+    assert torch.equal(blend("norm_only", zp, zero, 0.0), zero)
+    assert torch.allclose(blend("norm_only", zp, zero, 0.3), 0.3 * zp)
