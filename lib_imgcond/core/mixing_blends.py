@@ -71,7 +71,16 @@ def blend(name: str, zprime: torch.Tensor, x: torch.Tensor, w: float | torch.Ten
 
     * addition: ``(1 − w)·x + w·z'``.
     * slerp: ``sin(wω)/sin ω · z' + sin((1 − w)ω)/sin ω · x``, ω the angle between z' and x (magnitudes interpolate
-      too). Parallel / anti-parallel vectors (sin ω < 1e-6) and zero vectors fall back to addition, the ω → 0 limit.
+      too). Parallel / anti-parallel vectors (sin ω < 1e-6) fall back to addition, the ω → 0 limit.
+      **A zero vector** (norm ≤ 1e-12) takes ω = π/2, so ``slerp(0, x) = cos(wπ/2)·x`` and
+      ``slerp(z', 0) = sin(wπ/2)·z'`` (0.7071·x at w = ½). Why: ω is undefined there, and approaching 0 along a
+      direction at angle θ to the other vector gives the θ-dependent limit ``sin((1 − w)θ)/sin θ · x``, so there is
+      no direction-free limit and one direction must be chosen. θ = π/2 is the sound choice: (1) ⟨0, x⟩ = 0, the
+      zero vector is orthogonal to every vector, and π/2 is the only angle consistent with that inner product;
+      (2) in a latent of N ≈ 10³–10⁵ dimensions a vector shrinking along a random (noise-like) direction is
+      orthogonal to x up to O(1/√N), so π/2 is the limit for almost every approach and slerp stays continuous there;
+      (3) it is the original's value (its NaN → 0 normalisation makes the dot product 0). Falling back to addition,
+      ``(1 − w)·x``, would be the limit only along x's own direction (θ → 0), a measure-zero case.
     * norm_only: ``z' + (1 − w)·(‖z'‖·x/‖x‖ − z')`` (the original's ``l1 + c·(‖l1‖·l2/‖l2‖ − l1)``): x's direction
       with z''s magnitude, moved toward z' by w. Continuous in w on all of [0, 1]; its ends are **w = 1 → z'** and
       **w = 0 → ‖z'‖·x/‖x‖**, i.e. x rescaled to z''s norm, *not* x itself (norm_only always imposes z''s magnitude;
@@ -106,13 +115,15 @@ def blend(name: str, zprime: torch.Tensor, x: torch.Tensor, w: float | torch.Ten
     lin_a = torch.full_like(n1, wf)  # coefficient on z'
     lin_b = torch.full_like(n1, 1.0 - wf)  # coefficient on x
     if name == "slerp":
-        ok = (n1 > _NORM_EPS) & (n2 > _NORM_EPS)
+        zero = (n1 <= _NORM_EPS) | (n2 <= _NORM_EPS)
         u1 = d1 / n1.clamp_min(_NORM_EPS)[:, None]
         u2 = d2 / n2.clamp_min(_NORM_EPS)[:, None]
         # ω = 2·atan2(‖û1 − û2‖, ‖û1 + û2‖): accurate for tiny and near-π angles, no acos clamping needed.
         omega = 2.0 * torch.atan2((u1 - u2).norm(dim=1), (u1 + u2).norm(dim=1))
+        # A zero vector is orthogonal to everything: ω = π/2 (see the docstring for why this is the right limit).
+        omega = torch.where(zero, torch.full_like(omega, 0.5 * math.pi), omega)
         sin_o = torch.sin(omega)
-        ok = ok & (sin_o > _SLERP_MIN_SIN)
+        ok = sin_o > _SLERP_MIN_SIN
         safe = torch.where(ok, sin_o, torch.ones_like(sin_o))
         a = torch.where(ok, torch.sin(wf * omega) / safe, lin_a)
         b = torch.where(ok, torch.sin((1.0 - wf) * omega) / safe, lin_b)

@@ -186,3 +186,22 @@ def test_norm_only_zero_x_falls_back_to_addition_at_both_ends():
     zero = torch.zeros_like(x)
     assert torch.equal(blend("norm_only", zp, zero, 0.0), zero)
     assert torch.allclose(blend("norm_only", zp, zero, 0.3), 0.3 * zp)
+
+
+def test_slerp_with_a_zero_vector_takes_the_orthogonal_limit():
+    x = vec(0.0, 1.0)
+    # the original (ComfyUI-Iterative-Mixer) gives 0.70711·x at w = ½; the old fallback to addition gave 0.5·x
+    assert blend("slerp", vec(0.0, 0.0), x, 0.5).flatten().tolist() == pytest.approx([0.0, 0.70711], abs=1e-5)
+    for w in (0.1, 0.3, 0.8):
+        assert torch.allclose(blend("slerp", torch.zeros_like(x), x, w), math.cos(w * math.pi / 2) * x)
+        assert torch.allclose(blend("slerp", x, torch.zeros_like(x), w), math.sin(w * math.pi / 2) * x)
+    assert torch.equal(blend("slerp", torch.zeros_like(x), torch.zeros_like(x), 0.4), torch.zeros_like(x))
+
+
+def test_slerp_zero_limit_is_continuous_along_a_random_direction():
+    zp, x = _hires_like_pair()
+    at_zero = blend("slerp", torch.zeros_like(zp), x, 0.5)
+    for scale in (1e-3, 1e-8):
+        tiny = blend("slerp", scale * zp, x, 0.5)  # z' shrinking toward 0 along a noise direction
+        assert torch.allclose(tiny, at_zero, rtol=0, atol=0.02 * x.abs().max().item())
+    assert not torch.allclose(at_zero, 0.5 * x, atol=0.1)
