@@ -9,8 +9,11 @@ Conventions used throughout this module
   (Iterative Mixing's code uses the opposite convention: its ``c`` weights the denoised latent. ``im_denoised_weights``
   reproduces that convention for reference; everything else here speaks ``w``.)
 * Steps are the sampler steps of the hires pass, ``i = 0 … n−1``, one per entry of the sigma schedule minus the final 0.
-* Mixing happens DemoFusion-style: before the model evaluation of step ``i``, at the matching noise level σ_i
-  (Iterative Mixing blends after the update with a one-level mismatch; we do not reproduce that).
+* Order (``MixParams.order``): ``demofusion`` (default) mixes before the model evaluation of step ``i``, at the
+  matching noise level σ_i (DemoFusion's skip residual). ``iterative_mixer`` mixes after step ``i``'s sampler update,
+  with z'_i while x is already at σ_{i+1} (Iterative Mixing's order, one-level mismatch included): the blend of step
+  ``i`` happens at the evaluation of step ``i + 1`` (before the model sees x) and, for the last step, in
+  ``HiresMixer.finish_`` on the sampler's result.
 
 Window semantics (applies to every schedule)
 --------------------------------------------
@@ -39,6 +42,7 @@ from lib_imgcond.core.errors import ArgumentError, ImgcondError
 from lib_imgcond.core.mixing_blends import _compute_dtype, _match_batch, blend, match_mean_std, noise_scaling
 from lib_imgcond.core.mixing_schedules import (
     BLENDS,
+    ORDERS,
     SCHEDULES,
     MixParams,
     _is_number,
@@ -52,6 +56,7 @@ from lib_imgcond.core.mixing_schedules import (
 
 __all__ = [
     "BLENDS",
+    "ORDERS",
     "SCHEDULES",
     "HiresMixer",
     "MixParams",
@@ -96,8 +101,14 @@ class HiresMixer:
     own evaluation, so without ``substep_repeats_sigma`` Heun mixes step i+1 into the predictor's temporary x_2 and
     then ignores the real evaluation; Euler with s_churn > 0 evaluates at σ̂ ≠ σ_i and is never mixed.
 
+    Order: with ``params.order == "iterative_mixer"`` the detection of step i ≥ 1 applies step i−1's blend
+    (z'_{i−1}, w_{i−1}) to the state the sampler reached after step i−1's update, and ``finish_`` applies step n−1's
+    blend to the sampler's result (call it once the sampling function returns). A blend is applied only when the
+    evaluation that follows its step is detected (Euler with s_churn > 0 is never mixed, as above).
+
     Attributes: ``weights`` (list of z' weights, len n), ``n_steps``, ``sigmas`` (list of floats),
-    ``handled_steps`` (steps consumed, in order) and ``mixed_steps`` (those where x was actually changed).
+    ``handled_steps`` (steps detected, in order) and ``mixed_steps`` (the steps whose blend changed x, in order;
+    with iterative_mixer, step i's blend is recorded when it is applied, at step i+1 or in finish_).
     """
 
     def __init__(
@@ -145,6 +156,7 @@ class HiresMixer:
         self.handled_steps: list[int] = []
         self.mixed_steps: list[int] = []
         self._seen: dict[int, int] = {}
+        self._finished = False
 
     @staticmethod
     def _sigma_value(sigma: float | torch.Tensor) -> float | None:
@@ -214,23 +226,42 @@ class HiresMixer:
     def mix_(self, x: torch.Tensor, sigma: float | torch.Tensor) -> bool:
         """Mix x IN PLACE at the first evaluation of a not-yet-handled step; True when x was changed.
 
-        x ← blend(params.blend, z'_i, x, w_i); with normalize, x's per-channel mean/std are then matched to z'_i's.
-        Returns False (x untouched bitwise) for sub-steps, repeats, earlier steps and steps with w_i == 0
-        (those are still recorded as handled).
+        x ← blend(params.blend, z'_j, x, w_j); with normalize, x's per-channel mean/std are then matched to z'_j's.
+        j = i (demofusion) or i − 1 (iterative_mixer; nothing at step 0). Returns False (x untouched bitwise) for
+        sub-steps, repeats, earlier steps and when w_j == 0 (the detected step is still recorded as handled).
         """
         i = self._pick_step(sigma)
         if i is None:
             return False
         self.handled_steps.append(i)
-        w = self.weights[i]
+        if self.params.order == "iterative_mixer":
+            return i >= 1 and self._apply(x, i - 1)
+        return self._apply(x, i)
+
+    def finish_(self, x: torch.Tensor) -> bool:
+        """After sampling: apply the last step's post-update blend IN PLACE (iterative_mixer order only).
+
+        True when x was changed: only with iterative_mixer, when step n−1 was detected, its blend not yet applied
+        and w_{n−1} ≠ 0. A no-op returning False for demofusion (its blends all happen before model calls).
+        """
+        last = self.n_steps - 1
+        if self.params.order != "iterative_mixer" or not self.handled_steps or self.handled_steps[-1] != last:
+            return False
+        if self._finished:
+            return False
+        self._finished = True
+        return self._apply(x, last)
+
+    def _apply(self, x: torch.Tensor, j: int) -> bool:
+        w = self.weights[j]
         if w == 0.0:
             return False
         with torch.no_grad():
             cd = _compute_dtype(x.dtype)
-            zp = _match_batch(self.zprime(i, x.device, cd), x, "z_up")
+            zp = _match_batch(self.zprime(j, x.device, cd), x, "z_up")
             mixed = blend(self.params.blend, zp, x.to(cd), w)
             if self.params.normalize:
                 mixed = match_mean_std(mixed, zp)
             x.copy_(mixed.to(x.dtype))
-        self.mixed_steps.append(i)
+        self.mixed_steps.append(j)
         return True

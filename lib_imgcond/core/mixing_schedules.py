@@ -15,6 +15,7 @@ from lib_imgcond.core.errors import ArgumentError
 
 SCHEDULES = ("demofusion_cosine", "im_cosine", "linear", "logistic")
 BLENDS = ("addition", "slerp", "norm_only")
+ORDERS = ("demofusion", "iterative_mixer")
 
 _IM_SCHEDULES = ("cosine", "im_cosine", "linear", "logistic")
 
@@ -74,7 +75,10 @@ class MixParams:
     start / stop / clamp: fractions; mixing is active for ⌊start·n⌋ ≤ i < min(⌊stop·n⌋, ⌊clamp·n⌋). ``stop`` may be up
     to 2 to stretch the curve past the last step. blend_min / blend_max: range of the z' weight inside the window.
     blend: one of BLENDS. normalize: after mixing, match x's per-channel mean/std to z'_i's. fresh_noise: a new ε per
-    step (seeded) instead of the pass's fixed noise.
+    step (seeded) instead of the pass's fixed noise. order: one of ORDERS — "demofusion" (default) blends before the
+    model call of step i with z'_i at the matching level σ_i (DemoFusion's skip residual); "iterative_mixer" blends
+    after step i's sampler update with z'_i while x is already at σ_{i+1} (Iterative Mixing's order and its one-level
+    mismatch; the last step's blend is applied to the sampler's result).
     """
 
     schedule: str = "demofusion_cosine"
@@ -87,6 +91,7 @@ class MixParams:
     blend: str = "addition"
     normalize: bool = False
     fresh_noise: bool = False
+    order: str = "demofusion"
 
     def validate(self) -> MixParams:
         """Raise ArgumentError naming the first invalid field; return self when all are valid."""
@@ -106,6 +111,8 @@ class MixParams:
             raise ArgumentError("normalize", self.normalize, "True or False")
         if not isinstance(self.fresh_noise, bool):
             raise ArgumentError("fresh_noise", self.fresh_noise, "True or False")
+        if self.order not in ORDERS:
+            raise ArgumentError("order", self.order, f"one of {', '.join(ORDERS)}")
         return self
 
 

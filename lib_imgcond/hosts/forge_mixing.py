@@ -5,8 +5,9 @@ Forge will use (`noise`). We replace this job's hires sampler's `func` (an insta
 function that `launch_sampling` calls as `func(model, x, extra_args=..., callback=..., sigmas=...)`) by a wrapper that
 builds a `HiresMixer` from the `sigmas` it is given (exactly the schedule the pass uses) and hands the original function
 a proxy model. The proxy mixes the sampler's `x` in place before delegating to the real denoiser, so the sampler's
-update uses the mixed state. Nothing global is patched: the wrapper lives on the sampler object, which Forge drops after
-the pass.
+update uses the mixed state. With the `iterative_mixer` order the blend that follows the last step is applied to the
+function's result (`HiresMixer.finish_`). Nothing global is patched: the wrapper lives on the sampler object, which
+Forge drops after the pass.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ def install(
         if on_mixer is not None:
             on_mixer(mixer)
         out = original(MixingModel(model, mixer), x, *args, **kwargs)
+        mixer.finish_(out)
         logger.debug("hires mixing: %d of %d steps mixed", len(mixer.mixed_steps), mixer.n_steps)
         return out
 
