@@ -51,6 +51,7 @@ class HiresMixingScript(script.TechniqueScript, scripts.Script):
             comps["blend"] = panel.component(p["blend"], eid("blend"))
             panel.row(SPEC, comps, ("normalize", "fresh_noise"), eid)
             comps["order"] = panel.component(p["order"], eid("order"))
+            panel.row(SPEC, comps, ("rewind", "rewind_min", "rewind_max"), eid)
             plot = gr.HTML(plot_html(*(p[n].default for n in _CURVE)), elem_id=eid("plot"))
             gr.Markdown(f"z′ weight per hires step (plotted for {PLOT_STEPS} steps; the fractions scale with yours).")
         inputs = [comps[n] for n in _CURVE]

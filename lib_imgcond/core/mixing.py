@@ -25,8 +25,12 @@ blend_min)``; ``blend_max = 0`` therefore gives all-zero weights. The curves use
 ``stop > 1`` stretches them beyond the last step. ``⌊f·n⌋`` is computed with a 1e-9 tolerance so that e.g.
 ``0.29·100`` gives 29 (plain ``int()`` gives 28).
 
-The implementation is split by concern: ``mixing_schedules`` (MixParams, weight schedules, the plot),
-``mixing_blends`` (blend functions, mean/std matching, noise scaling) and this module (the per-step mixer). Everything
+Rewind (``MixParams.rewind``): ``mixed_sampling`` runs the pass, then re-noises its result and samples again over
+the later ranges of ``rewind_ranges`` (Iterative Mixing's rewind), one HiresMixer per round.
+
+The implementation is split by concern: ``mixing_schedules`` (MixParams, weight schedules, rewind ranges, the plot),
+``mixing_blends`` (blend functions, mean/std matching, noise scaling) and this module (the per-step mixer and the
+pass driver). Everything
 public is re-exported here, so ``from lib_imgcond.core.mixing import …`` keeps working. Only the
 standard library and torch are imported.
 """
@@ -34,7 +38,8 @@ standard library and torch are imported.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -50,6 +55,7 @@ from lib_imgcond.core.mixing_schedules import (
     demofusion_c3,
     demofusion_cf,
     im_denoised_weights,
+    rewind_ranges,
     schedule_svg,
     zprime_weights,
 )
@@ -66,7 +72,10 @@ __all__ = [
     "demofusion_cf",
     "im_denoised_weights",
     "match_mean_std",
+    "mixed_sampling",
     "noise_scaling",
+    "rewind_ranges",
+    "rewind_seed",
     "schedule_svg",
     "zprime_weights",
 ]
@@ -92,6 +101,8 @@ class HiresMixer:
         substep_repeats_sigma: set True for samplers (Heun) whose 2nd-order sub-evaluation of step i−1 happens at
             exactly σ_i; then step i ≥ 1 is mixed at its second evaluation at σ_i (the real state) instead of the
             first (the predictor's temporary). Leave False for Euler, Euler a, DPM++ 2M, LMS, DPM2, DPM++ 2S/SDE, ….
+        weights: the z' weight per step; default ``zprime_weights(params, n)`` (a rewind round passes its slice of
+            the whole pass's weights).
 
     Step detection: ``mix_`` is called on every model evaluation. A sigma matches step i if it lies within 1e-4
     (relative) of σ_i (the final 0 never matches). Each step is handled at most once and only in increasing order:
@@ -121,6 +132,7 @@ class HiresMixer:
         generator_seed: int | None = None,
         *,
         substep_repeats_sigma: bool = False,
+        weights: Sequence[float] | None = None,
     ):
         self.params = params.validate()
         if isinstance(sigmas, torch.Tensor):
@@ -142,7 +154,12 @@ class HiresMixer:
             raise ArgumentError("generator_seed", generator_seed, "an integer seed when fresh_noise is on")
         self.sigmas: list[float] = sig
         self.n_steps: int = len(sig) - 1
-        self.weights: list[float] = zprime_weights(params, self.n_steps)
+        if weights is None:
+            self.weights: list[float] = zprime_weights(params, self.n_steps)
+        else:
+            self.weights = [float(v) for v in weights]
+            if len(self.weights) != self.n_steps or not all(0.0 <= v <= 1.0 for v in self.weights):
+                raise ArgumentError("weights", list(weights)[:8], f"{self.n_steps} numbers in [0, 1] (one per step)")
         self.flow = bool(flow)
         self.generator_seed = generator_seed
         self.substep_repeats_sigma = bool(substep_repeats_sigma)
@@ -265,3 +282,73 @@ class HiresMixer:
             x.copy_(mixed.to(x.dtype))
         self.mixed_steps.append(j)
         return True
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the whole pass, with rewind
+# --------------------------------------------------------------------------------------------------------------------
+
+_ROUND_SEED_STRIDE = 1_000_003
+
+
+def rewind_seed(seed: int, round_index: int) -> int:
+    """Seed of rewind round r ≥ 1: ``(seed + r·1 000 003) mod 2⁶³`` (round 0 keeps the pass's own seed)."""
+    return (int(seed) + _ROUND_SEED_STRIDE * int(round_index)) % (1 << 63)
+
+
+def mixed_sampling(
+    sample: Callable[[HiresMixer, torch.Tensor, Any, int], torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor | Sequence[float],
+    params: MixParams,
+    z_up: torch.Tensor,
+    noise: torch.Tensor | None,
+    flow: bool = False,
+    seed: int | None = None,
+    *,
+    substep_repeats_sigma: bool = False,
+    on_mixer: Callable[[HiresMixer], Any] | None = None,
+) -> torch.Tensor:
+    """Run one hires pass with mixing: ``sample(mixer, x, sigmas_part, start)`` runs the sampler once over
+    ``sigmas_part`` with ``mixer.mix_`` called before every model evaluation, and returns its result.
+
+    Without rewind that is one call over all of ``sigmas`` from ``x``, then ``mixer.finish_``. With
+    ``params.rewind``, for every further range ``(start, n)`` of ``rewind_ranges(n, rewind_min, rewind_max)`` (the
+    Iterative Mixer's rewind): the current result becomes the new reference ``z_up``, a new noise ε_r is drawn
+    (``randn`` on a CPU generator seeded ``rewind_seed(seed, r)``; with fresh_noise the round's per-step noise uses
+    that seed as its base instead), the sampler restarts from ``z'_start = noise_scaling(σ_start, ε_r, result)`` and
+    runs over ``sigmas[start:]`` with the weights ``w[start:]`` of the whole pass's schedule. ``seed`` is required
+    with rewind or fresh_noise. ``on_mixer`` is called with each round's mixer.
+    """
+    params.validate()
+    if (params.rewind or params.fresh_noise) and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ArgumentError("seed", seed, "an integer seed when rewind or fresh_noise is on")
+    n = len(sigmas) - 1
+    weights = zprime_weights(params, n)
+    ranges = rewind_ranges(n, params.rewind_min, params.rewind_max) if params.rewind and n >= 1 else [(0, n)]
+    ref, eps = z_up, noise
+    for r, (start, _end) in enumerate(ranges):
+        round_seed = seed if r == 0 or seed is None else rewind_seed(seed, r)
+        if r:
+            ref = x.detach().clone()
+            eps = None
+            if not params.fresh_noise:
+                g = torch.Generator(device="cpu").manual_seed(round_seed)  # type: ignore[arg-type]
+                eps = torch.randn(tuple(ref.shape), generator=g, dtype=torch.float32).to(ref.device, ref.dtype)
+        mixer = HiresMixer(
+            params,
+            sigmas[start:],
+            ref,
+            eps,
+            flow,
+            round_seed,
+            substep_repeats_sigma=substep_repeats_sigma,
+            weights=weights[start:],
+        )
+        if on_mixer is not None:
+            on_mixer(mixer)
+        if r:
+            x = mixer.zprime(0, x.device, x.dtype)  # the re-noised result at σ_start, as the original restarts
+        x = sample(mixer, x, sigmas[start:], start)
+        mixer.finish_(x)
+    return x

@@ -78,7 +78,10 @@ class MixParams:
     step (seeded) instead of the pass's fixed noise. order: one of ORDERS — "demofusion" (default) blends before the
     model call of step i with z'_i at the matching level σ_i (DemoFusion's skip residual); "iterative_mixer" blends
     after step i's sampler update with z'_i while x is already at σ_{i+1} (Iterative Mixing's order and its one-level
-    mismatch; the last step's blend is applied to the sampler's result).
+    mismatch; the last step's blend is applied to the sampler's result). rewind: after the pass, re-noise its result
+    and sample again from later steps (Iterative Mixing's rewind, see rewind_ranges); rewind_min: the fraction of the
+    remaining steps each rewind skips; rewind_max: the latest start, as a fraction of the steps. With rewind on,
+    rewind_min must be below rewind_max.
     """
 
     schedule: str = "demofusion_cosine"
@@ -92,6 +95,9 @@ class MixParams:
     normalize: bool = False
     fresh_noise: bool = False
     order: str = "demofusion"
+    rewind: bool = False
+    rewind_min: float = 0.5
+    rewind_max: float = 0.8
 
     def validate(self) -> MixParams:
         """Raise ArgumentError naming the first invalid field; return self when all are valid."""
@@ -113,6 +119,9 @@ class MixParams:
             raise ArgumentError("fresh_noise", self.fresh_noise, "True or False")
         if self.order not in ORDERS:
             raise ArgumentError("order", self.order, f"one of {', '.join(ORDERS)}")
+        if not isinstance(self.rewind, bool):
+            raise ArgumentError("rewind", self.rewind, "True or False")
+        _check_rewind(self.rewind_min, self.rewind_max, check_order=self.rewind)
         return self
 
 
@@ -258,6 +267,37 @@ def im_denoised_weights(
     c = [1.0 if i >= clamp_step else v for i, v in enumerate(c)]
     lo, hi = float(blend_min), float(blend_max)
     return [lo + v * (hi - lo) for v in c]
+
+
+def _check_rewind(rewind_min: object, rewind_max: object, *, check_order: bool = True) -> None:
+    _check_range("rewind_min", rewind_min, 0.01, 0.99)
+    _check_range("rewind_max", rewind_max, 0.01, 1.0)
+    if check_order and float(rewind_min) >= float(rewind_max):  # type: ignore[arg-type]
+        raise ArgumentError("rewind_min", rewind_min, f"a number < rewind_max ({rewind_max!r}) when rewind is on")
+
+
+def rewind_ranges(n_steps: int, rewind_min: float = 0.5, rewind_max: float = 0.8) -> list[tuple[int, int]]:
+    """Iterative Mixing's rewind: the step ranges ``(start, n)`` sampled one after the other, the first ``(0, n)``.
+
+    Exact rule (the original's ``geometric_ranges(0, n, rewind_min, max_start=int(n·rewind_max))``): from
+    ``start = 0``, the next start is ``start' = start + ⌊(n − start)·rewind_min⌋``; it is used while
+    ``start < start' < n`` and ``start' ≤ ⌊n·rewind_max⌋``; the first start that fails ends the list. With the
+    defaults each rewind goes back half as far as the previous one: 0, 50 %, 75 %, … of the steps, up to 80 %. E.g.
+    n = 20 → (0, 20), (10, 20), (15, 20); n = 30 → (0, 30), (15, 30), (22, 30). ⌊·⌋ uses the same 1e-9 tolerance
+    as the schedules (so 0.29·100 → 29), the only difference from the original's ``int()``.
+    Raises ArgumentError naming ``rewind_min`` / ``rewind_max`` when out of range or when rewind_min ≥ rewind_max.
+    """
+    n = _check_steps(n_steps)
+    _check_rewind(rewind_min, rewind_max)
+    ranges = [(0, n)]
+    max_start = _frac_to_step(float(rewind_max), n)
+    start = 0
+    while True:
+        nxt = start + _frac_to_step(float(rewind_min), n - start)
+        if nxt >= n or nxt <= start or nxt > max_start:
+            return ranges
+        ranges.append((nxt, n))
+        start = nxt
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -46,5 +46,17 @@ SPEC = Spec(
             xyz=True,
             info="demofusion: mix before each step, at its noise level; iterative_mixer: mix after each step's update",
         ),
+        Param("rewind", "Rewind", "bool", False, info="then re-noise the result and sample again from later steps"),
+        Param(
+            "rewind_min",
+            "Rewind min",
+            "float",
+            0.5,
+            0.01,
+            0.99,
+            0.01,
+            info="each rewind starts this fraction of the remaining steps later (0.5: 50 %, 75 %, …)",
+        ),
+        Param("rewind_max", "Rewind max", "float", 0.8, 0.01, 1.0, 0.01, info="no rewind starts after this fraction"),
     ],
 )

@@ -19,14 +19,19 @@ class FakePredictor:
 
 
 class FakeDenoiser:
-    """Like CFGDenoiserKDiffusion: callable (x, sigma, **extra_args), exposes inner_model.predictor."""
+    """Like CFGDenoiserKDiffusion: callable (x, sigma, **extra_args), exposes inner_model.predictor and counts its
+    calls in `step` (which Forge's prompt editing reads)."""
 
     def __init__(self, prediction_type="epsilon"):
         self.inner_model = SimpleNamespace(predictor=FakePredictor(prediction_type))
         self.calls: list[tuple[float, torch.Tensor]] = []
+        self.step = 0
+        self.steps_seen: list[int] = []
 
     def __call__(self, x, sigma, **extra_args):
         self.calls.append((float(sigma.reshape(-1)[0]), x.clone()))
+        self.steps_seen.append(self.step)
+        self.step += 1
         return x * 0.5  # a fixed, deterministic "denoised"
 
 
@@ -91,13 +96,13 @@ class FakeSampler:
         self.model_wrap_cfg = FakeDenoiser(prediction_type)
         self.flow = prediction_type == "const"
 
-    def sample_img2img(self, x, noise, sigmas, t_enc):
+    def sample_img2img(self, x, noise, sigmas, t_enc, callback=None):
         sigma_sched = sigmas[len(sigmas) - 1 - t_enc - 1 :]
         xi = noise_scaling(sigma_sched[0], noise, x, self.flow)
         kwargs = {}
         if "sigmas" in inspect.signature(self.func).parameters:
             kwargs["sigmas"] = sigma_sched
-        return self.func(self.model_wrap_cfg, xi, extra_args={"cond": None}, disable=False, callback=None, **kwargs)
+        return self.func(self.model_wrap_cfg, xi, extra_args={"cond": None}, disable=False, callback=callback, **kwargs)
 
 
 def fake_p(func=sample_euler, prediction_type="epsilon", **kw):
@@ -131,8 +136,8 @@ def latents(seed=0):
 SIGMAS = torch.tensor([14.6, 7.0, 3.1, 1.2, 0.4, 0.0])
 
 
-def run(p, z_up, noise, params, t_enc=4):
+def run(p, z_up, noise, params, t_enc=4, callback=None):
     mixers: list[HiresMixer] = []
     assert host.install(p, params, z_up, noise, on_mixer=mixers.append)
-    out = p.sampler.sample_img2img(z_up, noise, SIGMAS, t_enc)
+    out = p.sampler.sample_img2img(z_up, noise, SIGMAS, t_enc, callback)
     return out, mixers
