@@ -41,8 +41,9 @@ class HiresMixingScript(script.TechniqueScript, scripts.Script):
             self.host_notice()
             gr.Markdown(
                 "Acts on the **hires-fix pass only** (does nothing when Hires. fix is off): before every hires step "
-                "the sampler's latent is mixed with the upscaled first-pass latent noised to that step's level, "
-                "with the weight plotted below (DemoFusion skip residual / Iterative Mixing)."
+                "the sampler's latent is mixed with the upscaled first-pass latent noised to that step's level "
+                "(after every step's update with the iterative_mixer order), with the weight plotted below "
+                "(DemoFusion skip residual / Iterative Mixing)."
             )
             comps = {}
             panel.row(SPEC, comps, ("schedule", "alpha"), eid)
@@ -50,6 +51,8 @@ class HiresMixingScript(script.TechniqueScript, scripts.Script):
             panel.row(SPEC, comps, ("blend_min", "blend_max"), eid)
             comps["blend"] = panel.component(p["blend"], eid("blend"))
             panel.row(SPEC, comps, ("normalize", "fresh_noise"), eid)
+            comps["order"] = panel.component(p["order"], eid("order"))
+            panel.row(SPEC, comps, ("rewind", "rewind_min", "rewind_max"), eid)
             plot = gr.HTML(plot_html(*(p[n].default for n in _CURVE)), elem_id=eid("plot"))
             gr.Markdown(f"z′ weight per hires step (plotted for {PLOT_STEPS} steps; the fractions scale with yours).")
         inputs = [comps[n] for n in _CURVE]

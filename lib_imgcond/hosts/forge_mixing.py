@@ -5,8 +5,10 @@ Forge will use (`noise`). We replace this job's hires sampler's `func` (an insta
 function that `launch_sampling` calls as `func(model, x, extra_args=..., callback=..., sigmas=...)`) by a wrapper that
 builds a `HiresMixer` from the `sigmas` it is given (exactly the schedule the pass uses) and hands the original function
 a proxy model. The proxy mixes the sampler's `x` in place before delegating to the real denoiser, so the sampler's
-update uses the mixed state. Nothing global is patched: the wrapper lives on the sampler object, which Forge drops after
-the pass.
+update uses the mixed state. With the `iterative_mixer` order the blend that follows the last step is applied to the
+function's result (`HiresMixer.finish_`). With rewind the wrapper calls the original function once per rewind round
+(`mixed_sampling`), over the tail of the schedule, from the re-noised result. Nothing global is patched: the wrapper
+lives on the sampler object, which Forge drops after the pass.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import inspect
 from typing import Any
 
 from lib_imgcond.core.errors import ArgumentError, ImgcondError
-from lib_imgcond.core.mixing import HiresMixer, MixParams
+from lib_imgcond.core.mixing import HiresMixer, MixParams, mixed_sampling
 from lib_imgcond.hosts import forge
 from lib_imgcond.log import logger
 
@@ -87,6 +89,37 @@ class MixingModel:
         setattr(self._inner, name, value)
 
 
+def _offset_callback(callback, start: int):
+    """The sampler's step callback with `i` counted from the whole pass's start (for a rewind round from `start`)."""
+
+    def offset(d):
+        return callback({**d, "i": d["i"] + start} if isinstance(d, dict) and "i" in d else d)
+
+    return offset
+
+
+class _StepCounter:
+    """Keeps Forge's CFGDenoiser `step` (model calls so far; prompt editing reads it) in line with rewind rounds."""
+
+    def __init__(self, model: Any, n_steps: int):
+        self.model, self.n_steps = model, n_steps
+        self.first = getattr(model, "step", None)
+        self.per_step = 1.0
+
+    def _readable(self) -> bool:
+        step = getattr(self.model, "step", None)
+        return isinstance(step, int) and not isinstance(step, bool) and isinstance(self.first, int)
+
+    def measure(self) -> None:
+        """After the first round: model calls per step (2 for Heun, …)."""
+        if self._readable() and self.n_steps:
+            self.per_step = max(1.0, (self.model.step - self.first) / self.n_steps)
+
+    def rewind_to(self, start: int) -> None:
+        if self._readable():
+            self.model.step = self.first + round(start * self.per_step)
+
+
 def install(
     p: Any,
     params: MixParams,
@@ -98,7 +131,7 @@ def install(
     """Wrap this hires pass's `p.sampler.func`. Idempotent: a previous wrapper of ours is replaced, never stacked.
 
     Returns False (and logs a warning) when the sampler is not supported; nothing is changed then.
-    `on_mixer(mixer)` is called with each HiresMixer built (for logging and tests).
+    `on_mixer(mixer)` is called with each HiresMixer built, one per pass and rewind round (for logging and tests).
     """
     sampler = getattr(p, "sampler", None)
     reason = unsupported_reason(sampler) if sampler is not None else "there is no sampler"
@@ -115,7 +148,7 @@ def install(
     repeats = getattr(original, "__name__", "") in _SUBSTEP_REPEATS
     restart = getattr(original, "__name__", "") == "restart_sampler"
     seeds = getattr(p, "seeds", None) or [getattr(p, "seed", 0)]
-    seed = int(seeds[0]) if params.fresh_noise else None
+    seed = int(seeds[0]) if params.fresh_noise or params.rewind else None
     z_up, noise = z_up.detach().clone(), noise.detach().clone()
 
     @functools.wraps(original)
@@ -128,12 +161,29 @@ def install(
                 "Hires iterative mixing skipped: Restart replaces its schedule from %d steps on", _RESTART_OWN_SCHEDULE
             )
             return original(model, x, *args, **kwargs)
-        mixer = HiresMixer(params, sigmas, z_up, noise, flow, seed, substep_repeats_sigma=repeats)
-        if on_mixer is not None:
-            on_mixer(mixer)
-        out = original(MixingModel(model, mixer), x, *args, **kwargs)
-        logger.debug("hires mixing: %d of %d steps mixed", len(mixer.mixed_steps), mixer.n_steps)
-        return out
+        n = len(sigmas) - 1
+        counter = _StepCounter(model, n)
+
+        def sample(mixer: HiresMixer, x_in, part, start: int):
+            part_args, part_kwargs = list(args), dict(kwargs)
+            if "sigmas" in part_kwargs:
+                part_kwargs["sigmas"] = part
+            else:
+                part_args[0] = part
+            if start:  # a rewind round: progress and prompt-editing steps continue from `start`, not from the end
+                callback = part_kwargs.get("callback")
+                if callback is not None:
+                    part_kwargs["callback"] = _offset_callback(callback, start)
+                counter.rewind_to(start)
+            out = original(MixingModel(model, mixer), x_in, *part_args, **part_kwargs)
+            if not start:
+                counter.measure()
+            logger.debug("hires mixing from step %d: %d of %d steps mixed", start, len(mixer.mixed_steps), n - start)
+            return out
+
+        return mixed_sampling(
+            sample, x, sigmas, params, z_up, noise, flow, seed, substep_repeats_sigma=repeats, on_mixer=on_mixer
+        )
 
     setattr(mixing_func, _MARK, original)
     sampler.func = mixing_func

@@ -1,8 +1,8 @@
-"""Hires iterative mixing's parameters (UI order = positional API order)."""
+"""Hires iterative mixing's parameters (UI order = positional API order; new parameters are appended at the end)."""
 
 from __future__ import annotations
 
-from lib_imgcond.core.mixing import BLENDS, SCHEDULES
+from lib_imgcond.core.mixing import BLENDS, ORDERS, SCHEDULES
 from lib_imgcond.ui.spec import Param, Spec
 
 SPEC = Spec(
@@ -37,5 +37,26 @@ SPEC = Spec(
         Param("blend", "Blend function", "choice", "addition", choices=BLENDS),
         Param("normalize", "Normalise", "bool", False, info="match the mixed latent's per-channel mean/std to z′"),
         Param("fresh_noise", "Fresh noise per step", "bool", False, info="a new ε every step, not the pass's"),
+        Param(
+            "order",
+            "Mixing order",
+            "choice",
+            "demofusion",
+            choices=ORDERS,
+            xyz=True,
+            info="demofusion: mix before each step, at its noise level; iterative_mixer: mix after each step's update",
+        ),
+        Param("rewind", "Rewind", "bool", False, info="then re-noise the result and sample again from later steps"),
+        Param(
+            "rewind_min",
+            "Rewind min",
+            "float",
+            0.5,
+            0.01,
+            0.99,
+            0.01,
+            info="each rewind starts this fraction of the remaining steps later (0.5: 50 %, 75 %, …)",
+        ),
+        Param("rewind_max", "Rewind max", "float", 0.8, 0.01, 1.0, 0.01, info="no rewind starts after this fraction"),
     ],
 )
