@@ -103,9 +103,10 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
         if not state or state["job"].record is None or not state["trackers"]:
             return
         try:
-            host.finish_record(state["job"], state["trackers"], state["job"].values["save"])
+            host.finish_record(state["job"], state["trackers"], state["job"].values["save"], forge.interrupted())
         except ImgcondError as e:
             logger.error("%s", e)
+            forge.notify(processed, str(e))
 
 
 def _library_text() -> str:

@@ -126,6 +126,33 @@ def abort_generation(p: Any, error: Exception) -> None:
     p.sample = refuse
 
 
+NOTICE_KEY = "ImgCond notices"
+
+
+def notify(processed: Any, text: str) -> None:
+    """Show `text` with the result, from `postprocess`: under the image in the UI (the job's comments) and in the
+    API's `info` (`extra_generation_params["ImgCond notices"]`; the infotexts are already written, so no PNG
+    carries it)."""
+    processed.comments = f"{getattr(processed, 'comments', '') or ''}{text}\n"
+    params = getattr(processed, "extra_generation_params", None)
+    if isinstance(params, dict):
+        params.setdefault(NOTICE_KEY, []).append(text)
+
+
+def interrupted() -> bool:
+    """Whether the user interrupted or skipped the job that is ending."""
+    try:
+        from modules import shared
+    except ImportError:
+        return False
+    state = getattr(shared, "state", None)
+    return bool(
+        getattr(state, "interrupted", False)
+        or getattr(state, "skipped", False)
+        or getattr(state, "stopping_generation", False)
+    )
+
+
 def refuse_sampling(unet: Any, error: Exception) -> None:
     """Make a pass fail at its first model evaluation (for errors found once sampling has begun, e.g. in hires)."""
 

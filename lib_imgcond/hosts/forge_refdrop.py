@@ -258,6 +258,15 @@ class PassTracker:
     def progress(self) -> float:
         return self.trace[-1] if self.trace else 0.0
 
+    @property
+    def complete(self) -> bool:
+        """Whether the pass got as far as its last step (an interrupted pass stops short of it)."""
+        if self.eval < 0:
+            return False
+        if self.schedule is None or self.first is None:
+            return self.eval + 1 >= self.fallback_steps
+        return self.step >= self.n_steps - 1
+
 
 def _nearest(schedule: list[float], sigma: float) -> int | None:
     for i, s in enumerate(schedule[:-1]):
@@ -623,15 +632,29 @@ def capture_schedule(p: Any, tracker: PassTracker) -> None:
     sampler.get_sigmas = get_sigmas
 
 
-def finish_record(job: Job, trackers: dict[str, PassTracker], save_file: bool) -> store.Reference:
+def finish_record(
+    job: Job, trackers: dict[str, PassTracker], save_file: bool, interrupted: bool = False
+) -> store.Reference:
+    """Keep the recording as a reference (and save it), or, when the job was interrupted or a pass stopped short of
+    its last step, discard it and raise the message that says so: a partial reference would blend steps that were
+    never recorded as if they were."""
     for flush in job.flushers:
         flush()
     ref = job.record
+    short = [f"{name} pass: step {t.step + 1} of {t.n_steps}" for name, t in trackers.items() if not t.complete]
+    if interrupted or short:
+        job.record = None
+        where = "; ".join(short) or "the job was interrupted"
+        raise ImgcondError(
+            f"RefDrop: the recording of '{ref.name}' was interrupted ({where}) and was discarded; nothing was kept "
+            "or saved. Record it again."
+        )
     ref.meta["steps"] = {name: t.n_steps for name, t in trackers.items()}
     ref.meta["trace"] = {name: list(t.trace) for name, t in trackers.items()}
-    for name, t in trackers.items():
-        ref.meta["trace"][f"{name}_uncond"] = list(t.trace)
-        ref.meta["steps"][f"{name}_uncond"] = t.n_steps
+    if job.values.get("uncond"):  # list the uncond branch only where it was recorded
+        for name, t in trackers.items():
+            ref.meta["trace"][f"{name}_uncond"] = list(t.trace)
+            ref.meta["steps"][f"{name}_uncond"] = t.n_steps
     ref.finalize()
     with _LOCK:
         REFERENCES[ref.name] = ref

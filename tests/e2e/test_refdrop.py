@@ -190,3 +190,22 @@ def test_xyz_bad_axis_value_fails_before_the_grid(server, recorded):
     body = refdrop(forge.payload(seed=2), mode="Use", reference="cat")
     body.update(script_name="x/y/z plot", script_args=_xyz_args(server, "[RefDrop] RFG coefficient c", "0, 1.5"))
     assert "refdrop.coefficient" in server.generate_error(body)
+
+
+def test_interrupted_record_is_discarded_with_a_notice(server, recorded):
+    import threading
+    import time
+
+    body = refdrop(forge.payload(seed=3, steps=30), mode="Record", reference="half", save=True)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(out=server.generate(body)))
+    worker.start()
+    time.sleep(4)
+    server.post("/sdapi/v1/interrupt", {})
+    worker.join(600)
+    out = result["out"]
+    notices = out.info["extra_generation_params"].get("ImgCond notices") or []
+    assert any("recording of 'half' was interrupted" in n and "discarded" in n for n in notices), notices
+    names = {r["name"] for r in server.get("/imgcond/v1/refdrop/references")}
+    assert "half" not in names and "cat" in names
+    assert "does not exist" in server.generate_error(refdrop(forge.payload(), mode="Use", reference="half"))

@@ -129,3 +129,11 @@ def test_existing_attn1_replace_skips_our_own():
 def test_pass_name():
     assert forge.pass_name(fake_p()) == "first"
     assert forge.pass_name(fake_p(is_hr_pass=True)) == "hires"
+
+
+def test_notify_reaches_the_ui_comments_and_the_api_info():
+    processed = SimpleNamespace(comments="earlier\n", extra_generation_params={"Steps": 3})
+    forge.notify(processed, "RefDrop: discarded")
+    forge.notify(processed, "second")
+    assert processed.comments == "earlier\nRefDrop: discarded\nsecond\n"
+    assert processed.extra_generation_params[forge.NOTICE_KEY] == ["RefDrop: discarded", "second"]

@@ -37,6 +37,11 @@ def run_pass(unet, tracker_sigmas, q, k, v, **kw):
     return unet.run_attn1(q, k, v, opts(**kw))
 
 
+def record_steps(unet, q, k, v):
+    """All three steps of the recorded pass (a recording that stops short of its last step is discarded)."""
+    return [run_pass(unet, sigma, q, k, v) for sigma in (3.0, 2.0, 1.0)][0]
+
+
 def record(name="r", **values):
     job = host.Job({**VALUES, "mode": "Record", **values}, "sd15", frozenset(x[:3] for x in rd.layer_table("sd15")))
     job.record = host.store.Reference(name, "sd15", {"trace": {}})
@@ -57,18 +62,19 @@ def _clean_library():
 def test_record_stores_cond_row_and_returns_plain_attention():
     job, unet, tracker = record()
     q, k, v = qkv(0)
-    out = run_pass(unet, 3.0, q, k, v)
+    out = record_steps(unet, q, k, v)
     assert torch.equal(out, attn(q, k, v, HEADS))
     host.finish_record(job, {"first": tracker}, save_file=False)
     kr, vr = job.record.get(("first", 0, "output", 3, 0))
     assert torch.equal(kr, k[1:2]) and torch.equal(vr, v[1:2])  # chunks [uncond, cond]: cond is row 1
-    assert host.REFERENCES["r"].meta["trace"]["first"] == [0.0]
+    assert host.REFERENCES["r"].meta["trace"]["first"] == [0.0, 1 / 3, 2 / 3]
+    assert host.REFERENCES["r"].meta["steps"] == {"first": 3}  # the uncond branch was not recorded: not listed
 
 
 def test_use_with_identical_kv_is_bit_exact_and_other_kv_blends():
     job, unet, tracker = record()
     q, k, v = qkv(0)
-    run_pass(unet, 3.0, q, k, v)
+    record_steps(unet, q, k, v)
     host.finish_record(job, {"first": tracker}, save_file=False)
     use = host.Job(dict(VALUES), "sd15", job.layers, uses=[(host.REFERENCES["r"], 0.7)])
     unet2 = FakeUnetPatcher()
@@ -91,7 +97,7 @@ def test_use_with_identical_kv_is_bit_exact_and_other_kv_blends():
 def test_window_and_layer_selection_leave_attention_alone():
     job, unet, tracker = record()
     q, k, v = qkv(0)
-    run_pass(unet, 3.0, q, k, v)
+    record_steps(unet, q, k, v)
     host.finish_record(job, {"first": tracker}, save_file=False)
     ref = host.REFERENCES["r"]
     q2, k2, v2 = qkv(2)
@@ -205,7 +211,7 @@ def test_fused_path_matches_separate_calls():
 def test_library_lists_a_corrupt_file_as_broken_beside_the_good_ones(monkeypatch, tmp_path):
     monkeypatch.setattr(host, "references_dir", lambda: str(tmp_path))
     job, unet, tracker = record("good")
-    run_pass(unet, 3.0, *qkv(0))
+    record_steps(unet, *qkv(0))
     host.finish_record(job, {"first": tracker}, save_file=True)
     host.REFERENCES.clear()  # listed from its file, as after a restart
     (tmp_path / "bad.safetensors").write_bytes(torch.Generator().manual_seed(0).seed().to_bytes(8, "little") * 64)
@@ -217,3 +223,24 @@ def test_library_lists_a_corrupt_file_as_broken_beside_the_good_ones(monkeypatch
         host.lookup("bad")  # Use of it: the same clear error
     assert host.delete("bad") and not (tmp_path / "bad.safetensors").exists()
     assert [r["name"] for r in host.describe()] == ["good"]
+
+
+def test_an_interrupted_recording_is_discarded_with_a_message(monkeypatch, tmp_path):
+    monkeypatch.setattr(host, "references_dir", lambda: str(tmp_path))
+    job, unet, tracker = record("half", save=True)
+    run_pass(unet, 3.0, *qkv(0))  # step 1 of 3, then the user pressed Interrupt
+    with pytest.raises(ImgcondError, match=r"recording of 'half' was interrupted \(first pass: step 1 of 3\)"):
+        host.finish_record(job, {"first": tracker}, save_file=True)
+    assert "half" not in host.REFERENCES and not list(tmp_path.iterdir()) and job.record is None
+    job, unet, tracker = record("whole")
+    record_steps(unet, *qkv(0))  # all steps ran, but the host says the job was interrupted (e.g. a later image)
+    with pytest.raises(ImgcondError, match="the job was interrupted"):
+        host.finish_record(job, {"first": tracker}, save_file=False, interrupted=True)
+    assert "whole" not in host.REFERENCES
+
+
+def test_uncond_branch_listed_only_when_recorded():
+    job, unet, tracker = record("both", uncond=True)
+    record_steps(unet, *qkv(0))
+    host.finish_record(job, {"first": tracker}, save_file=False)
+    assert host.REFERENCES["both"].meta["steps"] == {"first": 3, "first_uncond": 3}
