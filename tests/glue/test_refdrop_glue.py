@@ -39,7 +39,8 @@ def run_pass(unet, tracker_sigmas, q, k, v, **kw):
 
 def record_steps(unet, q, k, v):
     """All three steps of the recorded pass (a recording that stops short of its last step is discarded)."""
-    return [run_pass(unet, sigma, q, k, v) for sigma in (3.0, 2.0, 1.0)][0]
+    outs = [run_pass(unet, sigma, q, k, v) for sigma in (3.0, 2.0, 1.0)]
+    return outs[0]
 
 
 def record(name="r", **values):
