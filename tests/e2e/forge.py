@@ -261,6 +261,11 @@ class ForgeServer:
         with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
             return json.loads(r.read())
 
+    def delete(self, path: str, timeout: float = 60):
+        req = urllib.request.Request(self.url + path, method="DELETE")
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+
     def post(self, path: str, payload: dict, timeout: float = 900) -> tuple[int, dict]:
         req = urllib.request.Request(
             self.url + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
@@ -399,3 +404,11 @@ def with_script(body: dict, title: str, args) -> dict:
     scripts[title] = {"args": args}
     body["alwayson_scripts"] = scripts
     return body
+
+
+def rss_mib(srv: ForgeServer) -> float:
+    """The server process's resident memory (MiB), from /proc."""
+    for line in Path(f"/proc/{srv.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS line")
