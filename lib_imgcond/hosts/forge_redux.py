@@ -215,8 +215,9 @@ def slot_mask(slot: dict):
     return None if image is None else image.mask
 
 
-def prepare_slot(slot: dict, k: int, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(image (3,S,S), mask (S,S) | None) for slot `k`; errors name the slot."""
+def prepare_slot(slot: dict, k: int, size: int, patch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(image (3,S,S), mask (S,S) | None) for slot `k`; errors name the slot. A mask that covers no token of the
+    encoder's patch grid is refused here (as selecting nothing)."""
     mask = slot_mask(slot)
     try:
         return rx.prepare(
@@ -225,6 +226,7 @@ def prepare_slot(slot: dict, k: int, size: int) -> tuple[torch.Tensor, torch.Ten
             slot["mode"],
             size,
             float(slot["margin"]),
+            patch=patch,
         )
     except ImgcondError as e:
         raise ImgcondError(f"Redux image {k}: {e}") from None
@@ -262,9 +264,11 @@ def describe_counts(values: dict, size: int = 384, patch: int = 14) -> tuple[str
     for k in active_slots(values):
         slot = slot_values(values, k)
         try:
-            image, mask = prepare_slot(slot, k, size)
+            image, mask = prepare_slot(slot, k, size, patch)
             tmask = rx.token_mask(mask, patch) if (mask is not None and slot["control"] == "advanced") else None
             n = count_tokens(slot, tmask, grid)
+            if n == 0:
+                raise ImgcondError("the mask selects no token; paint a larger region or remove the mask")
         except ImgcondError as e:
             parts.append(f"image {k}: ⚠️ {e}")
             continue
@@ -350,7 +354,7 @@ def plan(p: Any, values: dict) -> Job:
     redux_path = resolve("redux", values["redux_model"])
     cfg = vision_config(siglip_path)
     _check_redux_file(redux_path)
-    prepared = {k: prepare_slot(slot_values(values, k), k, cfg.image_size) for k in slots}
+    prepared = {k: prepare_slot(slot_values(values, k), k, cfg.image_size, cfg.patch) for k in slots}
     device, dtype = compute_device_dtype()
     vision = load_model("siglip", siglip_path, dtype)
     projector = load_model("redux", redux_path, dtype)
@@ -363,15 +367,12 @@ def plan(p: Any, values: dict) -> Job:
         tmask = rx.token_mask(mask, cfg.patch) if (mask is not None and slot["control"] == "advanced") else None
         tokens = process_tokens(raw, slot, tmask)
         n = int(tokens.shape[1])
-        if n == 0:
-            logger.warning("Redux image %d: the mask selects no token; nothing is appended for it", k)
-            continue
+        if n == 0:  # prepare_slot refuses masks without a token; this guards the downsampled mask too
+            raise ImgcondError(f"Redux image {k}: the mask selects no token; paint a larger region or remove the mask")
         bias = float(slot["strength"]) if slot["strength_type"] == "attn_bias" else None
         spans.append(Span(k, offset, n, bias))
         pieces.append(tokens)
         offset += n
-    if not pieces:
-        raise ImgcondError("Redux: the masks select no token in any image; paint larger regions or remove the masks")
     job = Job(values, torch.cat(pieces, dim=1), spans, os.path.basename(siglip_path), os.path.basename(redux_path))
     logger.info("Redux: %d tokens from image(s) %s", job.count, ", ".join(str(s.slot) for s in spans))
     return job

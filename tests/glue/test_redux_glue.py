@@ -216,6 +216,20 @@ def test_mask_selects_tokens_and_errors(models):
         host.plan(fake_p("flux"), values(image2=ImageInput(picture()), mode2="autocrop"))
 
 
+@pytest.mark.parametrize("control", ["advanced", "medium"])
+def test_mask_that_selects_no_token_is_an_error_naming_the_image(models, control):
+    """The issue's input: 500×300, centre crop, mask rows H/4..H/2 × columns W−W/5..W. It used to append 0 tokens for
+    that image without an error (ringing left pixels > 0 that no patch covers)."""
+    w, h = 500, 300
+    outside = ImageInput(picture(w, h, seed=2), mask_box(w, h, (w - w // 5, h // 4, w, h // 2)))
+    kw = {"image2": outside, "control2": control, "factor2": 1.0, "control1": "lowest"}
+    with pytest.raises(ImgcondError, match=r"^Redux image 2: the mask selects no token"):
+        host.plan(fake_p("flux"), values(**kw))
+    text = host.describe_counts(values(**kw))[0]
+    assert "image 1: 25" in text and "image 2: ⚠️ Redux image 2: the mask selects no token" in text
+    assert text.startswith("**25 Redux tokens**")
+
+
 # --- patches ----------------------------------------------------------------------------------------------------------
 class FakeCrossAttn:
     """backend.sampling.condition.ConditionCrossAttn, reduced to what matters here."""
