@@ -25,15 +25,17 @@ import torch
 import torch.nn.functional as F
 
 from lib_imgcond.core import redux as rx
+from lib_imgcond.core import token_merge as tm
 from lib_imgcond.core import vision as vs
 from lib_imgcond.core.errors import ImgcondError
 from lib_imgcond.hosts import forge
 from lib_imgcond.log import logger
-from lib_imgcond.ui.redux_spec import SLOT_FIELDS, SLOTS, slot_values
+from lib_imgcond.ui.redux_spec import MERGE_FIELDS, SLOT_FIELDS, SLOTS, slot_values
 
 KINDS = {"siglip": "SigLIP vision model", "redux": "Redux model"}
 EXTRA_DIRS_OPTION = "imgcond_redux_extra_dirs"
 _LOCK = threading.Lock()
+_ENCODE_LOCK = threading.Lock()  # one encoding at a time: the cached models move between devices
 _MODELS: dict[str, tuple[tuple, Any]] = {}  # kind → (file key, model on the offload device)
 _ENCODINGS: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # raw tokens of recent images (X/Y/Z cells re-use)
 _ENCODINGS_MAX = 8
@@ -238,12 +240,15 @@ def active_slots(values: dict) -> list[int]:
 
 # --- tokens -----------------------------------------------------------------------------------------------------------
 def process_tokens(raw: torch.Tensor, slot: dict, tmask_full: torch.Tensor | None) -> torch.Tensor:
-    """Raw Redux tokens (1, P², D) of one image → the tokens to append (1, N, D) after the slot's token control."""
+    """Raw Redux tokens (1, P², D) of one image → the tokens to append (1, N, D) after the slot's token control
+    (preset, or downsampling + mask selection), token merging, weight² and a `multiply` strength."""
     if slot["control"] != "advanced":
         tokens = rx.preset_tokens(raw, slot["control"])
     else:
         tokens, tmask = rx.downsample(raw, float(slot["factor"]), slot["interpolation"], tmask_full)
         tokens = rx.select(tokens, tmask)
+    if slot["automerge"]:
+        tokens = tm.automerge(tokens, float(slot["merge_threshold"]))[0].unsqueeze(0)
     tokens = rx.apply_weight(tokens, float(slot["weight"]))
     if slot["strength_type"] == "multiply":
         tokens = tokens * float(slot["strength"])
@@ -257,10 +262,15 @@ def count_tokens(slot: dict, tmask_full: torch.Tensor | None, grid: int) -> int:
     return rx.token_count(float(slot["factor"]), slot["interpolation"], tmask_full, grid)
 
 
-def describe_counts(values: dict, size: int = 384, patch: int = 14) -> tuple[str, list]:
-    """Token counts per used slot (for the UI) and the prepared (image, mask) PIL pairs. Errors become text."""
+def describe_counts(values: dict, size: int = 384, patch: int = 14, raw_tokens=None) -> tuple[str, list]:
+    """Token counts per used slot (for the UI) and the prepared (image, mask) PIL pairs. Errors become text.
+
+    How far merging shrinks a slot depends on the image's tokens: `raw_tokens(k, prepared_image)` gives the raw
+    tokens (1, P², D), or None when they are not known yet (see :func:`token_source`); the count is then an upper
+    bound and says so.
+    """
     grid = size // patch
-    parts, total, previews = [], 0, []
+    parts, total, previews, bound = [], 0, [], False
     for k in active_slots(values):
         slot = slot_values(values, k)
         try:
@@ -269,15 +279,52 @@ def describe_counts(values: dict, size: int = 384, patch: int = 14) -> tuple[str
             n = count_tokens(slot, tmask, grid)
             if n == 0:
                 raise ImgcondError("the mask selects no token; paint a larger region or remove the mask")
+            raw = raw_tokens(k, image) if (slot["automerge"] and raw_tokens is not None) else None
         except ImgcondError as e:
             parts.append(f"image {k}: ⚠️ {e}")
             continue
         previews.append((tensor_to_pil(image), None if mask is None else tensor_to_pil(mask), k))
+        if slot["automerge"] and raw is not None:
+            merged = int(process_tokens(raw, slot, tmask).shape[1])
+            parts.append(f"image {k}: {merged} (merged from {n})")
+            n = merged
+        elif slot["automerge"]:
+            bound = True
+            parts.append(f"image {k}: at most {n} (merged once encoded: preview or generate)")
+        else:
+            parts.append(f"image {k}: {n}")
         total += n
-        parts.append(f"image {k}: {n}")
     if not parts:
         return "No reference image yet: 0 tokens.", previews
-    return f"**{total} Redux tokens** will be appended ({', '.join(parts)}).", previews
+    amount = f"at most {total}" if bound else str(total)
+    return f"**{amount} Redux tokens** will be appended ({', '.join(parts)}).", previews
+
+
+def _model_key(siglip_path: str, redux_path: str, dtype: torch.dtype) -> tuple:
+    return (*_file_key(siglip_path), *_file_key(redux_path), str(dtype))
+
+
+def token_source(values: dict, compute: bool = False):
+    """`raw_tokens` for :func:`describe_counts`: the cached encoding of a prepared image under the chosen models
+    (None until a generation or preview encoded it), or with `compute` the encoding itself (loads the models).
+    None when the model files cannot be resolved."""
+    try:
+        siglip_path = resolve("siglip", values["siglip"])
+        redux_path = resolve("redux", values["redux_model"])
+    except (ImgcondError, OSError):
+        return None
+    device, dtype = compute_device_dtype()
+    model_key = _model_key(siglip_path, redux_path, dtype)
+
+    def raw_tokens(k: int, image: torch.Tensor) -> torch.Tensor | None:
+        if compute:
+            vision = load_model("siglip", siglip_path, dtype)
+            projector = load_model("redux", redux_path, dtype)
+            return encode(vision, projector, image, model_key, device, dtype)
+        with _LOCK:
+            return _ENCODINGS.get((*model_key, _image_key(image)))
+
+    return raw_tokens
 
 
 @dataclass
@@ -329,14 +376,15 @@ def encode(vision, projector, image: torch.Tensor, model_key: tuple, device, dty
         if key in _ENCODINGS:
             _ENCODINGS.move_to_end(key)
             return _ENCODINGS[key]
-    try:
-        _make_room(device, vision, projector)
-        vision.to(device)
-        projector.to(device)
-        tokens = rx.encode_tokens(vision, projector, image[None].to(device)).float().cpu()
-    finally:
-        vision.to("cpu")
-        projector.to("cpu")
+    with _ENCODE_LOCK:
+        try:
+            _make_room(device, vision, projector)
+            vision.to(device)
+            projector.to(device)
+            tokens = rx.encode_tokens(vision, projector, image[None].to(device)).float().cpu()
+        finally:
+            vision.to("cpu")
+            projector.to("cpu")
     with _LOCK:
         _ENCODINGS[key] = tokens
         while len(_ENCODINGS) > _ENCODINGS_MAX:
@@ -358,7 +406,7 @@ def plan(p: Any, values: dict) -> Job:
     device, dtype = compute_device_dtype()
     vision = load_model("siglip", siglip_path, dtype)
     projector = load_model("redux", redux_path, dtype)
-    model_key = (*_file_key(siglip_path), *_file_key(redux_path), str(dtype))
+    model_key = _model_key(siglip_path, redux_path, dtype)
     pieces, spans, offset = [], [], 0
     for k in slots:
         slot = slot_values(values, k)
@@ -379,9 +427,11 @@ def plan(p: Any, values: dict) -> Job:
 
 
 def infotext_skip(values: dict) -> list[str]:
-    """Parameters of unused slots are left out of the infotext."""
+    """Parameters of unused slots, and the merge parameters of slots that do not merge, are left out of the
+    infotext (so an image without merging has the same infotext as before merging existed)."""
     used = set(active_slots(values))
-    return [f"{name}{k}" for k in range(1, SLOTS + 1) if k not in used for name in SLOT_FIELDS]
+    skip = [f"{name}{k}" for k in range(1, SLOTS + 1) if k not in used for name in SLOT_FIELDS]
+    return skip + [f"{name}{k}" for k in sorted(used) if not values[f"automerge{k}"] for name in MERGE_FIELDS]
 
 
 # --- the patches ----------------------------------------------------------------------------------------------------
