@@ -22,6 +22,7 @@ from lib_imgcond.core.redux import ReduxProjector
 from lib_imgcond.core.vision import VisionConfig, VisionTransformer
 from lib_imgcond.hosts import forge
 from lib_imgcond.hosts import forge_redux as host
+from lib_imgcond.hosts import forge_redux_files as files
 from lib_imgcond.ui.redux_spec import SLOT_FIELDS, SLOTS, SPEC, expand_images
 from lib_imgcond.ui.spec import ImageInput
 from tests.glue.fakes import FakeUnetPatcher, fake_p
@@ -38,7 +39,7 @@ def _save(module: torch.nn.Module, path) -> None:
 @pytest.fixture
 def models(tmp_path, monkeypatch):
     monkeypatch.setattr(forge, "models_dir", lambda *parts: str(tmp_path.joinpath(*parts)))
-    monkeypatch.setattr(host, "extra_dirs", lambda: [])
+    monkeypatch.setattr(files, "extra_dirs", lambda: [])
     (tmp_path / "imgcond" / "siglip").mkdir(parents=True)
     (tmp_path / "imgcond" / "redux").mkdir(parents=True)
     with torch.device("cpu"):
@@ -51,7 +52,7 @@ def models(tmp_path, monkeypatch):
             tmp_path / "imgcond/siglip/a-clip-l.safetensors",
         )
         _save(ReduxProjector(16, 32, 64), tmp_path / "imgcond/redux/redux-tiny.safetensors")
-    host._MODELS.clear()
+    files._MODELS.clear()
     host._ENCODINGS.clear()
     return tmp_path
 
@@ -138,7 +139,7 @@ def test_extra_folders_from_settings(models, tmp_path_factory, monkeypatch):
     extra = tmp_path_factory.mktemp("extra")
     (extra / "redux").mkdir()
     (models / "imgcond/redux/redux-tiny.safetensors").rename(extra / "redux" / "other.safetensors")
-    monkeypatch.setattr(host, "extra_dirs", lambda: [str(extra)])
+    monkeypatch.setattr(files, "extra_dirs", lambda: [str(extra)])
     assert host.list_files("redux") == ["other.safetensors"]
     assert host.resolve("redux", "other.safetensors") == str(extra / "redux" / "other.safetensors")
 
