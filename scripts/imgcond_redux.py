@@ -12,7 +12,7 @@ from lib_imgcond.core.errors import ImgcondError
 from lib_imgcond.hosts import forge
 from lib_imgcond.hosts import forge_redux as host
 from lib_imgcond.ui import panel, registry, script, xyz
-from lib_imgcond.ui.redux_spec import SLOTS, SPEC, expand_images
+from lib_imgcond.ui.redux_spec import SLOTS, SPEC, automerge_paster, expand_images
 
 registry.register(SPEC)
 STATE_KEY = "redux"
@@ -89,6 +89,7 @@ class ReduxScript(script.TechniqueScript, scripts.Script):
                                 p[f"strength_type{k}"], eid(f"strength_type{k}")
                             )
                             comps[f"strength{k}"] = panel.component(p[f"strength{k}"], eid(f"strength{k}"))
+                        panel.row(SPEC, comps, (f"automerge{k}", f"merge_threshold{k}"), eid)
                         with gr.Row():
                             button = gr.Button("Preview prepared image and mask", elem_id=eid(f"preview{k}"))
                         with gr.Row():
@@ -108,7 +109,7 @@ class ReduxScript(script.TechniqueScript, scripts.Script):
             except ImgcondError as e:
                 return f"⚠️ {e}"
             size, patch = _encoder_geometry(values["siglip"])
-            return host.describe_counts(values, size, patch)[0]
+            return host.describe_counts(values, size, patch, host.token_source(values))[0]
 
         def preview_fn(k, *args):
             try:
@@ -116,7 +117,10 @@ class ReduxScript(script.TechniqueScript, scripts.Script):
             except ImgcondError as e:
                 return None, None, f"⚠️ {e}"
             size, patch = _encoder_geometry(values["siglip"])
-            text, prepared = host.describe_counts(values, size, patch)
+            try:  # a preview encodes the images that merge tokens, so their exact count can be shown
+                text, prepared = host.describe_counts(values, size, patch, host.token_source(values, compute=True))
+            except Exception as e:  # loading or running the encoder: show it, never break the UI
+                return None, None, f"⚠️ Redux: {type(e).__name__}: {e}"
             for image, mask, slot in prepared:
                 if slot == k:
                     return image, mask, text
@@ -134,7 +138,10 @@ class ReduxScript(script.TechniqueScript, scripts.Script):
         refresh.click(
             refresh_fn, inputs=[comps["siglip"], comps["redux_model"]], outputs=[comps["siglip"], comps["redux_model"]]
         )
-        return self.finish_ui(enabled, comps)
+        result = self.finish_ui(enabled, comps)
+        merge = {id(comps[f"automerge{k}"]): automerge_paster(k) for k in range(1, SLOTS + 1)}
+        self.infotext_fields = [(c, merge.get(id(c), fn)) for c, fn in self.infotext_fields]
+        return result
 
     def process(self, p, *args):
         values = self.parse_args(p, args)

@@ -18,7 +18,9 @@ Two modes
   reuse it also uses up the image tokens it passes through);
 * in concept mapping, a concept token that got no image token (fewer image tokens than concept tokens)
   maps to image token 0;
-* images are CLIP-normalised from [-1, 1] data (:func:`normalize_image_compat`).
+* images are prepared by the original's own pipeline (LANCZOS to long side 512 with the short side floored to a
+  multiple of 64, [-1, 1] crop, unclamped bicubic resize) and CLIP-normalised from [-1, 1] data
+  (:mod:`lib_imgcond.core.flex_image`).
 The seed-era version (2022-09-30) that zeroed text position 76 is not reproduced.
 
 ``compatible=False`` (default, "corrected") keeps every rule but removes the shift: slot ``t`` holds

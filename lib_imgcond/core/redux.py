@@ -213,6 +213,7 @@ def prepare(
     mode: str = "center_crop",
     size: int = 384,
     margin: float = 0.1,
+    patch: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fit a (3,H,W) image in [0,1] (and an optional (H,W) mask in [0,1]) to the ``size``² encoder input.
 
@@ -222,12 +223,16 @@ def prepare(
     Images use bicubic + antialias, masks bicubic without antialias (as the original); both are clamped to [0,1].
     Returns (image (3,size,size) float32, mask (size,size) float32 or None). The mask is None only for
     center_crop without a mask. Raises :class:`ImgcondError` for a missing/empty/mis-sized mask, or one that
-    disappears during preparation (e.g. lies outside the centre-crop window).
+    selects nothing once prepared (e.g. lies outside the centre-crop window). With ``patch`` (the encoder's patch
+    size) "nothing" is judged on the token mask that is actually used (:func:`token_mask`): resampling ringing
+    that survives only in the trailing pixels no patch covers (384 = 27·14 + 6) does not count as a selection.
     """
     if mode not in MODES:
         raise ArgumentError("mode", mode, " / ".join(MODES))
     if not isinstance(size, int) or size < 1:
         raise ArgumentError("size", size, "a positive integer")
+    if patch is not None and (isinstance(patch, bool) or not isinstance(patch, int) or not 1 <= patch <= size):
+        raise ArgumentError("patch", patch, f"an integer from 1 to {size}")
     if not (isinstance(margin, (int, float)) and 0.0 <= margin <= 1.0):
         raise ArgumentError("margin", margin, "a number from 0 to 1")
     if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3 or image.numel() == 0:
@@ -257,10 +262,23 @@ def prepare(
             mask = image.new_ones(height, width)
         image, mask = _letterbox(image, mask, size)
 
-    if mask is not None and not bool((mask > 0).any()):
-        where = "outside the centre-crop window" if mode == "center_crop" else f"lost when scaling to {size}²"
-        raise ImgcondError(f"the mask is {where}; use keep_aspect or autocrop, or paint a larger region")
+    if mask is not None:
+        _check_selection(mask, mode, size, patch)
     return image.contiguous(), None if mask is None else mask.contiguous()
+
+
+def _check_selection(mask: torch.Tensor, mode: str, size: int, patch: int | None) -> None:
+    """Raise when the prepared mask selects nothing: no pixel > 0, or (with ``patch``) no token."""
+    where = "outside the centre-crop window" if mode == "center_crop" else f"lost when scaling to {size}²"
+    if not bool((mask > 0).any()):
+        raise ImgcondError(f"the mask is {where}; use keep_aspect or autocrop, or paint a larger region")
+    if patch is not None and not bool((token_mask(mask, patch) > 0).any()):
+        grid = size // patch
+        raise ImgcondError(
+            f"the mask selects no token: it is {where} (only faint resampling traces remain, in the last "
+            f"{size - grid * patch} pixel rows/columns that no {patch}×{patch} patch of the {grid}×{grid} token grid "
+            "covers); use keep_aspect or autocrop, or paint a larger region"
+        )
 
 
 # ----------------------------------------------------------------------------------------------- token operations

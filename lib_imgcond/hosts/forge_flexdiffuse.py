@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
+from lib_imgcond.core import flex_image, vision
 from lib_imgcond.core import flexdiffuse as fd
-from lib_imgcond.core import vision
 from lib_imgcond.core.errors import ArgumentError, ImgcondError
 from lib_imgcond.hosts import forge
 from lib_imgcond.log import logger
@@ -233,11 +233,23 @@ def image_tensor(image: ImageInput) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0)
 
 
+def compat_pixels(image: ImageInput, size: int) -> torch.Tensor:
+    """FlexDiffuse's own preprocessing of a guidance image → normalised (1, 3, size, size) float32 pixels: PIL
+    LANCZOS to the original's size (long side 512, short side floored to a multiple of 64), then
+    :func:`lib_imgcond.core.flex_image.compat_pixels` (the [-1, 1] crop, unclamped bicubic resize, normalisation)."""
+    from PIL import Image
+
+    pil = image.image
+    resized = pil.resize(flex_image.compat_resize_size(*pil.size), resample=Image.LANCZOS).convert("RGB")
+    return flex_image.compat_pixels(image_tensor(ImageInput(resized)), size)
+
+
 @torch.no_grad()
 def encode_images(model: vision.VisionTransformer, images: list[ImageInput], compatible: bool) -> list[torch.Tensor]:
     """Projected CLIP tokens (1 + patches, proj) of every image, float32 on the CPU.
 
-    Corrected mode uses the proper CLIP normalisation of [0, 1] pixels; compatible mode FlexDiffuse's [-1, 1] one.
+    Corrected mode: the encoder's standard preprocessing (short side to the input size, centre crop, 8-bit,
+    CLIP normalisation of [0, 1] pixels). Compatible mode: FlexDiffuse's own pipeline (:func:`compat_pixels`).
     """
     device, storage, _dtype = _placement()
     if device != storage:
@@ -247,15 +259,10 @@ def encode_images(model: vision.VisionTransformer, images: list[ImageInput], com
         out = []
         cfg = model.config
         for i, image in enumerate(images):
-            x = image_tensor(image)
             if compatible:
-                pixels = vision.preprocess(x, cfg)  # resized, cropped, quantised, CLIP-normalised
-                mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
-                std = torch.tensor(cfg.std).view(1, 3, 1, 1)
-                pixels = fd.normalize_image_compat(pixels * std + mean)
-                result = model(pixels.to(device))
+                result = model(compat_pixels(image, cfg.image_size).to(device))
             else:
-                result = model.encode(x)
+                result = model.encode(image_tensor(image))
             tokens = result.projected_tokens[0].float().cpu()
             if not bool(torch.isfinite(tokens).all()):
                 raise ImgcondError(

@@ -1,4 +1,4 @@
-"""Flux Redux on Forge: model files, per-job planning (prepare + encode once), and the pass patches.
+"""Flux Redux on Forge: per-job planning (prepare + encode once) and the pass patches (model files: forge_redux_files).
 
 `plan` runs in `process()`: it checks the model family, the files and every reference image, and encodes the images
 (so every user error surfaces before sampling). `install` puts two things on the pass's UnetPatcher clone:
@@ -24,159 +24,27 @@ from typing import Any
 import torch
 
 from lib_imgcond.core import redux as rx
-from lib_imgcond.core import vision as vs
+from lib_imgcond.core import token_merge as tm
 from lib_imgcond.core.errors import ImgcondError
 from lib_imgcond.hosts import forge, redux_bias
+from lib_imgcond.hosts.forge_redux_files import (  # noqa: F401  (re-exported: the scripts use them from here)
+    EXTRA_DIRS_OPTION,
+    KINDS,
+    _check_redux_file,
+    _file_key,
+    compute_device_dtype,
+    list_files,
+    load_model,
+    resolve,
+    vision_config,
+)
 from lib_imgcond.log import logger
-from lib_imgcond.ui.redux_spec import SLOT_FIELDS, SLOTS, slot_values
+from lib_imgcond.ui.redux_spec import MERGE_FIELDS, SLOT_FIELDS, SLOTS, slot_values
 
-KINDS = {"siglip": "SigLIP vision model", "redux": "Redux model"}
-EXTRA_DIRS_OPTION = "imgcond_redux_extra_dirs"
 _LOCK = threading.Lock()
-_MODELS: dict[str, tuple[tuple, Any]] = {}  # kind → (file key, model on the offload device)
+_ENCODE_LOCK = threading.Lock()  # one encoding at a time: the cached models move between devices
 _ENCODINGS: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # raw tokens of recent images (X/Y/Z cells re-use)
 _ENCODINGS_MAX = 8
-
-
-# --- model files ------------------------------------------------------------------------------------------------------
-def extra_dirs() -> list[str]:
-    """Folders from the settings option (separated by ';' or new lines)."""
-    try:
-        from modules import shared
-
-        text = str(getattr(shared.opts, EXTRA_DIRS_OPTION, "") or "")
-    except Exception:  # no WebUI (tests)
-        text = ""
-    return [d.strip() for d in text.replace("\n", ";").split(";") if d.strip()]
-
-
-def model_dirs(kind: str) -> list[str]:
-    """models/imgcond/<kind>/ first, then each extra folder and its <kind>/ subfolder when present."""
-    dirs = [forge.models_dir("imgcond", kind)]
-    for d in extra_dirs():
-        for cand in (os.path.join(d, kind), d):
-            if os.path.isdir(cand) and cand not in dirs:
-                dirs.append(cand)
-    return dirs
-
-
-def list_files(kind: str) -> list[str]:
-    """Names of the .safetensors files of `kind`, in folder order then alphabetically, without duplicates."""
-    out: list[str] = []
-    for d in model_dirs(kind):
-        try:
-            names = sorted(os.listdir(d))
-        except OSError:
-            continue
-        out += [n for n in names if n.lower().endswith(".safetensors") and n not in out]
-    return out
-
-
-def resolve(kind: str, name: str) -> str:
-    """The path of model file `name` ('' = the first one found); ImgcondError naming the folders otherwise."""
-    label, dirs = KINDS[kind], model_dirs(kind)
-    where = " or ".join(dirs)
-    name = (name or "").strip()
-    if name and not name.lower().endswith(".safetensors"):
-        raise ImgcondError(
-            f"Redux: the {label} '{name}' is not a .safetensors file (only those are loaded from {where})"
-        )
-    if not name:
-        files = list_files(kind)
-        if not files:
-            wanted = "sigclip_vision_patch14_384.safetensors" if kind == "siglip" else "flux1-redux-dev.safetensors"
-            raise ImgcondError(f"Redux needs a {label}: no .safetensors file in {where}. Put {wanted} there.")
-        return _first_valid(kind, [_find(dirs, n) for n in files])
-    path = _find(dirs, name)
-    if path is not None:
-        return path
-    raise ImgcondError(f"Redux: the {label} '{name}' was not found in {where}")
-
-
-def _find(dirs: list[str], name: str) -> str | None:
-    for d in dirs:
-        path = os.path.join(d, os.path.basename(name))
-        if os.path.isfile(path):
-            return path
-    return None
-
-
-def _first_valid(kind: str, paths: list[str]) -> str:
-    """Automatic choice: the first file whose header fits the slot (so a stray file does not shadow the right one)."""
-    check = vision_config if kind == "siglip" else _check_redux_file
-    first_error = None
-    for path in paths:
-        try:
-            check(path)
-            return path
-        except ImgcondError as e:
-            first_error = first_error or e
-    raise first_error
-
-
-def _file_key(path: str) -> tuple:
-    st = os.stat(path)
-    return (os.path.abspath(path), st.st_mtime_ns, st.st_size)
-
-
-def compute_device_dtype() -> tuple[torch.device, torch.dtype]:
-    try:
-        from backend import memory_management as mm
-
-        device = mm.get_torch_device()
-        fp16 = device.type == "cuda" and mm.should_use_fp16(device)
-        return device, torch.float16 if fp16 else torch.float32
-    except ImportError:
-        return torch.device("cpu"), torch.float32
-
-
-def _shapes(path: str) -> dict:
-    try:
-        return vs.read_shapes(path)
-    except Exception as e:  # safetensors' own errors: truncated file, not a safetensors file, ...
-        raise ImgcondError(f"Redux: {os.path.basename(path)} cannot be read as a .safetensors file ({e})") from None
-
-
-def vision_config(path: str) -> vs.VisionConfig:
-    """Architecture of a SigLIP file from its header; a clear error for any other file (CLIP, T5, ...)."""
-    name = os.path.basename(path)
-    try:
-        cfg = vs.detect_config(_shapes(path), source=name)
-    except ImgcondError as e:
-        raise ImgcondError(f"Redux SigLIP vision model: {e}") from None
-    vs.expect_kind(cfg, {"siglip"}, "Redux SigLIP vision model")
-    return cfg
-
-
-def _check_redux_file(path: str) -> None:
-    keys = _shapes(path)
-    if "redux_down.weight" not in keys:
-        raise ImgcondError(
-            f"Redux model: {os.path.basename(path)} looks like {vs.describe_keys(keys)}, expected the Flux Redux "
-            "style model (flux1-redux-dev.safetensors)"
-        )
-
-
-def load_model(kind: str, path: str, dtype: torch.dtype) -> Any:
-    """The loaded SigLIP / Redux model (cached: one per kind, reloaded when the file or dtype changes)."""
-    from safetensors.torch import load_file
-
-    key = (*_file_key(path), dtype)
-    with _LOCK:
-        cached = _MODELS.get(kind)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        _MODELS.pop(kind, None)
-        name = os.path.basename(path)
-        if kind == "siglip":
-            vision_config(path)
-            model = vs.load_vision_model(load_file(path), dtype=dtype, source=name)
-        else:
-            _check_redux_file(path)
-            model = rx.load_redux(load_file(path), dtype=dtype, source=name)
-        _MODELS[kind] = (key, model)
-        logger.info("Redux: loaded %s %s", KINDS[kind], name)
-        return model
 
 
 # --- images -----------------------------------------------------------------------------------------------------------
@@ -214,8 +82,9 @@ def slot_mask(slot: dict):
     return None if image is None else image.mask
 
 
-def prepare_slot(slot: dict, k: int, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(image (3,S,S), mask (S,S) | None) for slot `k`; errors name the slot."""
+def prepare_slot(slot: dict, k: int, size: int, patch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(image (3,S,S), mask (S,S) | None) for slot `k`; errors name the slot. A mask that covers no token of the
+    encoder's patch grid is refused here (as selecting nothing)."""
     mask = slot_mask(slot)
     try:
         return rx.prepare(
@@ -224,6 +93,7 @@ def prepare_slot(slot: dict, k: int, size: int) -> tuple[torch.Tensor, torch.Ten
             slot["mode"],
             size,
             float(slot["margin"]),
+            patch=patch,
         )
     except ImgcondError as e:
         raise ImgcondError(f"Redux image {k}: {e}") from None
@@ -235,12 +105,15 @@ def active_slots(values: dict) -> list[int]:
 
 # --- tokens -----------------------------------------------------------------------------------------------------------
 def process_tokens(raw: torch.Tensor, slot: dict, tmask_full: torch.Tensor | None) -> torch.Tensor:
-    """Raw Redux tokens (1, P², D) of one image → the tokens to append (1, N, D) after the slot's token control."""
+    """Raw Redux tokens (1, P², D) of one image → the tokens to append (1, N, D) after the slot's token control
+    (preset, or downsampling + mask selection), token merging, weight² and a `multiply` strength."""
     if slot["control"] != "advanced":
         tokens = rx.preset_tokens(raw, slot["control"])
     else:
         tokens, tmask = rx.downsample(raw, float(slot["factor"]), slot["interpolation"], tmask_full)
         tokens = rx.select(tokens, tmask)
+    if slot["automerge"]:
+        tokens = tm.automerge(tokens, float(slot["merge_threshold"]))[0].unsqueeze(0)
     tokens = rx.apply_weight(tokens, float(slot["weight"]))
     if slot["strength_type"] == "multiply":
         tokens = tokens * float(slot["strength"])
@@ -254,25 +127,69 @@ def count_tokens(slot: dict, tmask_full: torch.Tensor | None, grid: int) -> int:
     return rx.token_count(float(slot["factor"]), slot["interpolation"], tmask_full, grid)
 
 
-def describe_counts(values: dict, size: int = 384, patch: int = 14) -> tuple[str, list]:
-    """Token counts per used slot (for the UI) and the prepared (image, mask) PIL pairs. Errors become text."""
+def describe_counts(values: dict, size: int = 384, patch: int = 14, raw_tokens=None) -> tuple[str, list]:
+    """Token counts per used slot (for the UI) and the prepared (image, mask) PIL pairs. Errors become text.
+
+    How far merging shrinks a slot depends on the image's tokens: `raw_tokens(k, prepared_image)` gives the raw
+    tokens (1, P², D), or None when they are not known yet (see :func:`token_source`); the count is then an upper
+    bound and says so.
+    """
     grid = size // patch
-    parts, total, previews = [], 0, []
+    parts, total, previews, bound = [], 0, [], False
     for k in active_slots(values):
         slot = slot_values(values, k)
         try:
-            image, mask = prepare_slot(slot, k, size)
+            image, mask = prepare_slot(slot, k, size, patch)
             tmask = rx.token_mask(mask, patch) if (mask is not None and slot["control"] == "advanced") else None
             n = count_tokens(slot, tmask, grid)
+            if n == 0:
+                raise ImgcondError("the mask selects no token; paint a larger region or remove the mask")
+            raw = raw_tokens(k, image) if (slot["automerge"] and raw_tokens is not None) else None
         except ImgcondError as e:
             parts.append(f"image {k}: ⚠️ {e}")
             continue
         previews.append((tensor_to_pil(image), None if mask is None else tensor_to_pil(mask), k))
+        if slot["automerge"] and raw is not None:
+            merged = int(process_tokens(raw, slot, tmask).shape[1])
+            parts.append(f"image {k}: {merged} (merged from {n})")
+            n = merged
+        elif slot["automerge"]:
+            bound = True
+            parts.append(f"image {k}: at most {n} (merged once encoded: preview or generate)")
+        else:
+            parts.append(f"image {k}: {n}")
         total += n
-        parts.append(f"image {k}: {n}")
     if not parts:
         return "No reference image yet: 0 tokens.", previews
-    return f"**{total} Redux tokens** will be appended ({', '.join(parts)}).", previews
+    amount = f"at most {total}" if bound else str(total)
+    return f"**{amount} Redux tokens** will be appended ({', '.join(parts)}).", previews
+
+
+def _model_key(siglip_path: str, redux_path: str, dtype: torch.dtype) -> tuple:
+    return (*_file_key(siglip_path), *_file_key(redux_path), str(dtype))
+
+
+def token_source(values: dict, compute: bool = False):
+    """`raw_tokens` for :func:`describe_counts`: the cached encoding of a prepared image under the chosen models
+    (None until a generation or preview encoded it), or with `compute` the encoding itself (loads the models).
+    None when the model files cannot be resolved."""
+    try:
+        siglip_path = resolve("siglip", values["siglip"])
+        redux_path = resolve("redux", values["redux_model"])
+    except (ImgcondError, OSError):
+        return None
+    device, dtype = compute_device_dtype()
+    model_key = _model_key(siglip_path, redux_path, dtype)
+
+    def raw_tokens(k: int, image: torch.Tensor) -> torch.Tensor | None:
+        if compute:
+            vision = load_model("siglip", siglip_path, dtype)
+            projector = load_model("redux", redux_path, dtype)
+            return encode(vision, projector, image, model_key, device, dtype)
+        with _LOCK:
+            return _ENCODINGS.get((*model_key, _image_key(image)))
+
+    return raw_tokens
 
 
 @dataclass
@@ -324,14 +241,15 @@ def encode(vision, projector, image: torch.Tensor, model_key: tuple, device, dty
         if key in _ENCODINGS:
             _ENCODINGS.move_to_end(key)
             return _ENCODINGS[key]
-    try:
-        _make_room(device, vision, projector)
-        vision.to(device)
-        projector.to(device)
-        tokens = rx.encode_tokens(vision, projector, image[None].to(device)).float().cpu()
-    finally:
-        vision.to("cpu")
-        projector.to("cpu")
+    with _ENCODE_LOCK:
+        try:
+            _make_room(device, vision, projector)
+            vision.to(device)
+            projector.to(device)
+            tokens = rx.encode_tokens(vision, projector, image[None].to(device)).float().cpu()
+        finally:
+            vision.to("cpu")
+            projector.to("cpu")
     with _LOCK:
         _ENCODINGS[key] = tokens
         while len(_ENCODINGS) > _ENCODINGS_MAX:
@@ -349,11 +267,11 @@ def plan(p: Any, values: dict) -> Job:
     redux_path = resolve("redux", values["redux_model"])
     cfg = vision_config(siglip_path)
     _check_redux_file(redux_path)
-    prepared = {k: prepare_slot(slot_values(values, k), k, cfg.image_size) for k in slots}
+    prepared = {k: prepare_slot(slot_values(values, k), k, cfg.image_size, cfg.patch) for k in slots}
     device, dtype = compute_device_dtype()
     vision = load_model("siglip", siglip_path, dtype)
     projector = load_model("redux", redux_path, dtype)
-    model_key = (*_file_key(siglip_path), *_file_key(redux_path), str(dtype))
+    model_key = _model_key(siglip_path, redux_path, dtype)
     pieces, spans, offset = [], [], 0
     for k in slots:
         slot = slot_values(values, k)
@@ -362,24 +280,23 @@ def plan(p: Any, values: dict) -> Job:
         tmask = rx.token_mask(mask, cfg.patch) if (mask is not None and slot["control"] == "advanced") else None
         tokens = process_tokens(raw, slot, tmask)
         n = int(tokens.shape[1])
-        if n == 0:
-            logger.warning("Redux image %d: the mask selects no token; nothing is appended for it", k)
-            continue
+        if n == 0:  # prepare_slot refuses masks without a token; this guards the downsampled mask too
+            raise ImgcondError(f"Redux image {k}: the mask selects no token; paint a larger region or remove the mask")
         bias = float(slot["strength"]) if slot["strength_type"] == "attn_bias" else None
         spans.append(Span(k, offset, n, bias))
         pieces.append(tokens)
         offset += n
-    if not pieces:
-        raise ImgcondError("Redux: the masks select no token in any image; paint larger regions or remove the masks")
     job = Job(values, torch.cat(pieces, dim=1), spans, os.path.basename(siglip_path), os.path.basename(redux_path))
     logger.info("Redux: %d tokens from image(s) %s", job.count, ", ".join(str(s.slot) for s in spans))
     return job
 
 
 def infotext_skip(values: dict) -> list[str]:
-    """Parameters of unused slots are left out of the infotext."""
+    """Parameters of unused slots, and the merge parameters of slots that do not merge, are left out of the
+    infotext (so an image without merging has the same infotext as before merging existed)."""
     used = set(active_slots(values))
-    return [f"{name}{k}" for k in range(1, SLOTS + 1) if k not in used for name in SLOT_FIELDS]
+    skip = [f"{name}{k}" for k in range(1, SLOTS + 1) if k not in used for name in SLOT_FIELDS]
+    return skip + [f"{name}{k}" for k in sorted(used) if not values[f"automerge{k}"] for name in MERGE_FIELDS]
 
 
 # --- the patches ----------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from lib_imgcond.core import refdrop as rd
 from lib_imgcond.core import refdrop_store as store
 from lib_imgcond.core.errors import ArgumentError, ImgcondError
 from lib_imgcond.hosts import forge
+from lib_imgcond.hosts import forge_samplers as samplers
 from lib_imgcond.log import logger
 
 MODES = ("Record", "Use", "Image")
@@ -132,13 +133,6 @@ def parse_more(text: str) -> list[tuple[str, float]]:
     return out
 
 
-def second_order_factor(sampler_name: str) -> int:
-    name = (sampler_name or "").lower()
-    if "restart" in name:
-        return 4
-    return 2 if any(s in name for s in ("heun", "dpm2", "2s", "sde", "3m")) else 1
-
-
 @dataclass
 class Job:
     values: dict
@@ -197,17 +191,17 @@ def plan(p: Any, values: dict, budget_bytes: int, store_fp16: bool) -> Job:
 
 
 def _estimate(p: Any, family: str, layers: frozenset, hires: bool, rows: int, dtype_bytes: int) -> int:
-    """Bytes a recording will take (an upper estimate: second-order samplers evaluate twice per step)."""
+    """Bytes a recording will take: one K/V set per model evaluation, counted as the host counts them (its
+    sampler configuration: twice per step for the samplers it marks second order). The recording itself counts
+    its real evaluations and stops at the budget, so a sampler the host says nothing about is not refused early."""
     width, height = int(p.width), int(p.height)
-    steps = int(p.steps) * second_order_factor(getattr(p, "sampler_name", ""))
+    steps = samplers.evaluations(samplers.pass_sampler_name(p, hires=False), int(p.steps))
     needed = store.estimate_bytes([rd.layer_shape(family, x, width, height) for x in layers], steps, rows, dtype_bytes)
     if hires:
         sw = int(getattr(p, "hr_upscale_to_x", 0) or width * 2)
         sh = int(getattr(p, "hr_upscale_to_y", 0) or height * 2)
-        sampler = getattr(p, "hr_sampler_name", "") or getattr(p, "sampler_name", "")
-        if sampler in ("", "Use same sampler"):
-            sampler = getattr(p, "sampler_name", "")
-        hr_steps = int(getattr(p, "hr_second_pass_steps", 0) or p.steps) * second_order_factor(sampler)
+        hr_steps = int(getattr(p, "hr_second_pass_steps", 0) or p.steps)
+        hr_steps = samplers.evaluations(samplers.pass_sampler_name(p, hires=True), hr_steps)
         shapes = [rd.layer_shape(family, x, sw, sh) for x in layers]
         needed += store.estimate_bytes(shapes, hr_steps, rows, dtype_bytes)
     return needed

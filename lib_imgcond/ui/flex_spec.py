@@ -118,7 +118,7 @@ SPEC = Spec(
             "FlexDiffuse-compatible",
             "bool",
             False,
-            info="reproduce the original's off-by-one mapping and [-1, 1] image normalisation (default: corrected)",
+            info="reproduce the original's off-by-one mapping and image preprocessing (default: corrected)",
         ),
         Param("start", "Start at", "float", 0.0, 0.0, 1.0, 0.01, info="fraction of the sampling (by noise level)"),
         Param("end", "End at", "float", 1.0, 0.0, 1.0, 0.01),

@@ -1,7 +1,9 @@
 """Redux control's parameters (UI order = positional API order).
 
 Global settings come first (model files, step window), then four reference-image slots with the same parameters,
-suffixed with the slot number: `image1`, `mask1`, `mode1`, ..., `image4`, ..., `strength4`.
+suffixed with the slot number: `image1`, `mask1`, `mode1`, ..., `image4`, ..., `strength4`. Parameters added later
+follow, again per slot (`automerge1`, `merge_threshold1`, ..., `merge_threshold4`), so positional API calls written
+for the earlier layout keep their meaning.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ SLOTS = 4
 AUTO = ""  # a model name left empty: the only (or first) file of the models folders
 CONTROLS = (*PRESETS, "advanced")
 STRENGTH_TYPES = ("multiply", "attn_bias")
-SLOT_FIELDS = (
+BASE_FIELDS = (
     "use",
     "image",
     "mask",
@@ -26,10 +28,13 @@ SLOT_FIELDS = (
     "strength_type",
     "strength",
 )
+MERGE_FIELDS = ("automerge", "merge_threshold")
+SLOT_FIELDS = (*BASE_FIELDS, *MERGE_FIELDS)
+"""Every per-slot parameter name (without the number), in the order of one slot's UI."""
 
 
 def slot_params(k: int) -> list[Param]:
-    """The parameters of reference-image slot `k` (1-based)."""
+    """The first-generation parameters of reference-image slot `k` (1-based): BASE_FIELDS."""
     return [
         Param(f"use{k}", f"Use image {k}", "bool", True, info="a slot is used when this is on and it has an image"),
         Param(f"image{k}", f"Image {k}", "image", None),
@@ -67,6 +72,30 @@ def slot_params(k: int) -> list[Param]:
     ]
 
 
+def merge_params(k: int) -> list[Param]:
+    """Token merging of slot `k` (MERGE_FIELDS), placed after every slot's BASE_FIELDS in the positional order."""
+    return [
+        Param(
+            f"automerge{k}",
+            "Merge similar tokens",
+            "bool",
+            False,
+            info="average runs of neighbouring tokens (raster order) whose cosine similarity reaches the threshold",
+        ),
+        Param(
+            f"merge_threshold{k}",
+            f"Merge threshold {k}",
+            "float",
+            0.8,
+            0.0,
+            1.0,
+            0.005,
+            xyz=True,
+            info="lower merges more (0.8 often leaves about as many tokens as a prompt); 1: identical only",
+        ),
+    ]
+
+
 SPEC = Spec(
     "redux",
     "Redux control",
@@ -88,6 +117,7 @@ SPEC = Spec(
         Param("start", "Start at", "float", 0.0, 0.0, 1.0, 0.01, info="fraction of the sampling steps"),
         Param("end", "End at", "float", 1.0, 0.0, 1.0, 0.01),
         *(param for k in range(1, SLOTS + 1) for param in slot_params(k)),
+        *(param for k in range(1, SLOTS + 1) for param in merge_params(k)),
     ],
 )
 
@@ -119,3 +149,17 @@ def expand_images(named: dict) -> dict:
     for k in range(len(items) + 1, SLOTS + 1):
         out.setdefault(f"use{k}", False)
     return out
+
+
+def automerge_paster(k: int):
+    """Paste-back of `automerge{k}`: its key is written only when slot k merged, so a Redux infotext without it means
+    off (None, "leave the checkbox alone", only for infotexts without Redux)."""
+    param = SPEC.by_name[f"automerge{k}"]
+    key = SPEC.key(param.name)
+
+    def paste(params: dict):
+        if key in params:
+            return param.from_infotext(params[key])
+        return False if params.get(SPEC.enabled_key) in (True, "True", "true") else None
+
+    return paste

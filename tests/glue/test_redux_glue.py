@@ -22,6 +22,7 @@ from lib_imgcond.core.redux import ReduxProjector
 from lib_imgcond.core.vision import VisionConfig, VisionTransformer
 from lib_imgcond.hosts import forge, redux_bias
 from lib_imgcond.hosts import forge_redux as host
+from lib_imgcond.hosts import forge_redux_files as files
 from lib_imgcond.ui.redux_spec import SLOT_FIELDS, SLOTS, SPEC, expand_images
 from lib_imgcond.ui.spec import ImageInput
 from tests.glue.fakes import FakeUnetPatcher, fake_p
@@ -38,7 +39,7 @@ def _save(module: torch.nn.Module, path) -> None:
 @pytest.fixture
 def models(tmp_path, monkeypatch):
     monkeypatch.setattr(forge, "models_dir", lambda *parts: str(tmp_path.joinpath(*parts)))
-    monkeypatch.setattr(host, "extra_dirs", lambda: [])
+    monkeypatch.setattr(files, "extra_dirs", lambda: [])
     (tmp_path / "imgcond" / "siglip").mkdir(parents=True)
     (tmp_path / "imgcond" / "redux").mkdir(parents=True)
     with torch.device("cpu"):
@@ -51,7 +52,7 @@ def models(tmp_path, monkeypatch):
             tmp_path / "imgcond/siglip/a-clip-l.safetensors",
         )
         _save(ReduxProjector(16, 32, 64), tmp_path / "imgcond/redux/redux-tiny.safetensors")
-    host._MODELS.clear()
+    files._MODELS.clear()
     host._ENCODINGS.clear()
     return tmp_path
 
@@ -138,7 +139,7 @@ def test_extra_folders_from_settings(models, tmp_path_factory, monkeypatch):
     extra = tmp_path_factory.mktemp("extra")
     (extra / "redux").mkdir()
     (models / "imgcond/redux/redux-tiny.safetensors").rename(extra / "redux" / "other.safetensors")
-    monkeypatch.setattr(host, "extra_dirs", lambda: [str(extra)])
+    monkeypatch.setattr(files, "extra_dirs", lambda: [str(extra)])
     assert host.list_files("redux") == ["other.safetensors"]
     assert host.resolve("redux", "other.safetensors") == str(extra / "redux" / "other.safetensors")
 
@@ -214,6 +215,20 @@ def test_mask_selects_tokens_and_errors(models):
         host.plan(fake_p("flux"), values(mask1=ImageInput(mask_box(40, 40, (0, 0, 10, 10)))))
     with pytest.raises(ImgcondError, match=r"Redux image 2: autocrop needs a mask"):
         host.plan(fake_p("flux"), values(image2=ImageInput(picture()), mode2="autocrop"))
+
+
+@pytest.mark.parametrize("control", ["advanced", "medium"])
+def test_mask_that_selects_no_token_is_an_error_naming_the_image(models, control):
+    """The issue's input: 500×300, centre crop, mask rows H/4..H/2 × columns W−W/5..W. It used to append 0 tokens for
+    that image without an error (ringing left pixels > 0 that no patch covers)."""
+    w, h = 500, 300
+    outside = ImageInput(picture(w, h, seed=2), mask_box(w, h, (w - w // 5, h // 4, w, h // 2)))
+    kw = {"image2": outside, "control2": control, "factor2": 1.0, "control1": "lowest"}
+    with pytest.raises(ImgcondError, match=r"^Redux image 2: the mask selects no token"):
+        host.plan(fake_p("flux"), values(**kw))
+    text = host.describe_counts(values(**kw))[0]
+    assert "image 1: 25" in text and "image 2: ⚠️ Redux image 2: the mask selects no token" in text
+    assert text.startswith("**25 Redux tokens**")
 
 
 # --- patches ----------------------------------------------------------------------------------------------------------

@@ -328,6 +328,27 @@ def test_v7_mask_in_last_six_columns_selects_nothing():
     assert token_count(3, "area", tm) == 0
 
 
+def test_mask_outside_the_crop_window_but_ringing_into_it_selects_nothing():
+    """500×300, centre crop, mask rows H/4..H/2 × columns W−W/5..W: bicubic ringing leaves ~0.09 in the crop's last
+    pixel columns, which no patch of the 27×14 grid covers. Judged on pixels the mask looks non-empty; judged on the
+    token mask that is used (patch given) it selects nothing and is refused."""
+    width, height = 500, 300
+    image = torch.rand(3, height, width, generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(height, width)
+    mask[height // 4 : height // 2, width - width // 5 : width] = 1.0
+    _img, m = prepare(image, mask, "center_crop")  # pixel check only (the old, silent behaviour)
+    assert 0.05 < float(m[:, 378:].max()) < 0.2 and float(m[:, :378].max()) == 0.0
+    assert token_mask(m, 14).sum() == 0
+    with pytest.raises(ImgcondError, match=r"selects no token: it is outside the centre-crop window.*last 6 pixel"):
+        prepare(image, mask, "center_crop", patch=14)
+    inside = torch.zeros(height, width)
+    inside[height // 4 : height // 2, width // 2 : width // 2 + 20] = 1.0  # inside the window: still accepted
+    _img, m = prepare(image, inside, "center_crop", patch=14)
+    assert token_mask(m, 14).sum() > 0
+    with pytest.raises(ArgumentError, match="patch"):
+        prepare(image, mask, "center_crop", patch=0)
+
+
 def test_mask_errors():
     image = torch.rand(3, 500, 1000)
     with pytest.raises(ImgcondError, match="autocrop needs a mask"):

@@ -1,0 +1,100 @@
+"""README.md's API reference agrees with the specs: its generated blocks are current, and — read back independently of
+the generator — every table and positional form names the spec's parameters in order, with their defaults, ranges
+and choices."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from lib_imgcond.ui import api_docs
+from lib_imgcond.ui.spec import Param, Spec
+
+TEXT = api_docs.README.read_text(encoding="utf-8")
+SPECS = {spec.prefix: spec for spec in api_docs.SPECS}
+
+
+def test_generated_blocks_are_current():
+    assert api_docs.render(TEXT) == TEXT, "README.md is stale: run python -m lib_imgcond.ui.api_docs --write"
+    assert api_docs.main([]) == 0
+
+
+def block_of(prefix: str) -> str:
+    m = re.search(rf"<!-- api:{prefix} -->\n(.*?)\n<!-- /api:{prefix} -->", TEXT, re.S)
+    assert m, f"no API block for {prefix}"
+    return m.group(1)
+
+
+def positional_names(block: str) -> list[str]:
+    m = re.search(r"Positional form.*?: `\[(.*?)\]`", block, re.S)
+    assert m
+    out = []
+    for item in re.split(r",\s*(?![^{]*\})", " ".join(m.group(1).split())):
+        group = re.fullmatch(r"\{(.*)\} for k = 1…(\d)", item.strip())
+        if group:
+            bases = [b.strip()[:-1] for b in group.group(1).split(",")]
+            out += [f"{b}{k}" for k in range(1, int(group.group(2)) + 1) for b in bases]
+        else:
+            out.append(item.strip())
+    return out
+
+
+def table_rows(block: str) -> list[list[str]]:
+    lines = [line for line in block.splitlines() if line.startswith("| `")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+@pytest.mark.parametrize("prefix", sorted(SPECS))
+def test_positional_form_is_the_spec_order(prefix):
+    assert positional_names(block_of(prefix)) == ["enabled", *(p.name for p in SPECS[prefix].params)]
+
+
+@pytest.mark.parametrize("prefix", sorted(SPECS))
+def test_table_rows_match_the_spec(prefix):
+    spec = SPECS[prefix]
+    rows = {}
+    order = []
+    for name, kind, default, allowed, meaning in table_rows(block_of(prefix)):
+        name = name.strip("`")
+        if name.endswith("k") and f"{name[:-1]}1" in spec.by_name:
+            name = f"{name[:-1]}1"  # slot k: checked against slot 1 (the generator checks 2…n repeat it)
+        order.append(name)
+        rows[name] = (kind, default, allowed, meaning)
+    documented = [n for n in order if n in spec.by_name]
+    expected = [
+        p.name
+        for p in spec.params
+        if not (p.name[-1].isdigit() and p.name[-1] != "1" and p.name[:-1] + "1" in spec.by_name)
+    ]
+    assert order[0] == "enabled" and documented == expected
+    for name in documented:
+        p = spec.by_name[name]
+        kind, default, allowed, meaning = rows[name]
+        assert kind == p.kind and meaning, name
+        assert json.loads(default.strip("`")) == p.default, name
+        if p.kind == "choice":
+            assert re.findall(r'`"([^"]+)"`', allowed) == list(p.choices), name
+        if p.kind in ("float", "int") and "[" in allowed:
+            lo, hi = map(float, re.search(r"\[([-\d.]+), ([-\d.]+)\]", allowed).groups())
+            assert (lo, hi) == (p.minimum, p.maximum), name
+
+
+def test_refdrop_lists_mode_image_and_its_image_argument():
+    rows = {r[0].strip("`"): r for r in table_rows(block_of("refdrop"))}
+    assert '`"Image"`' in rows["mode"][3] and rows["image"][1] == "image"
+    assert positional_names(block_of("refdrop"))[12:] == ["image"]  # the 13th positional argument
+
+
+def test_a_spec_change_makes_the_readme_stale(monkeypatch):
+    redux = SPECS["redux"]
+    grown = Spec(redux.prefix, redux.title, [*redux.params, Param("extra", "Extra", "bool", False, info="new")])
+    monkeypatch.setattr(api_docs, "SPECS", tuple(grown if s is redux else s for s in api_docs.SPECS))
+    assert api_docs.render(TEXT) != TEXT
+    bare = Spec(redux.prefix, redux.title, [*redux.params, Param("undocumented", "U", "bool", False)])
+    with pytest.raises(ValueError, match="no meaning for \\['undocumented'\\]"):
+        api_docs.table(bare)
+    monkeypatch.setitem(api_docs.DOCS, "redux", {**api_docs.DOCS["redux"], "gone": api_docs.Doc("x")})
+    with pytest.raises(ValueError, match="without a parameter \\['gone'\\]"):
+        api_docs.table(redux)
