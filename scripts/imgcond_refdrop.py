@@ -100,13 +100,16 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
 
     def postprocess(self, p, processed, *args):
         state = getattr(p, "_imgcond_state", {}).pop("refdrop", None)
-        if not state or state["job"].record is None or not state["trackers"]:
+        if not state:
             return
         try:
-            host.finish_record(state["job"], state["trackers"], state["job"].values["save"], forge.interrupted())
+            if state["job"].record is not None and state["trackers"]:
+                host.finish_record(state["job"], state["trackers"], state["job"].values["save"], forge.interrupted())
         except ImgcondError as e:
             logger.error("%s", e)
             forge.notify(processed, str(e))
+        finally:
+            host.release(state["job"])
 
 
 def _library_text() -> str:

@@ -75,6 +75,24 @@ def _cpu_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=dtype)
 
 
+def trim_host_memory() -> None:
+    """Give freed host memory back after dropping a reference: collect cycles, release torch's cached pinned blocks
+    (CUDA) and ask glibc to return free heap pages to the OS (its heap keeps them otherwise, and RSS only grows)."""
+    import contextlib
+    import ctypes
+    import gc
+    import sys
+
+    gc.collect()
+    if torch.cuda.is_available():
+        empty = getattr(torch._C, "_host_emptyCache", None)
+        if empty is not None:
+            empty()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class HostArena:
     """Carves a reference's CPU buffers out of large pinned slabs.
 

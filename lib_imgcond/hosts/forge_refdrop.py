@@ -84,7 +84,22 @@ def delete(name: str) -> bool:
         if os.path.exists(path):
             os.remove(path)
             found = True
+    if found:
+        store.trim_host_memory()
     return found
+
+
+def release(job: Job) -> None:
+    """After a job: drop its hold on reference tensors. Its patched UnetPatcher clone stays on the model until the
+    next generation, and the patch closures reach the job, so without this a deleted or replaced reference would
+    stay in memory until then."""
+    job.uses.clear()  # the passes' reference sources share this list
+    for source in job.sources:
+        source.release()
+    job.sources.clear()
+    job.record, job.image_latent = None, None
+    job.flushers.clear()
+    store.trim_host_memory()
 
 
 _INFO_KEYS = ("family", "bytes", "steps", "width", "height", "layers")
@@ -146,6 +161,7 @@ class Job:
     capturing: bool = False
     captured_eval: tuple = ()
     flushers: list = field(default_factory=list)  # per pass: move the last evaluation's recorded K/V to the host
+    sources: list = field(default_factory=list)  # per pass: its _ReferenceSource (released after the job)
 
     @property
     def recording(self) -> bool:
@@ -293,6 +309,7 @@ def install(unet: Any, job: Job, tracker: PassTracker, attn) -> None:
     names = (pass_name, f"{pass_name}_uncond") if use_uncond else (pass_name,)
     order = [tuple(x[:3]) for x in rd.layer_table(job.family) if tuple(x[:3]) in layers]  # execution order
     source = _ReferenceSource(job.uses, order, recording=job.record)
+    job.sources.append(source)
     tasks: list = []  # this evaluation's (reference index, pass name, branch, recorded evaluation, c)
     state = {"planned": None, "recorded": job.record.nbytes if job.record is not None else 0}
     pending: list = []  # (key, k row, v row) recorded during this evaluation, still on the device
@@ -412,6 +429,11 @@ class _ReferenceSource:
         self.current: dict[tuple, tuple] = {}  # (i, name, e, layer) -> (k, v), this evaluation (CPU and fallbacks)
         self.stream = None
         self.device, self.dtype = None, None
+
+    def release(self) -> None:
+        self.recording = None
+        for table in (self.live, self.resident, self.events, self.prefetchers, self.current):
+            table.clear()
 
     def prepare(self, tasks: list, device, dtype) -> None:
         self.current.clear()
@@ -651,7 +673,11 @@ def finish_record(
             ref.meta["steps"][f"{name}_uncond"] = t.n_steps
     ref.finalize()
     with _LOCK:
+        replaced = REFERENCES.pop(ref.name, None)
         REFERENCES[ref.name] = ref
+    if replaced is not None:
+        del replaced
+        store.trim_host_memory()
     logger.info(
         "RefDrop reference '%s' recorded: %d tensors pairs, %s", ref.name, len(ref), store.format_bytes(ref.nbytes)
     )

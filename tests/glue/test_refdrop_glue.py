@@ -245,3 +245,26 @@ def test_uncond_branch_listed_only_when_recorded():
     record_steps(unet, *qkv(0))
     host.finish_record(job, {"first": tracker}, save_file=False)
     assert host.REFERENCES["both"].meta["steps"] == {"first": 3, "first_uncond": 3}
+
+
+def test_release_lets_a_deleted_reference_go_although_the_patched_clone_lives_on(monkeypatch, tmp_path):
+    import gc
+    import weakref
+
+    monkeypatch.setattr(host, "references_dir", lambda: str(tmp_path))
+
+    job, unet, tracker = record("gone")
+    record_steps(unet, *qkv(0))
+    host.finish_record(job, {"first": tracker}, save_file=False)
+    ref = weakref.ref(host.REFERENCES["gone"])
+    use = host.Job(dict(VALUES), "sd15", job.layers, uses=[(host.REFERENCES["gone"], 0.5)])
+    clone, t2 = FakeUnetPatcher(), host.PassTracker("first", 3)
+    t2.schedule = [3.0, 2.0, 1.0, 0.0]
+    host.install(clone, use, t2, attn)  # the model keeps this clone (and its closures) until the next job
+    run_pass(clone, 3.0, *qkv(1))
+    host.release(job)
+    host.release(use)
+    assert host.delete("gone")
+    gc.collect()
+    assert ref() is None, "the deleted reference is still reachable"
+    assert clone.model_options["transformer_options"]["patches_replace"]["attn1"]  # the clone itself lives on
