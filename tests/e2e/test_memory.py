@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from tests.e2e import forge
 
 CYCLES = 6
@@ -24,4 +26,8 @@ def test_record_delete_cycles_plateau(server):
         _cycle(server, i)
         readings.append(forge.rss_mib(server))
     growth = max(readings) - after_first
+    (forge.cache_dir() / "logs").mkdir(exist_ok=True)
+    (forge.cache_dir() / "logs" / f"memory-{forge.host_kind()}.json").write_text(
+        json.dumps({"after_first_mib": after_first, "after_each_mib": readings, "growth_mib": growth})
+    )
     assert growth <= PLATEAU_MIB, f"RSS after each cycle (MiB): {after_first:.0f} then {[round(r) for r in readings]}"
