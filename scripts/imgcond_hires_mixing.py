@@ -66,6 +66,7 @@ class HiresMixingScript(script.TechniqueScript, scripts.Script):
             return
         try:
             params = host.mix_params(values)
+            host.check_model(p)
         except ImgcondError as e:
             script.stop(p, e)
             return

@@ -39,6 +39,15 @@ def mix_params(values: dict) -> MixParams:
         raise ArgumentError(f"hrmix.{e.name}", e.value, e.allowed) from None
 
 
+# Image models whose hires latent is a plain (B, C, H, W) tensor on a sigma schedule we have tested mixing on. Neo's
+# other families (Flux.2, Qwen-Image, Z-Image, Wan, Lumina 2, …) are refused by name rather than mixed untested.
+FAMILIES = ("sd15", "sd2", "sdxl", "sd3", "flux", "chroma")
+
+
+def check_model(p: Any) -> None:
+    forge.require_family(p.sd_model, FAMILIES, "Hires iterative mixing")
+
+
 def is_flow(sd_model: Any) -> bool:
     """True for flow-matching models (Flux, Chroma, SD3): their noise scaling is σ·ε + (1 − σ)·z."""
     if forge.model_family(sd_model) in ("flux", "chroma", "sd3"):

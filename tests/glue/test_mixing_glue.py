@@ -255,3 +255,13 @@ def test_hires_fix_button_path_needs_no_first_pass():
     p = fake_p(txt2img_upscale=True, firstpass_image=object())
     _, mixers = run(p, z, e, MixParams(alpha=1.0))
     assert mixers[0].mixed_steps
+
+
+def test_untested_families_are_refused_by_name():
+    from types import SimpleNamespace
+
+    host.check_model(SimpleNamespace(sd_model=type("StableDiffusionXL", (), {})()))
+    host.check_model(SimpleNamespace(sd_model=type("Flux", (), {})()))
+    for engine, label in (("Flux2", r"Flux\.2 \(Klein\)"), ("QwenImage", "Qwen-Image"), ("Wan", "Wan")):
+        with pytest.raises(ImgcondError, match=f"Hires iterative mixing needs .* checkpoint is {label}"):
+            host.check_model(SimpleNamespace(sd_model=type(engine, (), {})()))
