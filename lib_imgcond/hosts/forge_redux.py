@@ -41,6 +41,7 @@ from lib_imgcond.hosts.forge_redux_files import (  # noqa: F401  (re-exported: t
 from lib_imgcond.log import logger
 from lib_imgcond.ui.redux_spec import MERGE_FIELDS, SLOT_FIELDS, SLOTS, slot_values
 
+FAMILIES = ("flux", "chroma")  # T5-space text tokens first, then image tokens: Redux tokens are appended text
 _LOCK = threading.Lock()
 _ENCODE_LOCK = threading.Lock()  # one encoding at a time: the cached models move between devices
 _ENCODINGS: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # raw tokens of recent images (X/Y/Z cells re-use)
@@ -259,7 +260,7 @@ def encode(vision, projector, image: torch.Tensor, model_key: tuple, device, dty
 
 def plan(p: Any, values: dict) -> Job:
     """Validate and encode everything a job needs before any sampling; raise a clear ImgcondError otherwise."""
-    forge.require_family(p.sd_model, ("flux",), "Redux")
+    forge.require_family(p.sd_model, FAMILIES, "Redux")
     slots = active_slots(values)
     if not slots:
         raise ImgcondError("Redux is on but no image slot has an image: give image1 (or turn Redux off)")

@@ -6,14 +6,16 @@ reaches the attention in the way the host offers (`host.capabilities()`):
 * Forge Neo: the Flux forward honours `transformer_options["patches_replace"]["dit"]` block replaces and every block
   takes an `attn_mask`, so each double/single block is replaced by one that runs the original block with the bias
   merged into its mask (another extension's replace for the same block is chained to). Nothing module-level changes.
-* Forge 2.0: no patch point reaches the attention, so for one model call `backend.nn.flux.attention` is swapped for
-  RoPE + torch SDPA with the bias, and restored in `finally`.
+* Forge 2.0: no patch point reaches the attention, so for one model call the `attention` function of the module that
+  defines the model (`backend.nn.flux` for Flux, `backend.nn.chroma` for Chroma, whose blocks call their own module's
+  name) is swapped for RoPE + torch SDPA with the bias, and restored in `finally`.
 
 The bias is sized from each attention call's own length (text + image tokens, and Kontext's reference tokens).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -97,9 +99,16 @@ def block_replace(state: Any, existing):
     return forge.mark_ours(replace, existing)
 
 
-def make_wrapper(job: Any, state: Any, inner, swap: bool):
+def swap_module(model: Any) -> str:
+    """The module whose `attention` the model's blocks call: the one defining the model's class when it has one
+    (Forge 2.0's Chroma), else Flux's."""
+    name = type(model).__module__
+    return name if hasattr(sys.modules.get(name), "attention") else "backend.nn.flux"
+
+
+def make_wrapper(job: Any, state: Any, inner, swap: str | None):
     """Model function wrapper: sets `state.call` for one model call with cond rows while Redux is active; with
-    `swap` (Forge 2.0) also swaps `backend.nn.flux.attention` for that call."""
+    `swap` (Forge 2.0: a module name) also swaps that module's `attention` for the call."""
 
     def call(apply_model, args):
         if inner is not None:
@@ -118,12 +127,13 @@ def make_wrapper(job: Any, state: Any, inner, swap: bool):
                 return call(apply_model, args)
             import backend.nn.flux as fluxmod
 
-            original = fluxmod.attention
-            fluxmod.attention = swapped_attention(fluxmod.apply_rope, state.call)
+            module = sys.modules[swap]
+            original = module.attention
+            module.attention = swapped_attention(fluxmod.apply_rope, state.call)
             try:
                 return call(apply_model, args)
             finally:
-                fluxmod.attention = original
+                module.attention = original
         finally:
             state.call = None
 
@@ -133,11 +143,11 @@ def make_wrapper(job: Any, state: Any, inner, swap: bool):
 def install(unet: Any, job: Any, state: Any) -> None:
     """Put the bias on a pass's UnetPatcher clone, by the host's mechanism."""
     blocks = webui.capabilities().flux_block_replace
+    model = unet.model.diffusion_model
     inner = unet.model_options.get("model_function_wrapper")
-    unet.set_model_unet_function_wrapper(make_wrapper(job, state, inner, swap=not blocks))
+    unet.set_model_unet_function_wrapper(make_wrapper(job, state, inner, swap=None if blocks else swap_module(model)))
     if not blocks:
         return
-    model = unet.model.diffusion_model
     replaces = unet.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
     for kind, layers in (("double_block", model.double_blocks), ("single_block", model.single_blocks)):
         for i in range(len(layers)):

@@ -25,6 +25,7 @@ FORGE = Path.cwd()
 sys.argv = [sys.argv[0], *sys.argv[1:]]
 _cli = argparse.ArgumentParser()
 _cli.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+_cli.add_argument("--model", default="flux", choices=("flux", "chroma"))
 OPTS = _cli.parse_args()
 NEO = (FORGE / "modules_forge" / "packages").is_dir()  # Forge Neo vendors its packages there
 sys.argv = [sys.argv[0], "--cpu" if NEO else "--always-cpu"]  # the backend reads its flags from sys.argv at import
@@ -52,20 +53,38 @@ from lib_imgcond.ui.redux_spec import SPEC  # noqa: E402
 from lib_imgcond.ui.spec import ImageInput  # noqa: E402
 
 DTYPE = getattr(torch, OPTS.dtype)
-ORIGINAL_ATTENTION = fluxmod.attention
 T5_LEN = 256
 
 
 # --- the tiny model ---------------------------------------------------------------------------------------------------
-def build_unet() -> UnetPatcher:
-    torch.manual_seed(0)
+def build_flux() -> torch.nn.Module:
     shape = dict(
         in_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=64, mlp_ratio=4, num_heads=2, depth=1,
         depth_single_blocks=1, axes_dim=[4, 14, 14], theta=10000, qkv_bias=True, guidance_embed=True,
     )  # fmt: skip
     if "out_channels" in inspect.signature(fluxmod.IntegratedFluxTransformer2DModel).parameters:
         shape.update(out_channels=16, patch_size=2)  # Neo: per-patch channels and the patch size are arguments
-    model = fluxmod.IntegratedFluxTransformer2DModel(**shape)
+    return fluxmod.IntegratedFluxTransformer2DModel(**shape)
+
+
+def build_chroma() -> torch.nn.Module:
+    from backend.nn.chroma import IntegratedChromaTransformer2DModel as Chroma
+
+    common = dict(context_in_dim=4096, hidden_size=64, mlp_ratio=4, num_heads=2, axes_dim=[4, 14, 14], theta=10000)
+    if "kwargs" in inspect.signature(Chroma).parameters:  # Neo: a ChromaParams; its modulation table needs 19 + 38
+        return Chroma(
+            **common, in_channels=64, out_channels=64, depth=19, depth_single_blocks=38, patch_size=2,
+            qkv_bias=True, in_dim=64, out_dim=64, hidden_dim=32, n_layers=1, txt_ids_dims=[], vec_in_dim=768,
+        )  # fmt: skip
+    return Chroma(
+        **common, in_channels=16, vec_in_dim=768, depth=1, depth_single_blocks=1, qkv_bias=True,
+        guidance_out_dim=64, guidance_hidden_dim=32, guidance_n_layers=1,
+    )  # fmt: skip
+
+
+def build_unet() -> UnetPatcher:
+    torch.manual_seed(0)
+    model = build_chroma() if OPTS.model == "chroma" else build_flux()
     with torch.no_grad():
         for mod in model.modules():
             if isinstance(mod, torch.nn.Linear):
@@ -98,18 +117,28 @@ class Cond(dict):
         return Cond({k: v[item] for k, v in self.items()})
 
 
-def conds(batch: int, seed: int) -> Cond:
+def conds(batch: int, seed: int):
+    """Flux: T5 tokens, pooled CLIP vector, distilled guidance; Chroma: the T5 tokens alone, as a tensor (what its
+    engine's get_learned_conditioning returns)."""
     g = torch.Generator().manual_seed(seed)
-    return Cond(
-        crossattn=torch.randn(batch, T5_LEN, 4096, generator=g),
-        vector=torch.randn(batch, 768, generator=g),
-        guidance=torch.full((batch,), 3.5),
-    )
+    crossattn = torch.randn(batch, T5_LEN, 4096, generator=g)
+    if OPTS.model == "chroma":
+        return crossattn
+    return Cond(crossattn=crossattn, vector=torch.randn(batch, 768, generator=g), guidance=torch.full((batch,), 3.5))
 
 
-class Flux:  # the family check looks at the engine's class name
+def t5(cond) -> torch.Tensor:
+    return cond if isinstance(cond, torch.Tensor) else cond["crossattn"]
+
+
+class Engine:
     def __init__(self, unet):
         self.forge_objects = SimpleNamespace(unet=unet)
+
+
+# the family check looks at the engine's class name, as Forge's engines are named
+Flux = type("Chroma" if OPTS.model == "chroma" else "Flux", (Engine,), {})
+SWAP: dict = {}  # the module whose `attention` the model's blocks call, and that function as it was
 
 
 # --- tiny model files -------------------------------------------------------------------------------------------------
@@ -156,7 +185,7 @@ class Recorder:
             {
                 "context": ctx.detach().clone(),
                 "patched": self.state is not None and self.state.call is not None,
-                "swapped": fluxmod.attention is not ORIGINAL_ATTENTION,
+                "swapped": SWAP["module"].attention is not SWAP["original"],
             }
         )
 
@@ -196,11 +225,14 @@ def diff(a, b) -> float:
 
 
 def main() -> None:
-    out: dict = {"dtype": OPTS.dtype, "host": webui.capabilities().name}
+    out: dict = {"dtype": OPTS.dtype, "host": webui.capabilities().name, "model": OPTS.model}
     tmp = Path(tempfile.mkdtemp(prefix="imgcond-redux-"))
     write_models(tmp)
     forge.models_dir = lambda *parts: str(tmp.joinpath(*parts))
     unet = build_unet()
+    SWAP["module"] = sys.modules[redux_bias.swap_module(unet.model.diffusion_model)]
+    SWAP["original"] = SWAP["module"].attention
+    out["swap_module"] = SWAP["module"].__name__
     p = SimpleNamespace(sd_model=Flux(unet))
 
     def values(**kw):
@@ -226,7 +258,7 @@ def main() -> None:
     ctxb = recb.calls[0]["context"]
     out["batch_rows_ok"] = bool(
         ctxb.shape == (2, T5_LEN + 81, 4096)
-        and torch.equal(ctxb[:, :T5_LEN], cb["crossattn"].to(ctxb.dtype))
+        and torch.equal(ctxb[:, :T5_LEN], t5(cb).to(ctxb.dtype))
         and torch.equal(ctxb[0, T5_LEN:], ctxb[1, T5_LEN:])
     )
     # 3. attention bias: strength 0 equals Redux off; strength 1 equals multiply strength 1
@@ -272,7 +304,7 @@ def main() -> None:
     late_off, _, _, _ = run(unet, 1, 1.0, 0.3, None)
     out["window_active_vs_off"] = diff(late["denoised"], late_off["denoised"])
     # 6. errors and the restored module global
-    out["attention_restored"] = fluxmod.attention is ORIGINAL_ATTENTION
+    out["attention_restored"] = SWAP["module"].attention is SWAP["original"]
     errors = {}
     for label, kw in (
         ("empty_mask", {"mask1": ImageInput(picture(0).point(lambda _: 0))}),

@@ -30,9 +30,9 @@ def test_listed_with_its_arguments(server):
 
 def test_enabled_on_sd15_gives_clear_error(server):
     err = server.generate_error(redux(forge.payload(), [{"image1": reference_b64()}]))
-    assert "Redux needs a Flux model" in err and "SD1.5" in err
+    assert "Redux needs a Flux or Chroma model" in err and "SD1.5" in err
     err = server.generate_error(redux(forge.payload(), [{"images": [{"image": reference_b64(), "factor": 2.5}]}]))
-    assert "Redux needs a Flux model" in err
+    assert "Redux needs a Flux or Chroma model" in err
 
 
 def test_argument_errors_name_the_argument(server):

@@ -1,5 +1,6 @@
-"""Redux glue through Forge's own Flux backend: a tiny IntegratedFluxTransformer2DModel on the CPU, sampled through
-Forge's UnetPatcher and sampling_function (tests/e2e/flux_backend_check.py, run with Forge's python)."""
+"""Redux glue through the host's own Flux backend: a tiny Flux (IntegratedFluxTransformer2DModel) or Chroma
+(IntegratedChromaTransformer2DModel) built from the host's classes on the CPU, sampled through its UnetPatcher and
+sampling_function (tests/e2e/flux_backend_check.py, run with the host's python), on Forge 2.0 and Forge Neo."""
 
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ from tests.e2e import forge
 CHECK = forge.REPO / "tests" / "e2e" / "flux_backend_check.py"
 
 
-def _run(dtype: str) -> dict:
+def _run(model: str, dtype: str) -> dict:
     paths = forge.forge_paths()
     if paths is None:
         pytest.skip(forge.SKIP_REASON)
     forge_dir, python = paths
     proc = subprocess.run(
-        [str(python), str(CHECK), "--dtype", dtype],
+        [str(python), str(CHECK), "--model", model, "--dtype", dtype],
         cwd=forge_dir,
         env=forge.offline_env(),
         capture_output=True,
@@ -32,11 +33,18 @@ def _run(dtype: str) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-@pytest.fixture(scope="module", params=["float32", "float64"])
+@pytest.fixture(
+    scope="module",
+    params=[("flux", "float32"), ("flux", "float64"), ("chroma", "float32"), ("chroma", "float64")],
+    ids=lambda p: "-".join(p),
+)
 def result(request):
-    if request.param == "float64" and forge.is_neo():
+    model, dtype = request.param
+    if dtype == "float64" and forge.is_neo():
         pytest.skip("Forge Neo's Flux RoPE (comfy_kitchen's apply_rope) has no float64 path: fp32 tolerances only")
-    return _run(request.param)
+    out = _run(model, dtype)
+    assert out["model"] == model
+    return out
 
 
 def tol(result, fp32: float) -> float:
@@ -46,6 +54,9 @@ def tol(result, fp32: float) -> float:
 
 def test_the_host_is_probed_as_what_it_is(result):
     assert result["host"] == ("Forge Neo" if forge.is_neo() else "Forge")
+    # Forge 2.0's Chroma blocks call its own module's `attention`; Neo's Chroma reuses Flux's blocks (never swapped)
+    swapped = "backend.nn.chroma" if result["model"] == "chroma" and not forge.is_neo() else "backend.nn.flux"
+    assert result["swap_module"] == swapped
 
 
 def test_context_grows_by_the_token_count(result):

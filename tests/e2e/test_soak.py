@@ -43,7 +43,7 @@ def _requests(rng: random.Random, image: str):
     if kind == "clip_bad":
         return forge.with_script(body, "clip image guidance", [{"image": image, "encoder": "nope.safetensors"}]), "nope"
     if kind == "redux":
-        return forge.with_script(body, "redux control", [{"image1": image}]), "needs a Flux model"
+        return forge.with_script(body, "redux control", [{"image1": image}]), "needs a Flux or Chroma model"
     return forge.with_script(body, "refdrop", [{"coefficient": "lots"}]), "refdrop.coefficient"
 
 

@@ -146,7 +146,7 @@ def test_extra_folders_from_settings(models, tmp_path_factory, monkeypatch):
 
 # --- planning ---------------------------------------------------------------------------------------------------------
 def test_plan_refuses_non_flux_first():
-    with pytest.raises(ImgcondError, match=r"Redux needs a Flux model, but the loaded checkpoint is SD1\.5"):
+    with pytest.raises(ImgcondError, match=r"Redux needs a Flux or Chroma model, but the loaded checkpoint is SD1\.5"):
         host.plan(fake_p("sd15"), values())
 
 
