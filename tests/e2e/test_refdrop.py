@@ -209,3 +209,15 @@ def test_interrupted_record_is_discarded_with_a_notice(server, recorded):
     names = {r["name"] for r in server.get("/imgcond/v1/refdrop/references")}
     assert "half" not in names and "cat" in names
     assert "does not exist" in server.generate_error(refdrop(forge.payload(), mode="Use", reference="half"))
+
+
+def test_a_corrupt_file_is_listed_as_broken_and_hides_nothing(server, recorded):
+    folder = server.data_dir / "models" / "imgcond" / "refdrop"
+    (folder / "bad.safetensors").write_bytes(bytes(range(256)) * 40)
+    refs = {r["name"]: r for r in server.get("/imgcond/v1/refdrop/references")}
+    assert refs["cat"]["broken"] is None and refs["cat"]["family"] == "sd15"
+    assert "truncated or corrupt" in refs["bad"]["broken"]
+    err = server.generate_error(refdrop(forge.payload(), mode="Use", reference="bad"))
+    assert "bad.safetensors is truncated or corrupt" in err
+    assert server.delete("/imgcond/v1/refdrop/references/bad")["deleted"]
+    assert "bad" not in {r["name"] for r in server.get("/imgcond/v1/refdrop/references")}
