@@ -8,8 +8,6 @@ closures over per-job state, so `UnetPatcher.clone()` never copies the K/V store
 from __future__ import annotations
 
 import math
-import os
-import threading
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,72 +19,20 @@ from lib_imgcond.core import refdrop_store as store
 from lib_imgcond.core.errors import ArgumentError, ImgcondError
 from lib_imgcond.hosts import forge
 from lib_imgcond.hosts import forge_samplers as samplers
+from lib_imgcond.hosts import refdrop_library as library
+from lib_imgcond.hosts.refdrop_library import (  # noqa: F401  (re-exported: the script uses them from here)
+    REFERENCES,
+    all_names,
+    check_name,
+    delete,
+    describe,
+    lookup,
+    save,
+)
 from lib_imgcond.log import logger
 
 MODES = ("Record", "Use", "Image")
 FLUSH_EVERY = 24  # recorded layers gathered per device→host copy (bounds the device memory they hold)
-_LOCK = threading.Lock()
-REFERENCES: dict[str, store.Reference] = {}  # RAM references by name, for this WebUI process
-
-
-# --- the reference library (RAM + files) ------------------------------------------------------------------------------
-def references_dir() -> str:
-    return forge.models_dir("imgcond", "refdrop")
-
-
-def _file(name: str) -> str:
-    return os.path.join(references_dir(), f"{name}.safetensors")
-
-
-def check_name(name: str) -> str:
-    name = name.strip()
-    if not name or any(c in name for c in '/\\:*?"<>|') or name.startswith("."):
-        raise ArgumentError("refdrop.reference", name, 'a non-empty name without / \\ : * ? " < > |')
-    return name
-
-
-def saved_names() -> list[str]:
-    folder = references_dir()
-    return sorted(f[: -len(".safetensors")] for f in os.listdir(folder) if f.endswith(".safetensors"))
-
-
-def all_names() -> list[str]:
-    return sorted(set(REFERENCES) | set(saved_names()))
-
-
-def lookup(name: str) -> store.Reference:
-    """A reference by name: from RAM, else loaded from its file (then kept in RAM)."""
-    with _LOCK:
-        ref = REFERENCES.get(name)
-        if ref is None:
-            path = _file(name)
-            if not os.path.exists(path):
-                known = ", ".join(all_names()) or "none yet"
-                raise ImgcondError(
-                    f"RefDrop reference '{name}' does not exist (known: {known}). Record it first: mode Record."
-                )
-            ref = store.load_reference(path)
-            REFERENCES[name] = ref
-        return ref
-
-
-def save(name: str) -> str:
-    ref = lookup(name)
-    path = _file(name)
-    store.save_reference(ref, path)
-    return path
-
-
-def delete(name: str) -> bool:
-    with _LOCK:
-        found = REFERENCES.pop(name, None) is not None
-        path = _file(name)
-        if os.path.exists(path):
-            os.remove(path)
-            found = True
-    if found:
-        store.trim_host_memory()
-    return found
 
 
 def release(job: Job) -> None:
@@ -100,33 +46,6 @@ def release(job: Job) -> None:
     job.record, job.image_latent = None, None
     job.flushers.clear()
     store.trim_host_memory()
-
-
-_INFO_KEYS = ("family", "bytes", "steps", "width", "height", "layers")
-
-
-def describe() -> list[dict[str, Any]]:
-    """Name, where it lives, size, model family, steps and size of every reference (for the UI and the API). A file
-    that cannot be read is listed too, with `broken` saying why (None for readable ones), so one bad file never
-    hides the others; Use of it gives the same reason, and delete works on it."""
-    out = []
-    saved = set(saved_names())
-    for name in all_names():
-        ref = REFERENCES.get(name)
-        broken = None
-        if ref is not None:
-            info = {"family": ref.family, "bytes": ref.nbytes, "steps": dict(ref.meta.get("steps", {}))}
-            info.update(width=ref.meta.get("width"), height=ref.meta.get("height"), layers=ref.meta.get("layers"))
-        else:
-            try:
-                info = store.reference_info(_file(name))
-            except (ImgcondError, OSError) as e:
-                info, broken = {}, str(e)
-            info = {k: info.get(k) for k in _INFO_KEYS}
-        info.update(name=name, in_ram=ref is not None, saved=name in saved, broken=broken)
-        info["size"] = store.format_bytes(int(info.get("bytes") or 0))
-        out.append(info)
-    return out
 
 
 # --- per-job state --------------------------------------------------------------------------------------------------
@@ -672,7 +591,7 @@ def finish_record(
             ref.meta["trace"][f"{name}_uncond"] = list(t.trace)
             ref.meta["steps"][f"{name}_uncond"] = t.n_steps
     ref.finalize()
-    with _LOCK:
+    with library._LOCK:
         replaced = REFERENCES.pop(ref.name, None)
         REFERENCES[ref.name] = ref
     if replaced is not None:
@@ -682,7 +601,7 @@ def finish_record(
         "RefDrop reference '%s' recorded: %d tensors pairs, %s", ref.name, len(ref), store.format_bytes(ref.nbytes)
     )
     if save_file:
-        path = _file(ref.name)
+        path = library._file(ref.name)
         store.save_reference(ref, path)
         logger.info("RefDrop reference '%s' saved to %s", ref.name, path)
     return ref

@@ -145,7 +145,7 @@ def test_tracker_follows_the_schedule_and_substeps():
 
 
 def test_plan_errors_are_clear(monkeypatch, tmp_path):
-    monkeypatch.setattr(host, "references_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(host.library, "references_dir", lambda: str(tmp_path))
     p = fake_p("sd15", width=64, height=64, sampler_name="Euler a", batch_size=1)
     with pytest.raises(ImgcondError, match="does not exist"):
         host.plan(p, dict(VALUES, reference="missing"), 0, False)
@@ -210,7 +210,7 @@ def test_fused_path_matches_separate_calls():
 
 
 def test_library_lists_a_corrupt_file_as_broken_beside_the_good_ones(monkeypatch, tmp_path):
-    monkeypatch.setattr(host, "references_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(host.library, "references_dir", lambda: str(tmp_path))
     job, unet, tracker = record("good")
     record_steps(unet, *qkv(0))
     host.finish_record(job, {"first": tracker}, save_file=True)
@@ -227,7 +227,7 @@ def test_library_lists_a_corrupt_file_as_broken_beside_the_good_ones(monkeypatch
 
 
 def test_an_interrupted_recording_is_discarded_with_a_message(monkeypatch, tmp_path):
-    monkeypatch.setattr(host, "references_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(host.library, "references_dir", lambda: str(tmp_path))
     job, unet, tracker = record("half", save=True)
     run_pass(unet, 3.0, *qkv(0))  # step 1 of 3, then the user pressed Interrupt
     with pytest.raises(ImgcondError, match=r"recording of 'half' was interrupted \(first pass: step 1 of 3\)"):
@@ -251,7 +251,7 @@ def test_release_lets_a_deleted_reference_go_although_the_patched_clone_lives_on
     import gc
     import weakref
 
-    monkeypatch.setattr(host, "references_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(host.library, "references_dir", lambda: str(tmp_path))
 
     job, unet, tracker = record("gone")
     record_steps(unet, *qkv(0))

@@ -120,7 +120,7 @@ def test_the_readmes_reference_listing_names_the_fields_the_api_returns(monkeypa
 
     from lib_imgcond.ui.api_docs import README
 
-    monkeypatch.setattr(host, "references_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(host.library, "references_dir", lambda: str(tmp_path))
     ref = host.store.Reference("hero", "sd15", {"width": 64, "height": 64, "steps": {"first": 3}, "layers": []})
     monkeypatch.setitem(host.REFERENCES, "hero", ref)
     (entry,) = host.describe()
