@@ -23,6 +23,9 @@ RefTriple = tuple[torch.Tensor, torch.Tensor, float]
 
 FAMILIES = ("sd15", "sdxl")
 GROUPS = ("input", "middle", "output")
+DIT_FAMILIES = ("flux",)
+DIT_GROUPS = ("double", "single")
+_DIT = re.compile(r"(?P<base>[a-z0-9]+):(?P<double>\d+)\+(?P<single>\d+)@(?P<channels>\d+)")
 
 # ---------------------------------------------------------------------------------------------
 # Attention blend
@@ -122,15 +125,51 @@ _BLOCKS: dict[str, dict[str, list[tuple[int, int, int, int]]]] = {
 }
 
 
+def dit_family(base: str, double: int, single: int, channels: int) -> str:
+    """The family tag of a DiT model: its base family and its layer shapes, e.g. 'flux:19+38@3072' for Flux.1
+    (19 double-stream and 38 single-stream blocks, 3072 attention channels). References carry it, so a reference
+    from one DiT is never used on another with other blocks or widths."""
+    if base not in DIT_FAMILIES:
+        raise ImgcondError(f"RefDrop supports the DiT families {', '.join(DIT_FAMILIES)}, not {base!r}")
+    return f"{base}:{int(double)}+{int(single)}@{int(channels)}"
+
+
+def dit_shape(family: str) -> tuple[str, int, int, int] | None:
+    """(base, double blocks, single blocks, channels) of a DiT family tag; None for a UNet family."""
+    m = _DIT.fullmatch(family)
+    if m is None:
+        return None
+    return m["base"], int(m["double"]), int(m["single"]), int(m["channels"])
+
+
+def family_label(family: str) -> str:
+    """The family as messages name it: 'sdxl', 'Flux (19 double + 38 single blocks, 3072 channels)'."""
+    dit = dit_shape(family)
+    if dit is None:
+        return family
+    base, double, single, channels = dit
+    return f"{base.capitalize()} ({double} double + {single} single blocks, {channels} channels)"
+
+
 def check_family(family: str) -> str:
     """Return ``family`` if it is supported, else raise ImgcondError."""
-    if family not in FAMILIES:
-        raise ImgcondError(f"RefDrop supports SD1.5 and SDXL UNets only (family 'sd15' or 'sdxl'), not {family!r}")
+    dit = dit_shape(family)
+    if family not in FAMILIES and (dit is None or dit[0] not in DIT_FAMILIES):
+        raise ImgcondError(f"RefDrop supports SD1.5 and SDXL UNets (family 'sd15' or 'sdxl') and Flux, not {family!r}")
     return family
+
+
+def groups(family: str) -> tuple[str, ...]:
+    """The layer groups of ``family``: input/middle/output on a UNet, double/single on a DiT."""
+    return DIT_GROUPS if dit_shape(check_family(family)) else GROUPS
 
 
 @cache
 def _table(family: str) -> tuple[LayerId, ...]:
+    dit = dit_shape(family)
+    if dit is not None:
+        _, double, single = dit[:3]
+        return tuple(LayerId(g, i, 0, i) for g, n in zip(DIT_GROUPS, (double, single), strict=True) for i in range(n))
     out = []
     for group in GROUPS:
         index = 0
@@ -166,6 +205,11 @@ def group_size(family: str, group: str) -> int:
 def layer_shape(family: str, layer: Sequence[Any], width: int, height: int) -> tuple[int, int]:
     """(tokens, channels) of a layer's self-attention K or V for an image of width×height pixels."""
     group, block_id = str(layer[0]), int(layer[1])
+    dit = dit_shape(check_family(family))
+    if dit is not None:  # image tokens: 8× VAE downsampling, then 2×2 patches
+        if group not in DIT_GROUPS or not 0 <= block_id < dit[1 + DIT_GROUPS.index(group)]:
+            raise ImgcondError(f"{group}:{block_id} is not a block of {family_label(family)}")
+        return math.ceil(width / 16) * math.ceil(height / 16), dit[3]
     for bid, _, level, channels in _BLOCKS[check_family(family)].get(group, []):
         if bid == block_id:
             w, h = math.ceil(width / 8), math.ceil(height / 8)
@@ -176,13 +220,14 @@ def layer_shape(family: str, layer: Sequence[Any], width: int, height: int) -> t
 
 
 def _ranges_text(family: str) -> str:
-    return ", ".join(f"{g} 0–{group_size(family, g) - 1}" for g in GROUPS)
+    return ", ".join(f"{g} 0–{group_size(family, g) - 1}" for g in groups(family) if group_size(family, g))
 
 
 def _bad_token(token: str, family: str) -> ArgumentError:
+    names = groups(family)
     allowed = (
-        "'all', group names (input, middle, output) or group:indices such as 'output:0-5' "
-        f"(valid indices on {family}: {_ranges_text(family)})"
+        f"'all', group names ({', '.join(names)}) or group:indices such as '{names[-1]}:0-1' "
+        f"(valid indices on {family_label(family)}: {_ranges_text(family)})"
     )
     return ArgumentError("RefDrop layers", token, allowed)
 
@@ -195,14 +240,16 @@ def _parse_indices(token: str, group: str, family: str) -> set[int]:
     lo = int(m.group(1))
     hi = int(m.group(2)) if m.group(2) is not None else lo
     if lo > hi or hi >= size:
-        allowed = f"indices 0–{size - 1} for {group} on {family} (ranges written low-high)"
+        allowed = f"indices 0–{size - 1} for {group} on {family_label(family)} (ranges written low-high)"
         raise ArgumentError("RefDrop layers", f"{group}:{token}", allowed)
     return set(range(lo, hi + 1))
 
 
 def parse_layers(spec: str, family: str) -> frozenset[LayerId]:
-    """Parse 'all', '' (all), 'none', 'input, middle', 'output:0-5, middle', 'input:0,2,4-6'."""
+    """Parse 'all', '' (all), 'none', 'input, middle', 'output:0-5, middle', 'input:0,2,4-6' (UNet) or
+    'double, single:0-9' (DiT)."""
     table = _table(check_family(family))
+    names = groups(family)
     text = re.sub(r"\s*([:\-])\s*", r"\1", (spec or "").strip().lower())
     tokens = [t for t in re.split(r"[,;\s]+", text) if t]
     if not tokens or tokens == ["all"]:
@@ -215,12 +262,12 @@ def parse_layers(spec: str, family: str) -> frozenset[LayerId]:
         if token == "all":
             chosen.update((lid.group, lid.index) for lid in table)
             group = None
-        elif token in GROUPS:
+        elif token in names:
             chosen.update((token, i) for i in range(group_size(family, token)))
             group = None
         elif ":" in token:
             group, _, rest = token.partition(":")
-            if group not in GROUPS or not rest:
+            if group not in names or not rest:
                 raise _bad_token(token, family)
             chosen.update((group, i) for i in _parse_indices(rest, group, family))
         elif group is not None:
@@ -259,7 +306,7 @@ def format_layers(selection: Iterable[Sequence[Any]], family: str) -> str:
     if not chosen:
         return "none"
     parts = []
-    for group in GROUPS:
+    for group in groups(family):
         idx = [lid.index for lid in chosen if lid.group == group]
         if len(idx) == group_size(family, group):
             parts.append(group)

@@ -203,8 +203,9 @@ def test_fused_path_matches_separate_calls():
     kr2, vr2 = qkv(9, batch=1)[1:]
     uses = [(None, 0.4), (None, -0.2)]
     plan = {0: [(1, kr, vr)], 1: [(1, kr2, vr2)]}  # chunks [uncond, cond], b = 2: blend the cond rows
-    fused = host._fused(q, k, v, 2, plan, uses, attn, HEADS)
-    separate = host._blend(attn(q, k, v, HEADS), q.clone(), k, v, 2, plan, uses, attn, HEADS)
+    kernel = lambda a, b, c, _rows: attn(a, b, c, HEADS)  # noqa: E731
+    fused = host._fused(q, k, v, 2, plan, uses, kernel)
+    separate = host._blend(attn(q, k, v, HEADS), q.clone(), k, v, 2, plan, uses, kernel)
     torch.testing.assert_close(fused, separate)
     assert torch.equal(fused[:2], attn(q, k, v, HEADS)[:2])
 

@@ -1,0 +1,374 @@
+"""RefDrop's patch machinery, written once for every attention site (UNet attn1, Flux double/single blocks).
+
+A site adapter (``forge_refdrop.install`` for UNets, ``refdrop_dit.install`` for Flux) turns each attention call into
+``Runner.attend(key, q, k, v, chunks, plain, attn, ...)``: batch-first tensors with tokens in dim −2, the host's own
+result as ``plain()`` and the kernel for reference branches as ``attn(q, k, v, rows)``. The runner records, plans
+each evaluation once, fetches reference K/V and blends; on a DiT (``joint``) the reference branch attends the
+current text tokens plus the reference's image tokens, and only image-token outputs are blended.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Any, NamedTuple
+
+import torch
+
+from lib_imgcond.core import refdrop as rd
+from lib_imgcond.core import refdrop_joint as joint_kv
+from lib_imgcond.core import refdrop_store as store
+from lib_imgcond.core.errors import ImgcondError
+
+FLUSH_EVERY = 24  # recorded layers gathered per device→host copy (bounds the device memory they hold)
+
+
+class PassTracker:
+    """Which model evaluation of the pass is running, and the sampler's progress through its schedule."""
+
+    def __init__(self, pass_name: str, fallback_steps: int):
+        self.pass_name = pass_name
+        self.fallback_steps = max(1, fallback_steps)
+        self.schedule: list[float] | None = None
+        self.first: int | None = None
+        self.eval = -1
+        self.step = 0
+        self.trace: list[float] = []
+
+    @property
+    def n_steps(self) -> int:
+        if self.schedule is None or self.first is None:
+            return self.fallback_steps
+        return max(1, len(self.schedule) - 1 - self.first)
+
+    def on_eval(self, sigma: float) -> None:
+        self.eval += 1
+        idx = _nearest(self.schedule, sigma) if self.schedule else None
+        if idx is None and self.schedule is None:
+            idx = self.eval if self.first is None else self.first + self.eval
+        if idx is not None:
+            if self.first is None:
+                self.first = idx
+            self.step = max(0, idx - self.first)
+        self.trace.append(self.step / self.n_steps)
+
+    @property
+    def progress(self) -> float:
+        return self.trace[-1] if self.trace else 0.0
+
+    @property
+    def complete(self) -> bool:
+        """Whether the pass got as far as its last step (an interrupted pass stops short of it)."""
+        if self.eval < 0:
+            return False
+        if self.schedule is None or self.first is None:
+            return self.eval + 1 >= self.fallback_steps
+        return self.step >= self.n_steps - 1
+
+
+def _nearest(schedule: list[float], sigma: float) -> int | None:
+    for i, s in enumerate(schedule[:-1]):
+        if abs(s - sigma) <= 1e-4 * max(abs(s), 1e-8):
+            return i
+    return None
+
+
+def _recorded_eval(ref: store.Reference, pass_name: str, e: int, progress: float) -> int:
+    """The recorded evaluation to read for Use evaluation `e`: the same one when the runs line up (same sampler and
+    steps), else the one with the nearest normalised progress."""
+    trace = ref.meta.get("trace", {}).get(pass_name) or []
+    if not trace:
+        return rd.map_step(e, max(e + 1, 1), ref.steps(pass_name))
+    if e < len(trace) and trace[e] == progress:
+        return e
+    return min(range(len(trace)), key=lambda j: (abs(trace[j] - progress), j))
+
+
+class Joint(NamedTuple):
+    """A DiT attention call: the first `n_txt` tokens are text; K/V are (B, heads, tokens, head_dim)."""
+
+    n_txt: int
+
+
+class Runner:
+    """Per pass: record K/V, or plan, fetch and blend reference K/V, for every selected attention site."""
+
+    def __init__(self, job: Any, tracker: PassTracker):
+        self.job, self.tracker = job, tracker
+        values = job.values
+        self.item, self.use_uncond = values["batch_item"], values["uncond"]
+        self.start, self.end = values["start"], values["end"]
+        name = tracker.pass_name
+        self.names = (name, f"{name}_uncond") if self.use_uncond else (name,)
+        order = [tuple(x[:3]) for x in rd.layer_table(job.family) if tuple(x[:3]) in job.layers]  # execution order
+        self.source = _ReferenceSource(job.uses, order, recording=job.record)
+        job.sources.append(self.source)
+        self.tasks: list = []  # this evaluation's (reference index, pass name, branch, recorded evaluation, c)
+        self.planned: int | None = None
+        self.recorded = job.record.nbytes if job.record is not None else 0
+        self.pending: list = []  # (key, k row, v row) recorded during this evaluation, still on the device
+        self.streams: dict = {}
+        if job.record is not None:
+            job.flushers.append(self.flush)
+
+    def flush(self) -> None:
+        """Move this evaluation's recorded K/V to the host: one gather and one copy, on a side stream on CUDA."""
+        pending, job = self.pending, self.job
+        if not pending:
+            return
+        device = pending[0][1].device
+        side = None
+        if device.type == "cuda":
+            side = self.streams.get(device)
+            if side is None:
+                side = self.streams[device] = torch.cuda.Stream(device=device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            for _key, k, v in pending:
+                k.record_stream(side)  # the rows stay allocated until the side stream has copied them
+                v.record_stream(side)
+        with torch.cuda.stream(side) if side is not None else nullcontext():
+            self.recorded += job.record.put_many(pending)
+        pending.clear()
+        if job.budget and self.recorded > job.budget:
+            raise ImgcondError(
+                f"RefDrop recording passed the RAM budget ({store.format_bytes(job.budget)}); "
+                "raise it in Settings → ImgCond or select fewer layers"
+            )
+
+    def on_eval(self, sigma: float) -> None:
+        """Once per model evaluation, before it runs."""
+        self.flush()
+        self.source.live.clear()
+        self.tracker.on_eval(sigma)
+
+    def _plan(self, device, dtype) -> None:
+        """Once per evaluation: which recorded evaluation each reference contributes, and start moving it."""
+        tracker, tasks = self.tracker, self.tasks
+        tasks.clear()
+        self.planned = tracker.eval
+        if not rd.step_in_window(tracker.step, tracker.n_steps, self.start, self.end):
+            return
+        for i, (ref, c) in enumerate(self.job.uses):
+            for branch, name in enumerate(self.names):
+                if c != 0 and ref.has_pass(name):
+                    tasks.append((i, name, branch, _recorded_eval(ref, name, tracker.eval, tracker.progress), c))
+        self.source.prepare(tasks, device, dtype)
+
+    def _record(self, k, v, key, chunks, b: int, joint: Joint | None) -> None:
+        capturing = self.job.capturing
+        for branch in (0, 1) if self.use_uncond and not capturing else (0,):
+            if branch in chunks:
+                row = chunks.index(branch) * b + (0 if capturing else self.item)
+                name = self.tracker.pass_name if branch == 0 else f"{self.tracker.pass_name}_uncond"
+                full = store.RefKey(name, self.tracker.eval, *key)
+                kv = (k[row : row + 1], v[row : row + 1])
+                if joint is not None:
+                    kv = tuple(joint_kv.pack(t[:, :, joint.n_txt :]) for t in kv)
+                self.pending.append((full, *kv))
+                if capturing:
+                    self.source.live[full] = kv  # Image mode: the real call reads them straight from the device
+        if len(self.pending) >= FLUSH_EVERY:
+            self.flush()
+
+    def attend(self, key, q, k, v, chunks, plain, attn, fusable: bool = False, joint: Joint | None = None):
+        """The site's output: `plain()` where RefDrop does nothing, else the blend (in place on `plain()`'s output
+        or, on CUDA when `fusable`, one fused kernel call)."""
+        job = self.job
+        if key not in job.layers:
+            return plain()
+        b = q.shape[0] // len(chunks)
+        if job.recording:
+            self._record(k, v, key, chunks, b, joint)
+            return plain()
+        if self.planned != self.tracker.eval:
+            self._plan(q.device, q.dtype)
+        plan: dict[int, list] = {}  # reference index -> [(chunk, k_ref, v_ref)]
+        for i, name, branch, e, _c in self.tasks:
+            kr, vr = self.source.get(i, name, e, key)
+            for j, chunk_branch in enumerate(chunks):
+                if chunk_branch == branch:
+                    if joint is not None:
+                        rows = slice(j * b, (j + 1) * b)
+                        kv = [joint_kv.with_text(t[rows], r, joint.n_txt) for t, r in ((k, kr), (v, vr))]
+                        plan.setdefault(i, []).append((j, *kv))
+                    else:
+                        plan.setdefault(i, []).append((j, kr, vr))
+        if not plan:
+            return plain()
+        tokens = slice(joint.n_txt, None) if joint is not None else slice(None)
+        if fusable and q.is_cuda:
+            fused = _fused(q, k, v, b, plan, job.uses, attn, tokens)
+            if fused is not None:
+                return fused
+        return _blend(plain(), q, k, v, b, plan, job.uses, attn, tokens)
+
+
+class _ReferenceSource:
+    """Reference K/V on the sampling device, for one pass.
+
+    On CUDA a reference whose K/V for the pass fit comfortably in free VRAM (at most 40 %) is uploaded once, on a side
+    stream, each evaluation's tensors behind their own event; others are prefetched one evaluation ahead of use. On
+    the CPU the stored tensors are used as they are (cast once per evaluation if the dtype differs)."""
+
+    RESIDENT_SHARE = 0.4
+
+    def __init__(self, uses: list, order: list, recording: store.Reference | None = None):
+        self.uses, self.order = uses, order
+        self.recording = recording  # Image mode: the reference being captured in this very pass
+        self.live: dict = {}  # RefKey -> device (k, v) captured for the current evaluation
+        self.resident: dict[tuple, dict] = {}  # (i, name) -> {(e, layer): (k, v)}
+        self.events: dict[tuple, Any] = {}  # (i, name, e) -> upload event still to wait for
+        self.prefetchers: dict[int, store.Prefetcher] = {}
+        self.current: dict[tuple, tuple] = {}  # (i, name, e, layer) -> (k, v), this evaluation (CPU and fallbacks)
+        self.stream = None
+        self.device, self.dtype = None, None
+
+    def release(self) -> None:
+        self.recording = None
+        for table in (self.live, self.resident, self.events, self.prefetchers, self.current):
+            table.clear()
+
+    def prepare(self, tasks: list, device, dtype) -> None:
+        self.current.clear()
+        self.device, self.dtype = device, dtype
+        if device.type != "cuda":
+            return
+        for i, name, _branch, e, _c in tasks:
+            ref = self.uses[i][0]
+            if ref is self.recording:
+                continue  # read from `live`
+            if (i, name) not in self.resident and not self._upload(i, ref, name, device, dtype):
+                self.resident[(i, name)] = None  # too large: prefetch per evaluation instead
+            if self.resident.get((i, name)) is None:
+                pf = self.prefetchers.get(i)
+                if pf is None:
+                    pf = self.prefetchers[i] = store.Prefetcher(ref, device, dtype)
+                pf.fetch([(name, e, *layer) for layer in self.order])
+
+    def _upload(self, i: int, ref, name: str, device, dtype) -> bool:
+        """Copy a reference pass to the GPU storage by storage (a few large pinned slabs, not thousands of tensors),
+        then take views; each evaluation waits only for the slabs that hold its K/V."""
+        wanted = set(self.order)
+        keys = sorted((key for key in ref if key.pass_name == name and key.layer in wanted), key=lambda x: x.step)
+        need = sum(2 * ref.get(key)[0].numel() for key in keys) * torch.empty(0, dtype=dtype).element_size()
+        free, _total = torch.cuda.mem_get_info(device)
+        if need > free * self.RESIDENT_SHARE:
+            return False
+        self.stream = self.stream or torch.cuda.Stream(device=device)
+        storages: dict[int, tuple] = {}  # data_ptr -> (storage, upload order)
+        layout = []
+        for key in keys:
+            for t in ref.get(key):
+                st = t.untyped_storage()
+                if st.data_ptr() not in storages:
+                    storages[st.data_ptr()] = (st, len(storages))
+                layout.append((key, st.data_ptr(), t.storage_offset() * t.element_size(), t.shape, t.dtype))
+        self.stream.wait_stream(torch.cuda.current_stream(device))
+        uploaded, events = {}, []
+        with torch.cuda.stream(self.stream):
+            for ptr, (st, _order) in storages.items():
+                host = torch.empty(0, dtype=torch.uint8).set_(st)
+                uploaded[ptr] = host.to(device, non_blocking=host.is_pinned())
+                event = torch.cuda.Event()
+                event.record(self.stream)
+                events.append(event)
+            table: dict = {}
+            last_slab: dict[int, int] = {}
+            for key, ptr, offset, shape, t_dtype in layout:
+                n = t_dtype.itemsize * math.prod(shape)
+                t = uploaded[ptr][offset : offset + n].view(t_dtype).view(shape)
+                if t.dtype != dtype:
+                    t = t.to(dtype)
+                table.setdefault((key.step, key.layer), []).append(t)
+                last_slab[key.step] = max(last_slab.get(key.step, 0), storages[ptr][1])
+        self.resident[(i, name)] = {k: tuple(v) for k, v in table.items()}
+        for e, slab in last_slab.items():
+            self.events[(i, name, e)] = events[slab]
+        return True
+
+    def get(self, i: int, name: str, e: int, layer: tuple) -> tuple:
+        if self.live and self.uses[i][0] is self.recording:
+            hit = self.live.get(store.RefKey(name, e, *layer))
+            if hit is not None:
+                return hit
+        table = self.resident.get((i, name))
+        if table is not None:
+            event = self.events.pop((i, name, e), None)
+            if event is not None:
+                torch.cuda.current_stream().wait_event(event)
+            return table[(e, layer)]
+        ck = (i, name, e, layer)
+        hit = self.current.get(ck)
+        if hit is None:
+            pf = self.prefetchers.get(i)
+            ref = self.uses[i][0]
+            if pf is not None:
+                hit = pf.get((name, e, *layer))
+            else:
+                hit = ref.get((name, e, *layer), device=self.device, dtype=self.dtype)
+            self.current[ck] = hit
+        return hit
+
+
+def _rows(t: torch.Tensor, b: int) -> torch.Tensor:
+    return t if t.shape[0] == b else t.expand(b, *t.shape[1:])
+
+
+def _fused(q, k, v, b: int, plan: dict, uses: list, attn, tokens: slice = slice(None)):
+    """CUDA, same token count: the plain attention and every reference branch in one kernel call (one launch
+    sequence instead of two; SDPA is batch invariant there, so the plain rows equal an unpatched call's)."""
+    qs, ks, vs, where = [q], [k], [v], []
+    for i, entries in plan.items():
+        for j, kr, vr in entries:
+            if kr.shape[-2] != k.shape[-2]:
+                return None
+            qs.append(q[j * b : (j + 1) * b])
+            ks.append(_rows(kr, b))
+            vs.append(_rows(vr, b))
+            where.append((j, uses[i][1]))
+    out = attn(torch.cat(qs), torch.cat(ks), torch.cat(vs), None)
+    n = q.shape[0]
+    base = out[:n]
+    outs: dict[int, list] = {}
+    for idx, (j, c) in enumerate(where):
+        outs.setdefault(j, []).append((out[n + idx * b : n + (idx + 1) * b], c))
+    _apply(base, b, outs, tokens)
+    return base
+
+
+def _apply(base, b: int, outs: dict, tokens: slice = slice(None)) -> None:
+    """base[chunk rows, tokens] ← blend with that chunk's reference outputs, in place."""
+    for j, pairs in outs.items():
+        rows = base[j * b : (j + 1) * b, tokens]
+        pairs = [(ref_out[:, tokens], c) for ref_out, c in pairs]
+        if len(pairs) == 1:
+            ref_out, c = pairs[0]
+            rows.lerp_(ref_out if ref_out.dtype == rows.dtype else ref_out.to(rows.dtype), float(c))
+        else:
+            rows.copy_(rd.blend_outputs(rows, pairs))
+
+
+def _blend(base, q, k, v, b: int, plan: dict, uses: list, attn, tokens: slice = slice(None)):
+    """RFG-blend the planned batch chunks of `base` in place.
+
+    On the CPU, where the hosts' attention kernels are not batch-size invariant for every shape, a reference with the
+    current token count is attended over the whole batch (reference K/V in the planned chunks' rows), the same call
+    shape as `base`: a reference equal to the current K/V then gives back `base` bit for bit. On CUDA (SDPA kernels
+    are batch invariant, see benchmarks/attention_batch_invariance.py) and for other token counts only the planned
+    rows are attended, which is cheaper."""
+    outs: dict[int, list] = {}  # chunk -> [(reference output rows, c)]
+    for i, entries in plan.items():
+        c = uses[i][1]
+        if not q.is_cuda and all(kr.shape[-2] == k.shape[-2] for _, kr, _ in entries):
+            ks, vs = list(k.split(b)), list(v.split(b))
+            for j, kr, vr in entries:
+                ks[j], vs[j] = _rows(kr, b), _rows(vr, b)
+            ref_out = attn(q, torch.cat(ks), torch.cat(vs), None)
+            for j, _, _ in entries:
+                outs.setdefault(j, []).append((ref_out[j * b : (j + 1) * b], c))
+        else:
+            for j, kr, vr in entries:
+                rows = slice(j * b, (j + 1) * b)
+                outs.setdefault(j, []).append((attn(q[rows], _rows(kr, b), _rows(vr, b), rows), c))
+    _apply(base, b, outs, tokens)
+    return base
