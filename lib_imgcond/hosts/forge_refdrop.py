@@ -39,6 +39,7 @@ from lib_imgcond.hosts.refdrop_patch import (  # noqa: F401  (re-exported for th
 from lib_imgcond.log import logger
 
 MODES = ("Record", "Use", "Image")
+FAMILIES = ("sd15", "sdxl", "flux")  # the families RefDrop was tested on; others are refused by name
 
 
 def release(job: Job) -> None:
@@ -96,7 +97,11 @@ class Job:
 
 def plan(p: Any, values: dict, budget_bytes: int, store_fp16: bool) -> Job:
     """Validate everything a job needs before any sampling; raise a clear ImgcondError otherwise."""
-    family = forge.require_family(p.sd_model, ("sd15", "sdxl"), "RefDrop")
+    family = forge.require_family(p.sd_model, FAMILIES, "RefDrop")
+    if family in rd.DIT_FAMILIES:  # tagged with its layer shapes: a reference never crosses DiT architectures
+        from lib_imgcond.hosts import refdrop_dit
+
+        family = rd.dit_family(family, *refdrop_dit.blocks(p.sd_model.forge_objects.unet.model.diffusion_model))
     layers = frozenset(tuple(x[:3]) for x in rd.parse_layers(values["layers"], family))
     if not layers:
         raise ArgumentError("refdrop.layers", values["layers"], "at least one layer")
@@ -164,12 +169,6 @@ def install(unet: Any, job: Job, tracker: PassTracker, attn) -> None:
     """Install RefDrop on `unet` by the model's attention sites: an attn1 replace (every UNet transformer block), or
     on Flux the per-call attention of its double/single blocks (`refdrop_dit`); plus the per-evaluation bookkeeping."""
     runner = Runner(job, tracker)
-    if rd.dit_shape(job.family) is not None:
-        from lib_imgcond.hosts import refdrop_dit
-
-        refdrop_dit.install(unet, runner)
-    else:
-        _install_attn1(unet, runner, attn)
 
     def on_eval(model, x, timestep, uncond, cond, cond_scale, model_options, seed):
         runner.on_eval(float(timestep.flatten()[0]))
@@ -177,10 +176,15 @@ def install(unet: Any, job: Job, tracker: PassTracker, attn) -> None:
 
     unet.add_conditioning_modifier(on_eval)
     if job.image_latent is not None:
-        job.record.meta["trace"][tracker.pass_name] = (
-            tracker.trace
-        )  # filled live: Use reads the evaluation just captured
+        # filled live: Use reads the evaluation just captured
+        job.record.meta["trace"][tracker.pass_name] = tracker.trace
         install_image_capture(unet, job, tracker, runner.flush)
+    if rd.dit_shape(job.family) is not None:  # after the capture wrapper: its reference call runs inside ours
+        from lib_imgcond.hosts import refdrop_dit
+
+        refdrop_dit.install(unet, runner)
+    else:
+        _install_attn1(unet, runner, attn)
 
 
 def _install_attn1(unet: Any, runner: Runner, attn) -> None:

@@ -8,21 +8,19 @@ reaches the attention in the way the host offers (`host.capabilities()`):
   merged into its mask (another extension's replace for the same block is chained to). Nothing module-level changes.
 * Forge 2.0: no patch point reaches the attention, so for one model call the `attention` function of the module that
   defines the model (`backend.nn.flux` for Flux, `backend.nn.chroma` for Chroma, whose blocks call their own module's
-  name) is swapped for RoPE + torch SDPA with the bias, and restored in `finally`.
+  name) runs the bias handler through `flux_attention` (RoPE + torch SDPA with the bias), restored in `finally`.
 
 The bias is sized from each attention call's own length (text + image tokens, and Kontext's reference tokens).
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from lib_imgcond.core import redux as rx
-from lib_imgcond.hosts import forge
+from lib_imgcond.hosts import flux_attention, forge
 from lib_imgcond.hosts import host as webui
 
 
@@ -69,17 +67,14 @@ class CallBias:
         return self.cache[key]
 
 
-def swapped_attention(apply_rope, bias: CallBias):
-    """Forge 2.0's `attention(q, k, v, pe)` with the call's key bias: RoPE, then torch SDPA."""
+def handler(bias: CallBias):
+    """The flux_attention handler that adds the call's key bias to the blocks' attention (Forge 2.0)."""
 
-    def attention(q, k, v, pe):
-        q, k = apply_rope(q, k, pe)
-        mask = bias(q.shape[0], q.shape[2], q.dtype, q.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
-        b, heads, length, dim = out.shape
-        return out.transpose(1, 2).reshape(b, length, heads * dim)
+    def handle(q, k, v, pe, mask, _options, call_next):
+        extra = bias(q.shape[0], q.shape[2], q.dtype, q.device)
+        return call_next(q, k, v, pe, merged_mask(mask, extra, q.dtype) if extra is not None else mask)
 
-    return attention
+    return handle
 
 
 def block_replace(state: Any, existing):
@@ -99,16 +94,9 @@ def block_replace(state: Any, existing):
     return forge.mark_ours(replace, existing)
 
 
-def swap_module(model: Any) -> str:
-    """The module whose `attention` the model's blocks call: the one defining the model's class when it has one
-    (Forge 2.0's Chroma), else Flux's."""
-    name = type(model).__module__
-    return name if hasattr(sys.modules.get(name), "attention") else "backend.nn.flux"
-
-
-def make_wrapper(job: Any, state: Any, inner, swap: str | None):
+def make_wrapper(job: Any, state: Any, inner, swap: bool, model: Any = None):
     """Model function wrapper: sets `state.call` for one model call with cond rows while Redux is active; with
-    `swap` (Forge 2.0: a module name) also swaps that module's `attention` for the call."""
+    `swap` (Forge 2.0) also hands the call's bias to the blocks' attention through `flux_attention`."""
 
     def call(apply_model, args):
         if inner is not None:
@@ -125,15 +113,8 @@ def make_wrapper(job: Any, state: Any, inner, swap: str | None):
         try:
             if not swap:
                 return call(apply_model, args)
-            import backend.nn.flux as fluxmod
-
-            module = sys.modules[swap]
-            original = module.attention
-            module.attention = swapped_attention(fluxmod.apply_rope, state.call)
-            try:
+            with flux_attention.handling(model, handler(state.call)):
                 return call(apply_model, args)
-            finally:
-                module.attention = original
         finally:
             state.call = None
 
@@ -145,7 +126,7 @@ def install(unet: Any, job: Any, state: Any) -> None:
     blocks = webui.capabilities().flux_block_replace
     model = unet.model.diffusion_model
     inner = unet.model_options.get("model_function_wrapper")
-    unet.set_model_unet_function_wrapper(make_wrapper(job, state, inner, swap=None if blocks else swap_module(model)))
+    unet.set_model_unet_function_wrapper(make_wrapper(job, state, inner, swap=not blocks, model=model))
     if not blocks:
         return
     replaces = unet.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})

@@ -40,7 +40,8 @@ class Doc:
 
 LAYERS = (
     "`all`, `input`, `middle`, `output`, `output:0-5`, `input:0,2` … (SD1.5: input 0–5, middle 0, output 0–8; "
-    "SDXL: input 0–23, middle 0–9, output 0–35)"
+    "SDXL: input 0–23, middle 0–9, output 0–35); Flux: `double`, `single`, `double:0-18`, `single:0-37` … "
+    "(Flux.1: double 0–18, single 0–37)"
 )
 
 DOCS: dict[str, dict[str, Doc]] = {

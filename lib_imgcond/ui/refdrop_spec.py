@@ -41,7 +41,7 @@ SPEC = Spec(
             "Layers",
             "str",
             "all",
-            info="'all', groups 'input, middle, output', or indices like 'output:0-5, middle'",
+            info="'all'; UNet: 'input, middle, output' or 'output:0-5, middle'; Flux: 'double:0-18, single:0-37'",
         ),
         Param("start", "Start at", "float", 0.0, 0.0, 1.0, 0.01, info="fraction of the sampling steps"),
         Param("end", "End at", "float", 1.0, 0.0, 1.0, 0.01),

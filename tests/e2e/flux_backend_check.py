@@ -46,7 +46,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from lib_imgcond.core.redux import ReduxProjector  # noqa: E402
 from lib_imgcond.core.vision import VisionConfig, VisionTransformer  # noqa: E402
-from lib_imgcond.hosts import forge, redux_bias  # noqa: E402
+from lib_imgcond.hosts import flux_attention, forge, redux_bias  # noqa: E402
 from lib_imgcond.hosts import forge_redux as host  # noqa: E402
 from lib_imgcond.hosts import host as webui  # noqa: E402
 from lib_imgcond.ui.redux_spec import SPEC  # noqa: E402
@@ -230,7 +230,7 @@ def main() -> None:
     write_models(tmp)
     forge.models_dir = lambda *parts: str(tmp.joinpath(*parts))
     unet = build_unet()
-    SWAP["module"] = sys.modules[redux_bias.swap_module(unet.model.diffusion_model)]
+    SWAP["module"] = sys.modules[flux_attention.swap_module(unet.model.diffusion_model)]
     SWAP["original"] = SWAP["module"].attention
     out["swap_module"] = SWAP["module"].__name__
     p = SimpleNamespace(sd_model=Flux(unet))
