@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from lib_imgcond.core.errors import ArgumentError, ImgcondError
-from lib_imgcond.core.refdrop import _lookup, check_family, format_layers, layer_table
+from lib_imgcond.core.refdrop import _lookup, check_family, family_label, format_layers, layer_table
 
 log = logging.getLogger(__name__)
 
@@ -535,9 +535,10 @@ def check_compatible(
 ) -> None:
     """Raise ImgcondError when ``ref`` cannot serve this model, these layers and these passes."""
     if ref.family != family:
+        recorded, loaded = family_label(ref.family), family_label(family)
         raise ImgcondError(
-            f"reference '{ref.name}' was recorded on {ref.family} but the loaded model is {family}; "
-            f"load a {ref.family} model or record the reference again"
+            f"reference '{ref.name}' was recorded on {recorded} but the loaded model is {loaded}; "
+            f"load a {recorded} model or record the reference again"
         )
     needed = {_layer(x) for x in layers_needed}
     for pass_name in sorted(set(passes_needed), key=lambda p: PASSES.index(p) if p in PASSES else 99):

@@ -26,6 +26,7 @@ sys.argv = [sys.argv[0], *sys.argv[1:]]
 _cli = argparse.ArgumentParser()
 _cli.add_argument("--dtype", default="float32", choices=("float32", "float64"))
 _cli.add_argument("--model", default="flux", choices=("flux", "chroma"))
+_cli.add_argument("--depth", type=int, default=1, help="double and single blocks of the tiny Flux")
 OPTS = _cli.parse_args()
 NEO = (FORGE / "modules_forge" / "packages").is_dir()  # Forge Neo vendors its packages there
 sys.argv = [sys.argv[0], "--cpu" if NEO else "--always-cpu"]  # the backend reads its flags from sys.argv at import
@@ -59,8 +60,8 @@ T5_LEN = 256
 # --- the tiny model ---------------------------------------------------------------------------------------------------
 def build_flux() -> torch.nn.Module:
     shape = dict(
-        in_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=64, mlp_ratio=4, num_heads=2, depth=1,
-        depth_single_blocks=1, axes_dim=[4, 14, 14], theta=10000, qkv_bias=True, guidance_embed=True,
+        in_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=64, mlp_ratio=4, num_heads=2, depth=OPTS.depth,
+        depth_single_blocks=OPTS.depth, axes_dim=[4, 14, 14], theta=10000, qkv_bias=True, guidance_embed=True,
     )  # fmt: skip
     if "out_channels" in inspect.signature(fluxmod.IntegratedFluxTransformer2DModel).parameters:
         shape.update(out_channels=16, patch_size=2)  # Neo: per-patch channels and the patch size are arguments
