@@ -23,7 +23,7 @@ RefTriple = tuple[torch.Tensor, torch.Tensor, float]
 
 FAMILIES = ("sd15", "sdxl")
 GROUPS = ("input", "middle", "output")
-DIT_FAMILIES = ("flux",)
+DIT_FAMILIES = ("flux", "chroma")
 DIT_GROUPS = ("double", "single")
 _DIT = re.compile(r"(?P<base>[a-z0-9]+):(?P<double>\d+)\+(?P<single>\d+)@(?P<channels>\d+)")
 

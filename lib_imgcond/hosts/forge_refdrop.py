@@ -39,7 +39,7 @@ from lib_imgcond.hosts.refdrop_patch import (  # noqa: F401  (re-exported for th
 from lib_imgcond.log import logger
 
 MODES = ("Record", "Use", "Image")
-FAMILIES = ("sd15", "sdxl", "flux")  # the families RefDrop was tested on; others are refused by name
+FAMILIES = ("sd15", "sdxl", "flux", "chroma")  # the families RefDrop was tested on; others are refused by name
 
 
 def release(job: Job) -> None:

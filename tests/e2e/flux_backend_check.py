@@ -78,7 +78,7 @@ def build_chroma() -> torch.nn.Module:
             qkv_bias=True, in_dim=64, out_dim=64, hidden_dim=32, n_layers=1, txt_ids_dims=[], vec_in_dim=768,
         )  # fmt: skip
     return Chroma(
-        **common, in_channels=16, vec_in_dim=768, depth=1, depth_single_blocks=1, qkv_bias=True,
+        **common, in_channels=16, vec_in_dim=768, depth=OPTS.depth, depth_single_blocks=OPTS.depth, qkv_bias=True,
         guidance_out_dim=64, guidance_hidden_dim=32, guidance_n_layers=1,
     )  # fmt: skip
 

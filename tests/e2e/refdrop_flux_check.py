@@ -92,7 +92,7 @@ def error_of(fn) -> str | None:
 
 
 def main() -> None:
-    out: dict = {"dtype": tiny.OPTS.dtype, "host": webui.capabilities().name}
+    out: dict = {"dtype": tiny.OPTS.dtype, "host": webui.capabilities().name, "model": tiny.OPTS.model}
     tmp = Path(tempfile.mkdtemp(prefix="imgcond-refdrop-flux-"))
     host.library.references_dir = lambda: str(tmp)
     forge.models_dir = lambda *parts: str(tmp.joinpath(*parts))
@@ -102,6 +102,7 @@ def main() -> None:
     original = module.attention
     p = processing(unet, 64, 64)
     out["family"] = host.plan(p, values(mode="Record"), 0, False).family
+    out["blocks"] = [len(model.double_blocks), len(model.single_blocks)]
 
     plain, _ = run(unet, None)
     out["c0_vs_plain"] = diff(run(unet, values(mode="Record", reference="same"))[0], plain)  # recording changes nothing

@@ -1,5 +1,5 @@
-"""RefDrop on Flux through the host's own backend: a tiny Flux (2 double + 2 single blocks) built from the host's
-IntegratedFluxTransformer2DModel on the CPU, sampled through its UnetPatcher and sampling_function
+"""RefDrop on Flux and Chroma through the host's own backend: a tiny Flux (2 double + 2 single blocks) or Chroma built
+from the host's own classes on the CPU, sampled through its UnetPatcher and sampling_function
 (tests/e2e/refdrop_flux_check.py, run with the host's python), on Forge 2.0 and Forge Neo."""
 
 from __future__ import annotations
@@ -14,16 +14,21 @@ from tests.e2e import forge
 CHECK = forge.REPO / "tests" / "e2e" / "refdrop_flux_check.py"
 
 
-@pytest.fixture(scope="module", params=["float32", "float64"])
+@pytest.fixture(
+    scope="module",
+    params=[("flux", "float32"), ("flux", "float64"), ("chroma", "float32"), ("chroma", "float64")],
+    ids=lambda p: "-".join(p),
+)
 def result(request):
     paths = forge.forge_paths()
     if paths is None:
         pytest.skip(forge.SKIP_REASON)
-    if request.param == "float64" and forge.is_neo():
+    model, dtype = request.param
+    if dtype == "float64" and forge.is_neo():
         pytest.skip("Forge Neo's Flux RoPE (comfy_kitchen's apply_rope) has no float64 path: fp32 tolerances only")
     forge_dir, python = paths
     proc = subprocess.run(
-        [str(python), str(CHECK), "--dtype", request.param, "--depth", "2"],
+        [str(python), str(CHECK), "--model", model, "--dtype", dtype, "--depth", "2"],
         cwd=forge_dir,
         env=forge.offline_env(),
         capture_output=True,
@@ -39,10 +44,13 @@ def result(request):
 
 def test_the_reference_is_tagged_with_family_and_shapes(result):
     assert result["host"] == ("Forge Neo" if forge.is_neo() else "Forge")
-    assert result["family"] == "flux:2+2@64"
-    assert result["saved_family"] == "flux:2+2@64"
-    assert result["ref_layers"] == ["double:0:0", "double:1:0", "single:0:0", "single:1:0"]
-    assert result["ref_keys"] == 3 * 4  # 3 evaluations × 4 blocks
+    # Neo's tiny Chroma keeps Chroma's 19 + 38 blocks (its modulation table needs them); the others have 2 + 2
+    double, single = (19, 38) if result["model"] == "chroma" and forge.is_neo() else (2, 2)
+    assert result["blocks"] == [double, single]
+    assert result["family"] == result["saved_family"] == f"{result['model']}:{double}+{single}@64"
+    names = [f"double:{i}:0" for i in range(double)] + [f"single:{i}:0" for i in range(single)]
+    assert result["ref_layers"] == sorted(names)
+    assert result["ref_keys"] == 3 * (double + single)  # 3 evaluations × every block
     assert result["ref_kv_shape"] == [1, 16, 64]  # image tokens only (64² → 4×4 patches), heads·head_dim channels
 
 
@@ -89,7 +97,8 @@ def test_saved_reference_reloads_identically(result):
 
 
 def test_errors_name_the_mismatch(result):
-    assert "recorded on sd15" in result["err_sd_ref"] and "Flux (2 double + 2 single blocks" in result["err_sd_ref"]
+    label = result["model"].capitalize()
+    assert "recorded on sd15" in result["err_sd_ref"] and f"{label} (" in result["err_sd_ref"]
     assert "Flux (19 double + 38 single blocks, 3072 channels)" in result["err_shape_ref"]
     assert "double" in result["err_layers"] and "single" in result["err_layers"]
 
