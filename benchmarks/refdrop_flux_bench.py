@@ -7,6 +7,11 @@ Modes, each a whole sampling pass of --steps Euler steps at batch 1 (Flux.1-dev 
   use     the same install with Job.uses = [(reference, c)] (a reference recorded from another seed): every block's
           image-token outputs blend attention over [text; reference image] K/V
 
+Floors, in the same rounds: "floor use" is off plus, per block, one extra SDPA of the image-token queries over
+GPU-resident [text; reference image] K/V buffers (the text part copied in) and an in-place blend, nothing else: the
+cost any RefDrop Use must pay. "floor record" is off plus one device copy of each block's image-token K/V into a
+preallocated buffer.
+
 The patch goes on a minimal fake of the hosts' UnetPatcher (model_options, a model function wrapper, conditioning
 modifiers). The first record pass (fresh pinned memory, "cold") is timed first; then --repeats rounds of off, use and
 record (warm) run interleaved and each ratio is the median of the per-round ratios to the round's off pass.
@@ -17,6 +22,7 @@ Run from the repository root:  python3 benchmarks/refdrop_flux_bench.py --steps 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -29,8 +35,32 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import flux_shaped
 import refdrop_bench as rb
 from flux_shaped import FluxShaped
+
+
+def floor_handler(kind: str, bufs: list, n_layers: int, n_txt: int, c: float):
+    """The floor of `kind` ('use' or 'record') as a flux_attention handler (see the module docstring)."""
+    count = [0]
+
+    def handler(q, k, v, pe, mask, _options, call_next):
+        i = count[0] % n_layers
+        count[0] += 1
+        q, k = flux_shaped.apply_rope(q, k, pe)
+        out = call_next(q, k, v, None, mask)
+        kb, vb = bufs[i]
+        if kind == "use":
+            kb[:, :, :n_txt].copy_(k[:, :, :n_txt])
+            vb[:, :, :n_txt].copy_(v[:, :, :n_txt])
+            ref = flux_shaped.attention_function(q[:, :, n_txt:], kb, vb, q.shape[1])
+            out[:, n_txt:].lerp_(ref, c)
+        else:
+            kb.copy_(k[:, :, n_txt:])
+            vb.copy_(v[:, :, n_txt:])
+        return out
+
+    return handler
 
 
 class FakeUnetPatcher:
@@ -73,10 +103,26 @@ class Bench:
         self.context = torch.randn(1, 512, 4096, generator=gc).to(self.device, dtype)
         self.y = torch.randn(1, 768, generator=gc).to(self.device, dtype)
         self.guidance = torch.full((1,), 3.5, device=self.device)
+        self.bufs: dict[str, list] = {}
 
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def floor(self, kind: str, steps: int, x0: torch.Tensor) -> torch.Tensor:
+        n_txt, n_img = self.context.shape[1], (x0.shape[2] // 2) * (x0.shape[3] // 2)
+        heads = self.args.hidden // 128
+        n_layers = self.args.double + self.args.single
+        if kind not in self.bufs:
+            length = n_txt + n_img if kind == "use" else n_img
+            shape = (1, heads, length, 128)
+            make = torch.randn if kind == "use" else torch.empty
+            self.bufs[kind] = [
+                tuple(make(shape, device=self.device, dtype=x0.dtype) for _ in "kv") for _ in range(n_layers)
+            ]
+        handler = floor_handler(kind, self.bufs[kind], n_layers, n_txt, self.args.coefficient)
+        with importlib.import_module("lib_imgcond.hosts.flux_attention").handling(self.model, handler):
+            return self.sample(None, steps, x0)
 
     def sample(self, patcher: FakeUnetPatcher | None, steps: int, x0: torch.Tensor) -> torch.Tensor:
         opts = patcher.model_options if patcher else {}
@@ -102,7 +148,7 @@ class Bench:
 
     def run_once(self, mode: str, steps: int, ref: Any = None) -> rb.Run:
         job = tracker = patcher = None
-        if mode != "off":
+        if mode in ("use", "record"):
             values = rb.make_values("Record" if mode == "record" else "Use", self.args.coefficient)
             job = rb.host.Job(values, self.family, self.layers, budget=0)
             if mode == "record":
@@ -116,7 +162,10 @@ class Bench:
             rb.host.install(patcher, job, tracker, None)
         self.sync()
         t0 = time.perf_counter()
-        self.last_x = self.sample(patcher, steps, self.x0_use if mode == "use" else self.x0)
+        if mode.startswith("floor"):
+            self.last_x = self.floor(mode.split()[-1], steps, self.x0_use)
+        else:
+            self.last_x = self.sample(patcher, steps, self.x0_use if mode == "use" else self.x0)
         recorded = rb.host.finish_record(job, {"first": tracker}, save_file=False) if mode == "record" else None
         self.sync()
         seconds = time.perf_counter() - t0
@@ -157,10 +206,14 @@ def main() -> None:
         results.update(reference_bytes=ref.nbytes, kv_bytes_per_step=per_eval, reference_pairs=len(ref))
         cold = cold._replace(recorded=None)
         bench.run_once("use", 2, ref)
-        runs: dict[str, list[rb.Run]] = {"off": [], "use": [], "record (warm)": []}
+        bench.run_once("floor use", 2)
+        bench.run_once("floor record", 2)
+        runs: dict[str, list[rb.Run]] = {m: [] for m in ("off", "floor use", "use", "floor record", "record (warm)")}
         for _ in range(args.repeats):
             runs["off"].append(bench.run_once("off", args.steps))
+            runs["floor use"].append(bench.run_once("floor use", args.steps))
             runs["use"].append(bench.run_once("use", args.steps, ref))
+            runs["floor record"].append(bench.run_once("floor record", args.steps))
             rb.drop_references()
             ref = None
             run = bench.run_once("record", args.steps)
@@ -182,7 +235,7 @@ def main() -> None:
     row("off", off, [1.0] * len(off))
     off_med = statistics.median(r.seconds for r in off)
     row("record (cold)", [cold], [cold.seconds / off_med])
-    for label in ("record (warm)", "use"):
+    for label in ("floor record", "record (warm)", "floor use", "use"):
         row(label, runs[label], [r.seconds / o.seconds for r, o in zip(runs[label], off, strict=True)])
     results["rows"] = rows
     if args.out:

@@ -195,12 +195,13 @@ class Runner:
                         plan.setdefault(i, []).append((j, kr, vr))
         if not plan:
             return plain()
-        tokens = slice(joint.n_txt, None) if joint is not None else slice(None)
+        if joint is not None:  # on CUDA only the image-token queries attend the reference (no fused call)
+            return _blend(plain(), q, k, v, b, plan, job.uses, attn, slice(joint.n_txt, None), joint_queries=True)
         if fusable and q.is_cuda:
-            fused = _fused(q, k, v, b, plan, job.uses, attn, tokens)
+            fused = _fused(q, k, v, b, plan, job.uses, attn)
             if fused is not None:
                 return fused
-        return _blend(plain(), q, k, v, b, plan, job.uses, attn, tokens)
+        return _blend(plain(), q, k, v, b, plan, job.uses, attn)
 
 
 class _ReferenceSource:
@@ -331,16 +332,15 @@ def _fused(q, k, v, b: int, plan: dict, uses: list, attn, tokens: slice = slice(
     base = out[:n]
     outs: dict[int, list] = {}
     for idx, (j, c) in enumerate(where):
-        outs.setdefault(j, []).append((out[n + idx * b : n + (idx + 1) * b], c))
+        outs.setdefault(j, []).append((out[n + idx * b : n + (idx + 1) * b, tokens], c))
     _apply(base, b, outs, tokens)
     return base
 
 
 def _apply(base, b: int, outs: dict, tokens: slice = slice(None)) -> None:
-    """base[chunk rows, tokens] ← blend with that chunk's reference outputs, in place."""
+    """base[chunk rows, tokens] ← blend with that chunk's reference outputs (given for those tokens), in place."""
     for j, pairs in outs.items():
         rows = base[j * b : (j + 1) * b, tokens]
-        pairs = [(ref_out[:, tokens], c) for ref_out, c in pairs]
         if len(pairs) == 1:
             ref_out, c = pairs[0]
             rows.lerp_(ref_out if ref_out.dtype == rows.dtype else ref_out.to(rows.dtype), float(c))
@@ -348,15 +348,18 @@ def _apply(base, b: int, outs: dict, tokens: slice = slice(None)) -> None:
             rows.copy_(rd.blend_outputs(rows, pairs))
 
 
-def _blend(base, q, k, v, b: int, plan: dict, uses: list, attn, tokens: slice = slice(None)):
-    """RFG-blend the planned batch chunks of `base` in place.
+def _blend(
+    base, q, k, v, b: int, plan: dict, uses: list, attn, tokens: slice = slice(None), joint_queries: bool = False
+):
+    """RFG-blend the planned batch chunks of `base` in place (output `tokens` only).
 
     On the CPU, where the hosts' attention kernels are not batch-size invariant for every shape, a reference with the
     current token count is attended over the whole batch (reference K/V in the planned chunks' rows), the same call
     shape as `base`: a reference equal to the current K/V then gives back `base` bit for bit. On CUDA (SDPA kernels
     are batch invariant, see benchmarks/attention_batch_invariance.py) and for other token counts only the planned
-    rows are attended, which is cheaper."""
-    outs: dict[int, list] = {}  # chunk -> [(reference output rows, c)]
+    rows are attended, which is cheaper; with `joint_queries` (a DiT's (B, heads, tokens, head_dim) q) only the
+    queries of the blended tokens."""
+    outs: dict[int, list] = {}  # chunk -> [(reference output of `tokens`, c)]
     for i, entries in plan.items():
         c = uses[i][1]
         if not q.is_cuda and all(kr.shape[-2] == k.shape[-2] for _, kr, _ in entries):
@@ -365,10 +368,12 @@ def _blend(base, q, k, v, b: int, plan: dict, uses: list, attn, tokens: slice = 
                 ks[j], vs[j] = _rows(kr, b), _rows(vr, b)
             ref_out = attn(q, torch.cat(ks), torch.cat(vs), None)
             for j, _, _ in entries:
-                outs.setdefault(j, []).append((ref_out[j * b : (j + 1) * b], c))
+                outs.setdefault(j, []).append((ref_out[j * b : (j + 1) * b, tokens], c))
         else:
             for j, kr, vr in entries:
                 rows = slice(j * b, (j + 1) * b)
-                outs.setdefault(j, []).append((attn(q[rows], _rows(kr, b), _rows(vr, b), rows), c))
+                qr = q[rows][:, :, tokens] if joint_queries else q[rows]
+                out = attn(qr, _rows(kr, b), _rows(vr, b), rows)
+                outs.setdefault(j, []).append((out if joint_queries else out[:, tokens], c))
     _apply(base, b, outs, tokens)
     return base
