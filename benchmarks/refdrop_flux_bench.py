@@ -186,6 +186,9 @@ def main() -> None:
     parser.add_argument("--double", type=int, default=19)
     parser.add_argument("--single", type=int, default=38)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--profile-steps", type=int, default=0, help="also profile floor use and use for this many steps"
+    )
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--lib", default=rb.ROOT)
     args = parser.parse_args()
@@ -221,6 +224,16 @@ def main() -> None:
             runs["record (warm)"].append(run._replace(recorded=None))
             del run
         results["use_finite"] = bool(torch.isfinite(bench.last_x).all())
+        profiles = {}
+        if args.profile_steps and cuda:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+
+            for mode in ("floor use", "use"):
+                with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    bench.run_once(mode, args.profile_steps, ref)
+                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+                profiles[mode] = table
     off = runs["off"]
     rows = []
 
@@ -242,6 +255,8 @@ def main() -> None:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "flux_results.json"), "w") as f:
             json.dump(results, f, indent=2)
+    for mode, table in profiles.items():
+        print(f"\nprofile {mode} ({args.profile_steps} steps), by CUDA time:\n{table}")
     gib = 2**30
     print(
         f"K/V recorded per step: {per_eval / gib:.2f} GiB ({results['reference_pairs']} pairs over {args.steps} steps)"
