@@ -31,11 +31,14 @@ def unpack(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 def with_text(current: torch.Tensor, ref_packed: torch.Tensor, n_txt: int) -> torch.Tensor:
     """The reference branch's K (or V) for `current`'s rows: their first `n_txt` tokens, then the reference's
-    image tokens (broadcast from batch 1)."""
-    ref = unpack(ref_packed.to(device=current.device, dtype=current.dtype), current.shape[1])
-    if ref.shape[0] != current.shape[0]:
-        ref = ref.expand(current.shape[0], *ref.shape[1:])
-    return torch.cat((current[:, :, :n_txt], ref), dim=2)
+    image tokens (broadcast from batch 1). Joined in the packed layout (one contiguous copy; a head-major join of
+    a packed reference would be a strided gather) and returned as a (B, heads, tokens, head_dim) view."""
+    b, heads = current.shape[:2]
+    ref = ref_packed.to(device=current.device, dtype=current.dtype)
+    if ref.shape[0] != b:
+        ref = ref.expand(b, *ref.shape[1:])
+    joined = torch.cat((pack(current[:, :, :n_txt]), ref), dim=1)
+    return unpack(joined, heads)
 
 
 def joint_blend(
