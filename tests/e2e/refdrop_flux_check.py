@@ -25,8 +25,10 @@ from backend.sampling.sampling_function import sampling_function, sampling_prepa
 
 from lib_imgcond.core import refdrop_store as store  # noqa: E402
 from lib_imgcond.hosts import flux_attention, forge  # noqa: E402
+from lib_imgcond.hosts import forge_redux as redux_host  # noqa: E402
 from lib_imgcond.hosts import forge_refdrop as host  # noqa: E402
 from lib_imgcond.hosts import host as webui  # noqa: E402
+from lib_imgcond.ui.redux_spec import SPEC as REDUX  # noqa: E402
 from lib_imgcond.ui.refdrop_spec import SPEC  # noqa: E402
 from lib_imgcond.ui.spec import ImageInput  # noqa: E402
 
@@ -44,10 +46,13 @@ def processing(unet, w: int, h: int, batch: int = 1, seed: int = 1):
     )  # fmt: skip
 
 
-def run(unet, v: dict | None, *, w=64, h=64, batch=1, cfg=1.0, noise_seed=5, image=None):
-    """STEPS Euler steps of a w×h generation, RefDrop per `v` (None: off). Returns (final latent, job, calls)."""
+def run(unet, v: dict | None, *, w=64, h=64, batch=1, cfg=1.0, noise_seed=5, image=None, redux=None):
+    """STEPS Euler steps of a w×h generation, RefDrop per `v` (None: off) and Redux per `redux` (its values, installed
+    first, as the scripts' order does). Returns (final latent, per-step (cond, uncond) predictions)."""
     p = processing(unet, w, h, batch)
     job, tracker, pass_unet = None, None, unet.clone()
+    if redux is not None:
+        redux_host.install(pass_unet, redux_host.plan(p, redux))
     sigmas = torch.linspace(0.9, 0.0, STEPS + 1)
     if v is not None:
         job = host.plan(p, v, 0, False)
@@ -171,6 +176,18 @@ def main() -> None:
     after, _ = run(unet, values(reference="saved", coefficient=0.5))
     out["saved_reload_diff"] = diff(before, after)
     out["saved_family"] = store.reference_info(tmp / "saved.safetensors")["family"]
+    # with Redux's attention bias at once (Forge 2.0: both handlers nest in the one swap; Neo: the bias arrives as
+    # the blocks' attn_mask): c = 0 is Redux alone exactly, c = 0.5 differs from it
+    tiny.write_models(tmp)
+    rx = REDUX.parse([{"image1": ImageInput(tiny.picture(1)), "strength_type1": "attn_bias", "strength1": 0.5}])
+    redux_alone, _ = run(unet, None, redux=rx)
+    out["redux_vs_plain"] = diff(redux_alone, plain)
+    out["redux_refdrop_c0_vs_redux"] = diff(
+        run(unet, values(reference="other", coefficient=0.0), redux=rx)[0], redux_alone
+    )
+    both, _ = run(unet, values(reference="other", coefficient=0.5), redux=rx)
+    out["redux_refdrop_c05_vs_redux"] = diff(both, redux_alone)
+    out["redux_refdrop_c05_vs_refdrop"] = diff(both, half)
     # errors: an SD reference on Flux, a reference from a Flux of other shapes, bad layers
     host.REFERENCES["sdref"] = store.Reference("sdref", "sd15", {"trace": {}, "width": 64, "height": 64})
     other_shape = store.Reference("shape", "flux:19+38@3072", {"trace": {}, "width": 64, "height": 64})

@@ -103,6 +103,13 @@ def test_errors_name_the_mismatch(result):
     assert "double" in result["err_layers"] and "single" in result["err_layers"]
 
 
+def test_redux_and_refdrop_together(result):
+    assert result["redux_vs_plain"] > 1e-4
+    assert result["redux_refdrop_c0_vs_redux"] == 0.0
+    assert result["redux_refdrop_c05_vs_redux"] > 1e-3
+    assert result["redux_refdrop_c05_vs_refdrop"] > 1e-4
+
+
 def test_the_attention_function_is_restored(result):
     assert result["attention_restored"]
     assert not result["cuda_initialized"]
