@@ -97,8 +97,8 @@ DOCS: dict[str, dict[str, Doc]] = {
         "concept_threshold": Doc("concept match threshold"),
         "direct": Doc("direct image guidance (ignores the prompt)"),
         "compatible": Doc("FlexDiffuse-compatible mode (the original's mapping and image preprocessing)"),
-        "start": Doc("start of the window (fraction of the noise schedule)"),
-        "end": Doc("end of the window", note=", above `start`"),
+        "start": Doc("start of the window (fraction of the noise schedule, tested per model evaluation)"),
+        "end": Doc("end of the window (`end` = `start`: never applies)", note=", at least `start`"),
         "hires": Doc("guide the hires-fix pass too"),
     },
     "redux": {
@@ -109,8 +109,8 @@ DOCS: dict[str, dict[str, Doc]] = {
         "redux_model": Doc(
             "Redux projector", 'a file name in `models/imgcond/redux/`; `""` = the first Redux file found'
         ),
-        "start": Doc("start of the step window (fraction of the noise schedule)"),
-        "end": Doc("end of the step window"),
+        "start": Doc("start of the step window (fraction of the noise schedule, tested per model evaluation)"),
+        "end": Doc("end of the step window (`end` = `start`: never applies)", note=", at least `start`"),
         "use": Doc("slot k is used when on and `imagek` is given"),
         "image": Doc("reference image k", 'base64 image, or `{"image", "mask"}`'),
         "mask": Doc("uploaded mask k (white = keep); same size as the image", "base64 image"),
