@@ -25,6 +25,7 @@ from lib_imgcond.ui.redux_spec import SLOTS
 from lib_imgcond.ui.redux_spec import SPEC as REDUX
 from lib_imgcond.ui.refdrop_spec import SPEC as REFDROP
 from lib_imgcond.ui.spec import Param, Spec, _num
+from lib_imgcond.ui.style_spec import SPEC as STYLE
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 SLOT = "k"  # how a slot-numbered parameter is written in the table: `imagek`
@@ -125,6 +126,27 @@ DOCS: dict[str, dict[str, Doc]] = {
         "automerge": Doc("merge runs of similar neighbouring tokens (raster order) into their mean"),
         "merge_threshold": Doc("cosine similarity to the run's mean from which a token joins it"),
     },
+    "style_model": {
+        "encoder": Doc(
+            "CLIP ViT-L/14 vision encoder, found as for CLIP image guidance's `encoder`",
+            "a file name in `models/imgcond/clip_vision/` (or its extra folder), or `Automatic`",
+        ),
+        "adapter": Doc(
+            "T2I-Adapter style model; `Automatic`: the first file of `models/imgcond/style/`, else the first "
+            "`*style*` file of `models/ControlNet/`",
+            "a `.safetensors` or `.pth` file name, or `Automatic`",
+        ),
+        "strength": Doc("strength of every style token (0 removes them exactly)"),
+        "margin": Doc("autocrop margin (fraction of width / height)"),
+        "start": Doc("start of the step window (fraction of the noise schedule, tested per model evaluation)"),
+        "end": Doc("end of the step window (`end` = `start`: never applies)", note=", at least `start`"),
+        "image": Doc(
+            "style image k (a drawn / given mask keeps only the tokens it covers)",
+            'base64 image, or `{"image", "mask"}`',
+        ),
+        "weight": Doc("its tokens × weight (0: the image is skipped)"),
+        "mode": Doc("image preparation"),
+    },
 }
 
 EXTRA_ROWS: dict[str, list[tuple[str, str, str, str, str]]] = {
@@ -143,7 +165,7 @@ EXTRA_ROWS: dict[str, list[tuple[str, str, str, str, str]]] = {
     ],
 }
 
-SPECS: tuple[Spec, ...] = (REFDROP, MIXING, FLEX, REDUX)
+SPECS: tuple[Spec, ...] = (REFDROP, MIXING, FLEX, REDUX, STYLE)
 
 
 # --- slots ----------------------------------------------------------------------------------------------------------
