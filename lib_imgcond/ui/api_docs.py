@@ -26,6 +26,7 @@ from lib_imgcond.ui.redux_spec import SPEC as REDUX
 from lib_imgcond.ui.refdrop_spec import SPEC as REFDROP
 from lib_imgcond.ui.spec import Param, Spec, _num
 from lib_imgcond.ui.style_spec import SPEC as STYLE
+from lib_imgcond.ui.unclip_spec import SPEC as UNCLIP
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 SLOT = "k"  # how a slot-numbered parameter is written in the table: `imagek`
@@ -147,6 +148,16 @@ DOCS: dict[str, dict[str, Doc]] = {
         "weight": Doc("its tokens × weight (0: the image is skipped)"),
         "mode": Doc("image preparation"),
     },
+    "unclip": {
+        "encoder": Doc(
+            "CLIP vision encoder matching the checkpoint (ViT-H/14, 1024-d, for -h; ViT-L/14, 768-d, for -l); "
+            "`Automatic`: the first fitting file, the standard architecture first",
+            "a file name in `models/imgcond/clip_vision/` (or its extra folder), or `Automatic`",
+        ),
+        "start": Doc("start of the step window (fraction of the noise schedule, tested per model evaluation)"),
+        "end": Doc("end of the step window (`end` = `start`: never applies)", note=", at least `start`"),
+        "image": Doc("image k", "base64 image or null"),
+    },
 }
 
 EXTRA_ROWS: dict[str, list[tuple[str, str, str, str, str]]] = {
@@ -165,7 +176,7 @@ EXTRA_ROWS: dict[str, list[tuple[str, str, str, str, str]]] = {
     ],
 }
 
-SPECS: tuple[Spec, ...] = (REFDROP, MIXING, FLEX, REDUX, STYLE)
+SPECS: tuple[Spec, ...] = (REFDROP, MIXING, FLEX, REDUX, STYLE, UNCLIP)
 
 
 # --- slots ----------------------------------------------------------------------------------------------------------

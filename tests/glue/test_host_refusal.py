@@ -128,6 +128,7 @@ CASES = [
     ("imgcond_hires_mixing", "HiresMixingScript", {}, "Hires iterative mixing"),
     ("imgcond_clip_guidance", "ClipGuidanceScript", {}, "CLIP image guidance"),
     ("imgcond_style_model", "StyleModelScript", {}, "Style model"),
+    ("imgcond_unclip", "UnclipScript", {}, "unCLIP"),
 ]
 
 
