@@ -50,3 +50,29 @@ def random_state(shapes: dict[str, tuple[int, ...]], seed: int = 0, scale: float
         else:
             out[key] = torch.randn(shape, generator=g) * scale
     return out
+
+
+def style_adapter_shapes(width=32, tokens=8, layers=2, context=768) -> dict[str, tuple[int, ...]]:
+    """The T2I-Adapter style model's tensors (TencentARC StyleAdapter names, `transformer_layes` spelling)."""
+    out: dict[str, tuple[int, ...]] = {
+        "style_embedding": (1, tokens, width),
+        "ln_pre.weight": (width,),
+        "ln_pre.bias": (width,),
+        "ln_post.weight": (width,),
+        "ln_post.bias": (width,),
+        "proj": (width, context),
+    }
+    for i in range(layers):
+        pre = f"transformer_layes.{i}."
+        out[pre + "attn.in_proj_weight"] = (3 * width, width)
+        out[pre + "attn.in_proj_bias"] = (3 * width,)
+        out[pre + "attn.out_proj.weight"] = (width, width)
+        out[pre + "attn.out_proj.bias"] = (width,)
+        out[pre + "mlp.c_fc.weight"] = (4 * width, width)
+        out[pre + "mlp.c_fc.bias"] = (4 * width,)
+        out[pre + "mlp.c_proj.weight"] = (width, 4 * width)
+        out[pre + "mlp.c_proj.bias"] = (width,)
+        for ln in ("ln_1", "ln_2"):
+            out[f"{pre}{ln}.weight"] = (width,)
+            out[f"{pre}{ln}.bias"] = (width,)
+    return out

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lib_imgcond.core import flex_image, vision
+from lib_imgcond.core import flex_image, vision, window
 from lib_imgcond.core import flexdiffuse as fd
 from lib_imgcond.core.errors import ArgumentError, ImgcondError
 from lib_imgcond.hosts import forge
@@ -349,8 +349,7 @@ def plan(p: Any, values: dict, extra_images: list[tuple[ImageInput, float]], ext
     if not images:
         raise ImgcondError(f"{TECHNIQUE} is on but no guidance image was given: add an image, or turn {TECHNIQUE} off")
     params = flex_params(values)
-    if values["end"] <= values["start"]:
-        raise ArgumentError("flexdiffuse.end", values["end"], f"a value above start ({values['start']})")
+    window.check(values["start"], values["end"], "flexdiffuse")
     weights = [w for _, w in images]
     if values["direct"] and (min(weights) < 0 or sum(weights) <= 0):
         raise ArgumentError("flexdiffuse.weight", weights, "non-negative weights, not all 0, for direct guidance")
@@ -454,14 +453,15 @@ def guided_entry(job: Job, entry: dict) -> dict:
 
 
 def install(unet: Any, job: Job) -> None:
-    """Add the conditioning modifier (positive conditioning only, inside the start/end window) to `unet`."""
-    predictor = unet.model.predictor
-    sigma_hi = float(predictor.percent_to_sigma(job.values["start"]))
-    sigma_lo = float(predictor.percent_to_sigma(job.values["end"]))
+    """Add the conditioning modifier (positive conditioning only, inside the start/end window, tested per model
+    evaluation from its sigma) to `unet`."""
+    predictor = getattr(unet.model, "predictor", None)
+    inside = window.sigma_test(
+        job.values["start"], job.values["end"], None if predictor is None else predictor.percent_to_sigma
+    )
 
     def modifier(model, x, timestep, uncond, cond, cond_scale, model_options, seed):
-        sigma = float(torch.as_tensor(timestep).flatten()[0])
-        if cond and sigma_lo <= sigma <= sigma_hi:
+        if cond and inside(float(torch.as_tensor(timestep).flatten()[0])):
             cond = [guided_entry(job, entry) for entry in cond]
         return model, x, timestep, uncond, cond, cond_scale, model_options, seed
 

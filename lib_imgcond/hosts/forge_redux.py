@@ -25,6 +25,7 @@ import torch
 
 from lib_imgcond.core import redux as rx
 from lib_imgcond.core import token_merge as tm
+from lib_imgcond.core import window
 from lib_imgcond.core.errors import ImgcondError
 from lib_imgcond.hosts import forge, redux_bias
 from lib_imgcond.hosts.forge_redux_files import (  # noqa: F401  (re-exported: the scripts use them from here)
@@ -261,6 +262,7 @@ def encode(vision, projector, image: torch.Tensor, model_key: tuple, device, dty
 def plan(p: Any, values: dict) -> Job:
     """Validate and encode everything a job needs before any sampling; raise a clear ImgcondError otherwise."""
     forge.require_family(p.sd_model, FAMILIES, "Redux")
+    window.check(float(values["start"]), float(values["end"]), "redux")
     slots = active_slots(values)
     if not slots:
         raise ImgcondError("Redux is on but no image slot has an image: give image1 (or turn Redux off)")
@@ -323,16 +325,13 @@ def strict_cross_attn_class() -> type:
 
 def in_window(model: Any, sigma: float, start: float, end: float) -> bool:
     """Whether `sigma` lies in the [start, end] fraction of the denoising (Forge's percent_to_sigma)."""
-    if start <= 0.0 and end >= 1.0:
-        return True
-    if start >= end:
-        return False
+    return window_test(model, start, end)(sigma)
+
+
+def window_test(model: Any, start: float, end: float):
+    """`inside(sigma)` for the step window of `model` (core.window; the bounds computed once)."""
     predictor = getattr(model, "predictor", None)
-    if predictor is None:
-        return True
-    hi = float(predictor.percent_to_sigma(start))
-    lo = float(predictor.percent_to_sigma(end))
-    return lo - 1e-6 * max(abs(lo), 1.0) <= sigma <= hi + 1e-6 * max(abs(hi), 1.0)
+    return window.sigma_test(start, end, None if predictor is None else predictor.percent_to_sigma)
 
 
 class PassState:
@@ -372,8 +371,13 @@ def make_modifier(job: Job, state: PassState):
             placed[key] = job.tokens.to(device=context.device, dtype=context.dtype)
         return placed[key]
 
+    tests: dict[int, Any] = {}  # one window test per model object (the pass's model)
+
     def modifier(model, x, timestep, uncond, cond, cond_scale, model_options, seed):
-        state.active = in_window(model, float(timestep.flatten()[0]), start, end)
+        inside = tests.get(id(model))
+        if inside is None:
+            inside = tests[id(model)] = window_test(model, start, end)
+        state.active = inside(float(timestep.flatten()[0]))
         if state.active:
             cls = strict_cross_attn_class()
             cond = _rewrap(cond, cls, tokens_like)

@@ -25,6 +25,8 @@ from lib_imgcond.ui.redux_spec import SLOTS
 from lib_imgcond.ui.redux_spec import SPEC as REDUX
 from lib_imgcond.ui.refdrop_spec import SPEC as REFDROP
 from lib_imgcond.ui.spec import Param, Spec, _num
+from lib_imgcond.ui.style_spec import SPEC as STYLE
+from lib_imgcond.ui.unclip_spec import SPEC as UNCLIP
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 SLOT = "k"  # how a slot-numbered parameter is written in the table: `imagek`
@@ -98,8 +100,8 @@ DOCS: dict[str, dict[str, Doc]] = {
         "concept_threshold": Doc("concept match threshold"),
         "direct": Doc("direct image guidance (ignores the prompt)"),
         "compatible": Doc("FlexDiffuse-compatible mode (the original's mapping and image preprocessing)"),
-        "start": Doc("start of the window (fraction of the noise schedule)"),
-        "end": Doc("end of the window", note=", above `start`"),
+        "start": Doc("start of the window (fraction of the noise schedule, tested per model evaluation)"),
+        "end": Doc("end of the window (`end` = `start`: never applies)", note=", at least `start`"),
         "hires": Doc("guide the hires-fix pass too"),
     },
     "redux": {
@@ -110,8 +112,8 @@ DOCS: dict[str, dict[str, Doc]] = {
         "redux_model": Doc(
             "Redux projector", 'a file name in `models/imgcond/redux/`; `""` = the first Redux file found'
         ),
-        "start": Doc("start of the step window (fraction of the noise schedule)"),
-        "end": Doc("end of the step window"),
+        "start": Doc("start of the step window (fraction of the noise schedule, tested per model evaluation)"),
+        "end": Doc("end of the step window (`end` = `start`: never applies)", note=", at least `start`"),
         "use": Doc("slot k is used when on and `imagek` is given"),
         "image": Doc("reference image k", 'base64 image, or `{"image", "mask"}`'),
         "mask": Doc("uploaded mask k (white = keep); same size as the image", "base64 image"),
@@ -125,6 +127,37 @@ DOCS: dict[str, dict[str, Doc]] = {
         "strength": Doc("strength"),
         "automerge": Doc("merge runs of similar neighbouring tokens (raster order) into their mean"),
         "merge_threshold": Doc("cosine similarity to the run's mean from which a token joins it"),
+    },
+    "style_model": {
+        "encoder": Doc(
+            "CLIP ViT-L/14 vision encoder, found as for CLIP image guidance's `encoder`",
+            "a file name in `models/imgcond/clip_vision/` (or its extra folder), or `Automatic`",
+        ),
+        "adapter": Doc(
+            "T2I-Adapter style model; `Automatic`: the first file of `models/imgcond/style/`, else the first "
+            "`*style*` file of `models/ControlNet/`",
+            "a `.safetensors` or `.pth` file name, or `Automatic`",
+        ),
+        "strength": Doc("strength of every style token (0 removes them exactly)"),
+        "margin": Doc("autocrop margin (fraction of width / height)"),
+        "start": Doc("start of the step window (fraction of the noise schedule, tested per model evaluation)"),
+        "end": Doc("end of the step window (`end` = `start`: never applies)", note=", at least `start`"),
+        "image": Doc(
+            "style image k (a drawn / given mask keeps only the tokens it covers)",
+            'base64 image, or `{"image", "mask"}`',
+        ),
+        "weight": Doc("its tokens × weight (0: the image is skipped)"),
+        "mode": Doc("image preparation"),
+    },
+    "unclip": {
+        "encoder": Doc(
+            "CLIP vision encoder matching the checkpoint (ViT-H/14, 1024-d, for -h; ViT-L/14, 768-d, for -l); "
+            "`Automatic`: the first fitting file, the standard architecture first",
+            "a file name in `models/imgcond/clip_vision/` (or its extra folder), or `Automatic`",
+        ),
+        "start": Doc("start of the step window (fraction of the noise schedule, tested per model evaluation)"),
+        "end": Doc("end of the step window (`end` = `start`: never applies)", note=", at least `start`"),
+        "image": Doc("image k", "base64 image or null"),
     },
 }
 
@@ -144,7 +177,7 @@ EXTRA_ROWS: dict[str, list[tuple[str, str, str, str, str]]] = {
     ],
 }
 
-SPECS: tuple[Spec, ...] = (REFDROP, MIXING, FLEX, REDUX)
+SPECS: tuple[Spec, ...] = (REFDROP, MIXING, FLEX, REDUX, STYLE, UNCLIP)
 
 
 # --- slots ----------------------------------------------------------------------------------------------------------

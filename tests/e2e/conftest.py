@@ -67,3 +67,11 @@ def baseline(sd15_ckpt):
         return {"txt2img": txt.image, "img2img": img.image, "init": init, "hires": hires.image}
     finally:
         srv.cleanup()
+
+
+@pytest.fixture(scope="module")
+def unclip_server():
+    """Forge 2.0 with this extension and a random SD2.1-unclip-h checkpoint (Forge Neo cannot load one)."""
+    if forge.is_neo():
+        pytest.skip("Forge Neo cannot load SD2.1 unCLIP checkpoints: its model detection has no SD2.x models at all")
+    yield from _serve(forge.ForgeServer(forge.checkpoint("sd21unclip_h"), with_extension=True))

@@ -1,9 +1,14 @@
-"""Write a seeded random-weight SD1.5 or SDXL checkpoint with the original LDM key names.
+"""Write a seeded random-weight SD1.5, SDXL or SD2.1-unclip-h checkpoint with the original LDM key names.
 
 Runs with Forge's python, from Forge's folder (it builds the models from Forge's own classes and the configs Forge
 ships under backend/huggingface/), so Forge's loader claims every key. Usage:
 
-    python make_checkpoint.py --arch sd15|sdxl --out FILE.safetensors [--seed 0]
+    python make_checkpoint.py --arch sd15|sdxl|sd21unclip_h --out FILE.safetensors [--seed 0]
+
+sd21unclip_h is SD2.1's UNet with the unCLIP ADM input (label_emb from 2048: a 1024-d ViT-H/14 image embedding and
+its 1024-d noise-level embedding), SD2.1's OpenCLIP-H text encoder and VAE, and the noise augmentor's tensors
+(`noise_augmentor.data_mean` / `data_std` and the squaredcos_cap_v2 schedule). The checkpoint's own OpenCLIP vision
+embedder (`embedder.model.visual.*`) is left out: the extension reads the ViT-H/14 encoder from the models folder.
 """
 
 from __future__ import annotations
@@ -24,7 +29,11 @@ sys.path[:0] = [
 
 import torch  # noqa: E402
 
-REPOS = {"sd15": "runwayml/stable-diffusion-v1-5", "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
+REPOS = {
+    "sd15": "runwayml/stable-diffusion-v1-5",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "sd21unclip_h": "stabilityai/stable-diffusion-2-1",
+}
 
 
 def tame_init(module: torch.nn.Module, gen: torch.Generator) -> None:
@@ -61,7 +70,22 @@ def unet_state(arch: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
     from backend.nn.unet import IntegratedUNet2DConditionModel
 
     common = dict(in_channels=4, out_channels=4, model_channels=320, use_spatial_transformer=True, num_head_channels=-1)
-    if arch == "sd15":
+    if arch == "sd21unclip_h":
+        cfg = dict(
+            common,
+            num_res_blocks=[2, 2, 2, 2],
+            channel_mult=[1, 2, 4, 4],
+            num_heads=-1,
+            num_head_channels=64,
+            context_dim=1024,
+            transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+            transformer_depth_middle=1,
+            transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+            use_linear_in_transformer=True,
+            adm_in_channels=2048,
+            num_classes="sequential",
+        )
+    elif arch == "sd15":
         cfg = dict(
             common,
             num_res_blocks=[2, 2, 2, 2],
@@ -94,12 +118,12 @@ def unet_state(arch: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
     with_attn = sorted(
         {int(k.split(".")[1]) for k in model.state_dict() if k.startswith("output_blocks.") and ".attn1." in k}
     )
-    expected = {"sd15": list(range(3, 12)), "sdxl": list(range(0, 6))}[arch]
+    expected = {"sd15": list(range(3, 12)), "sdxl": list(range(0, 6)), "sd21unclip_h": list(range(3, 12))}[arch]
     if with_attn != expected:
         raise SystemExit(f"output blocks with self-attention {with_attn}, expected {expected}")
     sd = {"model.diffusion_model." + k: v for k, v in model.state_dict().items()}
     guessed = huggingface_guess.guess(sd)
-    want = {"sd15": "SD15", "sdxl": "SDXL"}[arch]
+    want = {"sd15": "SD15", "sdxl": "SDXL", "sd21unclip_h": "SD21UnclipH"}[arch]
     if type(guessed).__name__ != want:
         raise SystemExit(f"model detection saw {type(guessed).__name__}, expected {want}")
     return {
@@ -130,11 +154,32 @@ def clip_state(arch: str, gen: torch.Generator, root: str) -> dict[str, torch.Te
         sd = {"cond_stage_model.transformer." + k: v for k, v in build("text_encoder", CLIPTextModel).items()}
         sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = position_ids
         return sd
+    if arch == "sd21unclip_h":
+        from huggingface_guess.model_list import SD20
+
+        sd = {"clip_h.transformer." + k: v for k, v in build("text_encoder", CLIPTextModel).items()}
+        return SD20.process_clip_state_dict_for_saving(SD20.__new__(SD20), sd)
     from huggingface_guess.model_list import SDXL
 
     sd = {"clip_l.transformer." + k: v for k, v in build("text_encoder", CLIPTextModel).items()}
     sd.update({"clip_g.transformer." + k: v for k, v in build("text_encoder_2", CLIPTextModelWithProjection).items()})
     return SDXL.process_clip_state_dict_for_saving(SDXL.__new__(SDXL), sd)
+
+
+def noise_augmentor_state(gen: torch.Generator, dim: int = 1024) -> dict[str, torch.Tensor]:
+    """The unCLIP noise augmentor's buffers: data statistics (random, std > 0) and the squaredcos_cap_v2 schedule."""
+    import math
+
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = torch.tensor([min(1 - alpha_bar((i + 1) / 1000) / alpha_bar(i / 1000), 0.999) for i in range(1000)])
+    return {
+        "noise_augmentor.data_mean": torch.randn(1, dim, generator=gen) * 0.1,
+        "noise_augmentor.data_std": 0.5 + torch.rand(1, dim, generator=gen),
+        "noise_augmentor.betas": betas,
+        "noise_augmentor.alphas_cumprod": torch.cumprod(1.0 - betas, dim=0),
+    }
 
 
 def main() -> None:
@@ -148,9 +193,13 @@ def main() -> None:
     root = os.path.join(os.getcwd(), "backend", "huggingface")
     gen = torch.Generator().manual_seed(args.seed)
     sd: dict[str, torch.Tensor] = {}
-    for part in (unet_state(args.arch, gen), vae_state(args.arch, gen, root), clip_state(args.arch, gen, root)):
+    parts = [unet_state(args.arch, gen), vae_state(args.arch, gen, root), clip_state(args.arch, gen, root)]
+    if args.arch == "sd21unclip_h":
+        parts.append(noise_augmentor_state(gen))
+    for part in parts:
         for k, v in part.items():
-            sd[k] = v.to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous()
+            keep = k.startswith("noise_augmentor.")  # fp32 as in the released checkpoints
+            sd[k] = v.to(torch.float16).contiguous() if v.is_floating_point() and not keep else v.contiguous()
         del part
     tmp = args.out + ".part"
     save_file(sd, tmp, metadata={"generator": "sd-webui-imgcond tests/e2e/make_checkpoint.py", "arch": args.arch})

@@ -84,6 +84,17 @@ def test_enabled_changes_the_image_and_does_not_leak(server, enabled, baseline):
     assert forge.max_diff(again.image, baseline["txt2img"]) == 0
 
 
+def test_empty_step_window_is_pixel_identical_to_off(server, enabled, img, baseline):
+    """A window [s, s] never guides (tested per model evaluation from its sigma), also in the hires pass."""
+    for start in (0.0, 0.5):
+        out = server.generate(guided(forge.payload(), image=img, start=start, end=start))
+        assert forge.max_diff(out.image, baseline["txt2img"]) == 0, start
+    hr = server.generate(guided(forge.payload(enable_hr=True), image=img, start=0.0, end=0.0))
+    assert forge.max_diff(hr.image, baseline["hires"]) == 0
+    again = server.generate(forge.payload())
+    assert forge.max_diff(again.image, baseline["txt2img"]) == 0
+
+
 def test_positional_args_match_named_args(server, enabled, img):
     positional = server.generate(guided(forge.payload(), True, img, 1.0, None, 1.0, ENCODER_L))
     assert forge.max_diff(positional.image, enabled.image) == 0

@@ -138,7 +138,8 @@ def test_spec_defaults_and_xyz_axes():
     assert (d["threshold_mult"], d["threshold_floor"], d["linear_start"], d["linear_end"]) == (0.25, 0.75, 0.1, 0.5)
     assert (d["clustered"], d["max_guidance"], d["header_max"], d["concept_threshold"]) == (0.15, 0.35, 0.0, 0.9)
     assert d["compatible"] is False and d["priority"] == "Best fit" and d["reuse"] is True
-    assert {p.name for p in SPEC.params if p.xyz} == {"threshold_mult", "linear_end", "clustered", "max_guidance"}
+    axes = {"threshold_mult", "linear_end", "clustered", "max_guidance", "start", "end"}
+    assert {p.name for p in SPEC.params if p.xyz} == axes
     assert SPEC.title.lower() == "clip image guidance" and SPEC.prefix == "flexdiffuse"
     assert "multiplier" in SPEC.by_name["threshold_mult"].label.lower()
 
@@ -256,7 +257,7 @@ def test_plan_errors_before_sampling(fake_forge):
         host.plan(fake_p(), values(image=image()), [])
     write(fake_forge, "l.safetensors", clip_state())
     with pytest.raises(ArgumentError, match=r"flexdiffuse\.end"):
-        host.plan(fake_p(), values(image=image(), start=0.5, end=0.5), [])
+        host.plan(fake_p(), values(image=image(), start=0.5, end=0.4), [])
     with pytest.raises(ImgcondError, match="direct image guidance needs at least 77 image tokens"):
         host.plan(fake_p(), values(image=image(), direct=True), [])
     with pytest.raises(ArgumentError, match="non-negative weights"):
@@ -346,6 +347,17 @@ def test_step_window_by_sigma(fake_forge):
         entry = cond_entry(text)
         got = run_modifier(unet, [entry], sigma=sigma)[4][0]
         assert (got is not entry) == applied, sigma
+
+
+def test_empty_window_never_guides(fake_forge):
+    write(fake_forge, "l.safetensors", clip_state())
+    for start in (0.0, 0.5, 1.0):
+        job = host.plan(fake_p(), values(image=image(), start=start, end=start), [])
+        unet = installed(job)
+        for sigma in (999999999.9, 14.6, 8.0, 5.0, 0.0):
+            entry = cond_entry(torch.randn(1, 77, 768))
+            assert run_modifier(unet, [entry], sigma=sigma)[4][0] is entry, (start, sigma)
+        assert job.computed == 0
 
 
 def test_direct_guidance_replaces_the_prompt(fake_forge):

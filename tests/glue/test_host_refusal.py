@@ -127,6 +127,8 @@ CASES = [
     ("imgcond_redux", "ReduxScript", {}, "Redux control"),
     ("imgcond_hires_mixing", "HiresMixingScript", {}, "Hires iterative mixing"),
     ("imgcond_clip_guidance", "ClipGuidanceScript", {}, "CLIP image guidance"),
+    ("imgcond_style_model", "StyleModelScript", {}, "Style model"),
+    ("imgcond_unclip", "UnclipScript", {}, "unCLIP"),
 ]
 
 

@@ -81,6 +81,7 @@ def test_spec_layout_and_axes():
     assert len(names) == 4 + SLOTS * len(SLOT_FIELDS)
     axes = {p.name for p in SPEC.params if p.xyz}
     assert {f"factor{k}" for k in range(1, 5)} <= axes and {f"weight{k}" for k in range(1, 5)} <= axes
+    assert {"start", "end"} <= axes
     assert SPEC.by_name["factor1"].minimum == 1 and SPEC.by_name["factor1"].maximum == 9
     assert SPEC.by_name["factor1"].step == 0.1
     assert SPEC.by_name["interpolation1"].choices == ("nearest", "bilinear", "bicubic", "area", "nearest-exact")
@@ -321,6 +322,22 @@ def test_step_window(fake_backend):
     assert early[0]["model_conds"]["c_crossattn"].cond is ctx
     late = modifier(model, "x", torch.tensor([0.2]), None, entries(ctx), 1.0, {}, 1)[4]
     assert late[0]["model_conds"]["c_crossattn"].cond.shape[1] == 10
+
+
+def test_empty_step_window_never_appends(fake_backend):
+    model = types.SimpleNamespace(predictor=types.SimpleNamespace(percent_to_sigma=lambda p: 1.0 - p))
+    unet = FakeUnetPatcher()
+    host.install(unet, job_with(start=0.0, end=0.0))
+    (modifier,) = unet.model_options["conditioning_modifiers"]
+    ctx = torch.randn(1, 6, 8)
+    for sigma in (1.0, 0.5, 0.0):
+        out = modifier(model, "x", torch.tensor([sigma]), None, entries(ctx), 1.0, {}, 1)[4]
+        assert out[0]["model_conds"]["c_crossattn"].cond is ctx
+
+
+def test_plan_refuses_an_inverted_window(models):
+    with pytest.raises(ArgumentError, match=r"redux\.end"):
+        host.plan(fake_p("flux"), values(start=0.6, end=0.5))
 
 
 def test_bias_rows_cond_only():

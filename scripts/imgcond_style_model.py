@@ -1,0 +1,114 @@
+"""Style model (T2I-Adapter style) accordion: thin glue between the WebUI and lib_imgcond (no maths here)."""
+
+from __future__ import annotations
+
+import gradio as gr
+from modules import script_callbacks, scripts, shared
+from modules.ui_components import InputAccordion
+
+from lib_imgcond.core.errors import ImgcondError
+from lib_imgcond.hosts import forge
+from lib_imgcond.hosts import forge_flexdiffuse as clip_files
+from lib_imgcond.hosts import forge_style as host
+from lib_imgcond.log import logger
+from lib_imgcond.ui import panel, registry, script, xyz
+from lib_imgcond.ui.style_spec import AUTO, SLOTS, SPEC
+
+registry.register(SPEC)
+
+STATE_KEY = "style_model"
+CLIP_EXTRA_DIR_OPTION = "imgcond_flexdiffuse_extra_dir"  # the encoders are CLIP image guidance's
+
+
+def _extra_dir() -> str:
+    return str(getattr(shared.opts, CLIP_EXTRA_DIR_OPTION, "") or "") if hasattr(shared, "opts") else ""
+
+
+def _choices(lister) -> list[str]:
+    try:
+        return [AUTO, *lister()]
+    except OSError as e:
+        logger.warning("%s: cannot list model files: %s", SPEC.title, e)
+        return [AUTO]
+
+
+class StyleModelScript(script.TechniqueScript, scripts.Script):
+    spec = SPEC
+    sorting_priority = 21
+
+    def ui(self, is_img2img):
+        eid = self.elem_ids(is_img2img)
+        p = SPEC.by_name
+        comps: dict = {}
+        with InputAccordion(False, label=SPEC.title, elem_id=eid("enabled")) as enabled:
+            self.host_notice()
+            gr.Markdown(
+                "T2I-Adapter style model (SD1.5): each image's CLIP ViT-L/14 tokens become 8 tokens appended to the "
+                "prompt. Files: `models/imgcond/clip_vision/` (ViT-L/14) and `models/imgcond/style/` or "
+                "`models/ControlNet/` (t2iadapter_style_sd14v1)."
+            )
+            with gr.Row():
+                listers = {"encoder": lambda: clip_files.list_encoders(_extra_dir()), "adapter": host.list_adapters}
+                for name, lister in listers.items():
+                    comps[name] = gr.Dropdown(
+                        label=p[name].label, choices=_choices(lister), value=AUTO, allow_custom_value=True,
+                        elem_id=eid(name), info=p[name].info,
+                    )  # fmt: skip
+                refresh = gr.Button("🔄", elem_id=eid("refresh"), scale=0, min_width=40)
+            panel.row(SPEC, comps, ("strength_type", "strength"), eid)
+            panel.row(SPEC, comps, ("start", "end", "hires", "margin"), eid)
+            with gr.Tabs():
+                for k in range(1, SLOTS + 1):
+                    with gr.Tab(f"Image {k}"):
+                        comps[f"image{k}"] = panel.mask_image(
+                            f"Style image {k} (draw white to keep only a region)", eid(f"image{k}")
+                        )
+                        panel.row(SPEC, comps, (f"weight{k}", f"mode{k}"), eid)
+
+        def refresh_fn(current_encoder, current_adapter):
+            return (
+                gr.update(choices=_choices(lambda: clip_files.list_encoders(_extra_dir())), value=current_encoder),
+                gr.update(choices=_choices(host.list_adapters), value=current_adapter),
+            )
+
+        pair = [comps["encoder"], comps["adapter"]]
+        refresh.click(refresh_fn, inputs=pair, outputs=pair)
+        return self.finish_ui(enabled, comps)
+
+    def process(self, p, *args):
+        forge.drop_job_state(p, STATE_KEY)
+        values = self.parse_args(p, args)
+        if not values["enabled"]:
+            return
+        try:
+            job = host.plan(p, values, _extra_dir())
+        except ImgcondError as e:
+            script.stop(p, e)
+            return
+        forge.job_state(p, STATE_KEY, lambda: job)
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        job = getattr(p, "_imgcond_state", {}).get(STATE_KEY)
+        if job is None or (forge.pass_name(p) == "hires" and not job.values["hires"]):
+            return
+        forge.patch_unet(p, lambda unet: host.install(unet, job))
+        if job.count:  # weight / strength 0: nothing was applied, nothing is written
+            p.extra_generation_params.update(host.infotext(job, SPEC))
+
+    def postprocess(self, p, processed, *args):
+        forge.drop_job_state(p, STATE_KEY)
+
+
+def add_routes(_demo, app):
+    @app.get("/imgcond/v1/style_model/files")
+    def files():
+        return {
+            "adapter_folders": host.adapter_dirs(),
+            "adapters": host.list_adapters(),
+            "encoder_folders": clip_files.encoder_dirs(_extra_dir()),
+            "encoders": clip_files.list_encoders(_extra_dir()),
+        }
+
+
+xyz.hook(SPEC, SPEC.title)
+script_callbacks.on_app_started(add_routes)

@@ -1,0 +1,93 @@
+"""unCLIP accordion (SD2.1-unclip checkpoints): thin glue between the WebUI and lib_imgcond (no maths here)."""
+
+from __future__ import annotations
+
+import gradio as gr
+from modules import scripts, shared
+from modules.ui_components import InputAccordion
+
+from lib_imgcond.core.errors import ImgcondError
+from lib_imgcond.hosts import forge
+from lib_imgcond.hosts import forge_flexdiffuse as clip_files
+from lib_imgcond.hosts import forge_unclip as host
+from lib_imgcond.log import logger
+from lib_imgcond.ui import panel, registry, script, xyz
+from lib_imgcond.ui.unclip_spec import AUTO, SLOTS, SPEC
+
+registry.register(SPEC)
+
+STATE_KEY = "unclip"
+CLIP_EXTRA_DIR_OPTION = "imgcond_flexdiffuse_extra_dir"  # the encoders are CLIP image guidance's
+
+
+def _extra_dir() -> str:
+    return str(getattr(shared.opts, CLIP_EXTRA_DIR_OPTION, "") or "") if hasattr(shared, "opts") else ""
+
+
+def _choices() -> list[str]:
+    try:
+        return [AUTO, *clip_files.list_encoders(_extra_dir())]
+    except OSError as e:
+        logger.warning("%s: cannot list CLIP vision encoders: %s", SPEC.title, e)
+        return [AUTO]
+
+
+class UnclipScript(script.TechniqueScript, scripts.Script):
+    spec = SPEC
+    sorting_priority = 21
+
+    def ui(self, is_img2img):
+        eid = self.elem_ids(is_img2img)
+        p = SPEC.by_name
+        comps: dict = {}
+        with InputAccordion(False, label=SPEC.title, elem_id=eid("enabled")) as enabled:
+            self.host_notice()
+            gr.Markdown(
+                "Image conditioning of SD2.1 unCLIP checkpoints (sd21-unclip-h / -l; Forge 2.0 loads them, Forge Neo "
+                "does not). Needs the matching CLIP vision encoder in `models/imgcond/clip_vision`: ViT-H/14 for -h, "
+                "ViT-L/14 for -l."
+            )
+            with gr.Row():
+                comps["encoder"] = gr.Dropdown(
+                    label=p["encoder"].label, choices=_choices(), value=AUTO, allow_custom_value=True,
+                    elem_id=eid("encoder"), info=p["encoder"].info,
+                )  # fmt: skip
+                refresh = gr.Button("🔄", elem_id=eid("refresh"), scale=0, min_width=40)
+            panel.row(SPEC, comps, ("merge_noise_augmentation", "start", "end"), eid)
+            with gr.Tabs():
+                for k in range(1, SLOTS + 1):
+                    with gr.Tab(f"Image {k}"):
+                        comps[f"image{k}"] = panel.component(p[f"image{k}"], eid(f"image{k}"))
+                        panel.row(SPEC, comps, (f"strength{k}", f"noise_augmentation{k}"), eid)
+
+        refresh.click(
+            lambda current: gr.update(choices=_choices(), value=current),
+            inputs=[comps["encoder"]],
+            outputs=[comps["encoder"]],
+        )
+        return self.finish_ui(enabled, comps)
+
+    def process(self, p, *args):
+        forge.drop_job_state(p, STATE_KEY)
+        values = self.parse_args(p, args)
+        if not values["enabled"]:
+            return
+        try:
+            job = host.plan(p, values, _extra_dir())
+        except ImgcondError as e:
+            script.stop(p, e)
+            return
+        forge.job_state(p, STATE_KEY, lambda: job)
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        job = getattr(p, "_imgcond_state", {}).get(STATE_KEY)
+        if job is None:
+            return
+        forge.patch_unet(p, lambda unet: host.install(unet, job))
+        p.extra_generation_params.update(host.infotext(job, SPEC))
+
+    def postprocess(self, p, processed, *args):
+        forge.drop_job_state(p, STATE_KEY)
+
+
+xyz.hook(SPEC, SPEC.title)
