@@ -17,8 +17,11 @@ from lib_imgcond.hosts import forge_flexdiffuse as flex
 from lib_imgcond.hosts import host as webui
 from lib_imgcond.ui.redux_spec import SPEC as REDUX_SPEC
 from lib_imgcond.ui.spec import ImageInput
+from tests.glue import test_flexdiffuse_glue as flex_glue
 from tests.glue.fakes import fake_p as flux_p
-from tests.glue.test_flexdiffuse_glue import clip_state, fake_forge, fake_p, image, values, write  # noqa: F401
+from tests.glue.test_flexdiffuse_glue import clip_state, fake_p, image, values, write
+
+fake_forge = flex_glue.fake_forge  # autouse: models/ in a temporary folder, no encoder cache between tests
 
 
 # --- fakes ------------------------------------------------------------------------------------------------------------
