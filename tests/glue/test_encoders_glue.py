@@ -32,25 +32,40 @@ class FakeModelPatcher:
         self.model, self.load_device, self.offload_device = model, load_device, offload_device
 
 
+LOAD_DEVICE = torch.device("cpu", 0)  # differs from the offload device, as a GPU would
+
+
 class FakeMemoryManagement(types.ModuleType):
-    """Records every load_models_gpu call; `neo` adds Neo's force_full_load parameter."""
+    """Records every load_models_gpu call and moves the models to their load device, as the host does; `neo` adds
+    Neo's force_full_load parameter."""
 
     def __init__(self, neo: bool):
         super().__init__("backend.memory_management")
         self.calls: list[tuple[list, dict]] = []
+        self.inside = False
+
+        def load(models, kw):
+            self.calls.append((list(models), kw))
+            self.inside = True
+            try:
+                for patcher in models:
+                    patcher.model.to(patcher.load_device)
+            finally:
+                self.inside = False
+
         if neo:
 
             def load_models_gpu(models, memory_required=0, force_patch_weights=False, force_full_load=False):
-                self.calls.append((list(models), {"force_full_load": force_full_load}))
+                load(models, {"force_full_load": force_full_load})
 
         else:
 
             def load_models_gpu(models, memory_required=0, hard_memory_preservation=0):
-                self.calls.append((list(models), {}))
+                load(models, {})
 
         self.load_models_gpu = load_models_gpu
         self.load_model_gpu = lambda model: load_models_gpu([model])
-        self.text_encoder_device = lambda: torch.device("cpu")
+        self.text_encoder_device = lambda: LOAD_DEVICE
         self.text_encoder_offload_device = lambda: torch.device("cpu")
         self.should_use_fp16 = lambda *a, **k: False
 
@@ -79,13 +94,13 @@ def managed_host(request, monkeypatch):
 
 
 @pytest.fixture
-def no_module_moves(monkeypatch):
-    """Fail when our code moves a vision module itself (`.to()` on a module); the host's patcher does that."""
+def no_module_moves(monkeypatch, managed_host):
+    """Records our own moves of a vision module (`.to()` on it outside the host's load_models_gpu)."""
     moved = []
     real = torch.nn.Module.to
 
     def to(self, *a, **k):
-        if isinstance(self, VisionTransformer | ReduxProjector):
+        if isinstance(self, VisionTransformer | ReduxProjector) and not managed_host.inside:
             moved.append(type(self).__name__)
         return real(self, *a, **k)
 
