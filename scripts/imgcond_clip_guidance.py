@@ -7,7 +7,7 @@ from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
 from lib_imgcond.core.errors import ImgcondError
-from lib_imgcond.hosts import forge
+from lib_imgcond.hosts import encoders, forge
 from lib_imgcond.hosts import forge_flexdiffuse as host
 from lib_imgcond.log import logger
 from lib_imgcond.ui import panel, registry, script, xyz
@@ -47,7 +47,8 @@ class ClipGuidanceScript(script.TechniqueScript, scripts.Script):
             self.host_notice()
             gr.Markdown(
                 "Pull the prompt's tokens toward the CLIP tokens of a guidance image (FlexDiffuse). Needs CLIP vision "
-                "encoders in `models/imgcond/clip_vision`: ViT-L/14 for SD1.5; ViT-L/14 and ViT-bigG/14 for SDXL."
+                "encoders (`models/imgcond/clip_vision`, `models/clip_vision` or `models/ControlNetPreprocessor`): "
+                "ViT-L/14 for SD1.5; ViT-L/14 and ViT-bigG/14 for SDXL."
             )
             with gr.Row():
                 with gr.Column():
@@ -111,6 +112,7 @@ class ClipGuidanceScript(script.TechniqueScript, scripts.Script):
         if job is not None:
             logger.debug("%s: %d guided conditioning tensor(s) this job", SPEC.title, job.computed)
         forge.drop_job_state(p, STATE_KEY)
+        encoders.end_job(p)
 
 
 def on_ui_settings():
@@ -119,7 +121,8 @@ def on_ui_settings():
         EXTRA_DIR_OPTION,
         shared.OptionInfo(
             "",
-            "CLIP image guidance: extra folder with CLIP vision encoders (searched after models/imgcond/clip_vision)",
+            "CLIP image guidance: extra folder with CLIP vision encoders (searched after models/imgcond/clip_vision, "
+            "before models/clip_vision and models/ControlNetPreprocessor)",
             section=section,
         ),
     )
@@ -128,7 +131,7 @@ def on_ui_settings():
 def add_routes(_demo, app):
     @app.get("/imgcond/v1/flexdiffuse/encoders")
     def encoders():
-        return {"folders": host.encoder_dirs(_extra_dir()), "files": host.list_encoders(_extra_dir())}
+        return {"folders": host.searched_dirs(_extra_dir()), "files": host.list_encoders(_extra_dir())}
 
 
 script_callbacks.on_ui_settings(on_ui_settings)

@@ -9,7 +9,7 @@ from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
 from lib_imgcond.core.errors import ImgcondError
-from lib_imgcond.hosts import forge
+from lib_imgcond.hosts import encoders, forge
 from lib_imgcond.hosts import forge_redux as host
 from lib_imgcond.ui import panel, registry, script, xyz
 from lib_imgcond.ui.redux_spec import SLOTS, SPEC, automerge_paster, expand_images
@@ -51,8 +51,8 @@ class ReduxScript(script.TechniqueScript, scripts.Script):
             self.host_notice()
             gr.Markdown(
                 "Flux Redux: reference images become extra conditioning tokens after the prompt (Flux only). "
-                "Models: `models/imgcond/siglip/` (sigclip_vision_patch14_384.safetensors) and "
-                "`models/imgcond/redux/` (flux1-redux-dev.safetensors)."
+                "Models: `models/imgcond/siglip/`, `models/clip_vision/` or `models/ControlNetPreprocessor/` "
+                "(sigclip_vision_patch14_384.safetensors) and `models/imgcond/redux/` (flux1-redux-dev.safetensors)."
             )
             with gr.Row():
                 for name, kind in (("siglip", "siglip"), ("redux_model", "redux")):
@@ -167,6 +167,7 @@ class ReduxScript(script.TechniqueScript, scripts.Script):
 
     def postprocess(self, p, processed, *args):
         forge.drop_job_state(p, STATE_KEY)
+        encoders.end_job(p)
 
     def prepare_args(self, args):
         if args and isinstance(args[0], Mapping):

@@ -105,7 +105,7 @@ def add_routes(_demo, app):
         return {
             "adapter_folders": host.adapter_dirs(),
             "adapters": host.list_adapters(),
-            "encoder_folders": clip_files.encoder_dirs(_extra_dir()),
+            "encoder_folders": clip_files.searched_dirs(_extra_dir()),
             "encoders": clip_files.list_encoders(_extra_dir()),
         }
 

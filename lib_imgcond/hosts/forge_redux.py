@@ -1,7 +1,8 @@
 """Flux Redux on Forge: per-job planning (prepare + encode once) and the pass patches (model files: forge_redux_files).
 
 `plan` runs in `process()`: it checks the model family, the files and every reference image, and encodes the images
-(so every user error surfaces before sampling). `install` puts two things on the pass's UnetPatcher clone:
+(so every user error surfaces before sampling) inside the host's model management, once per image and job.
+`install` puts two things on the pass's UnetPatcher clone:
 
 * a conditioning modifier that appends the Redux tokens to the *positive* conditioning of every model evaluation
   (fresh dicts, never the cached prompt conditioning). Both cond and uncond cross-attention conditions are wrapped in
@@ -14,8 +15,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -27,25 +26,29 @@ from lib_imgcond.core import redux as rx
 from lib_imgcond.core import token_merge as tm
 from lib_imgcond.core import window
 from lib_imgcond.core.errors import ImgcondError
-from lib_imgcond.hosts import forge, redux_bias
+from lib_imgcond.hosts import encoders, forge, redux_bias
 from lib_imgcond.hosts.forge_redux_files import (  # noqa: F401  (re-exported: the scripts use them from here)
     EXTRA_DIRS_OPTION,
     KINDS,
     _check_redux_file,
     _file_key,
+    choice_label,
     compute_device_dtype,
     list_files,
     load_model,
     resolve,
     vision_config,
+    weights_key,
 )
 from lib_imgcond.log import logger
 from lib_imgcond.ui.redux_spec import MERGE_FIELDS, SLOT_FIELDS, SLOTS, slot_values
 
 FAMILIES = ("flux", "chroma")  # T5-space text tokens first, then image tokens: Redux tokens are appended text
 _LOCK = threading.Lock()
-_ENCODE_LOCK = threading.Lock()  # one encoding at a time: the cached models move between devices
-_ENCODINGS: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # raw tokens of recent images (X/Y/Z cells re-use)
+_ENCODE_LOCK = threading.Lock()  # one encoding at a time
+# Raw tokens of the images encoded last (by a preview or a job), so the panel's token count can show what merging
+# leaves. Only the panel reads it; a job encodes through its own per-job cache (`encoders.job_encodings`).
+_ENCODINGS: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 _ENCODINGS_MAX = 8
 
 
@@ -168,7 +171,7 @@ def describe_counts(values: dict, size: int = 384, patch: int = 14, raw_tokens=N
 
 
 def _model_key(siglip_path: str, redux_path: str, dtype: torch.dtype) -> tuple:
-    return (*_file_key(siglip_path), *_file_key(redux_path), str(dtype))
+    return (weights_key(siglip_path, dtype), weights_key(redux_path, dtype))
 
 
 def token_source(values: dict, compute: bool = False):
@@ -180,16 +183,15 @@ def token_source(values: dict, compute: bool = False):
         redux_path = resolve("redux", values["redux_model"])
     except (ImgcondError, OSError):
         return None
-    device, dtype = compute_device_dtype()
+    _device, dtype = compute_device_dtype()
     model_key = _model_key(siglip_path, redux_path, dtype)
 
     def raw_tokens(k: int, image: torch.Tensor) -> torch.Tensor | None:
-        if compute:
-            vision = load_model("siglip", siglip_path, dtype)
-            projector = load_model("redux", redux_path, dtype)
-            return encode(vision, projector, image, model_key, device, dtype)
         with _LOCK:
-            return _ENCODINGS.get((*model_key, _image_key(image)))
+            known = _ENCODINGS.get((*model_key, encoders.content_hash(image)))
+        if known is not None or not compute:
+            return known
+        return encode(load_model("siglip", siglip_path, dtype), load_model("redux", redux_path, dtype), image)
 
     return raw_tokens
 
@@ -219,41 +221,24 @@ class Job:
         return any(s.bias_strength is not None and s.bias_strength != 1.0 and s.count for s in self.spans)
 
 
-def _image_key(image: torch.Tensor) -> str:
-    return hashlib.sha1(image.numpy().tobytes()).hexdigest()
+def encode(
+    vision: encoders.Managed, projector: encoders.Managed, image: torch.Tensor, cache: encoders.Encodings | None = None
+) -> torch.Tensor:
+    """Raw tokens (1, P², D) float32 CPU for one prepared image, on the device the host loads the two models to;
+    with the job's `cache` an image already encoded this job (same prepared pixels and models) is not encoded again."""
+    digest = encoders.content_hash(image)
 
+    def run() -> torch.Tensor:
+        with _ENCODE_LOCK:
+            device = encoders.use_together(vision, projector)
+            return rx.encode_tokens(vision.module, projector.module, image[None].to(device)).float().cpu()
 
-def _make_room(device, *modules) -> None:
-    """Ask Forge to offload models so the encoders fit on the GPU (best effort; nothing to do on the CPU)."""
-    if torch.device(device).type != "cuda":
-        return
-    try:
-        from backend import memory_management as mm
-
-        needed = sum(t.numel() * t.element_size() for m in modules for t in m.parameters())
-        mm.free_memory(int(needed * 1.5) + 512 * 2**20, torch.device(device))
-    except Exception as e:  # an older Forge without this function: just try
-        logger.debug("Redux: could not free GPU memory first: %s", e)
-
-
-def encode(vision, projector, image: torch.Tensor, model_key: tuple, device, dtype) -> torch.Tensor:
-    """Raw tokens (1, P², D) float32 CPU for one prepared image; recent results are re-used (X/Y/Z cells)."""
-    key = (*model_key, _image_key(image))
+    key = ("redux-tokens", vision.key, projector.key, digest)
+    tokens = run() if cache is None else cache.get(key, run)
     with _LOCK:
-        if key in _ENCODINGS:
-            _ENCODINGS.move_to_end(key)
-            return _ENCODINGS[key]
-    with _ENCODE_LOCK:
-        try:
-            _make_room(device, vision, projector)
-            vision.to(device)
-            projector.to(device)
-            tokens = rx.encode_tokens(vision, projector, image[None].to(device)).float().cpu()
-        finally:
-            vision.to("cpu")
-            projector.to("cpu")
-    with _LOCK:
-        _ENCODINGS[key] = tokens
+        memo = (vision.key, projector.key, digest)
+        _ENCODINGS[memo] = tokens
+        _ENCODINGS.move_to_end(memo)
         while len(_ENCODINGS) > _ENCODINGS_MAX:
             _ENCODINGS.popitem(last=False)
     return tokens
@@ -271,15 +256,15 @@ def plan(p: Any, values: dict) -> Job:
     cfg = vision_config(siglip_path)
     _check_redux_file(redux_path)
     prepared = {k: prepare_slot(slot_values(values, k), k, cfg.image_size, cfg.patch) for k in slots}
-    device, dtype = compute_device_dtype()
+    _device, dtype = compute_device_dtype()
     vision = load_model("siglip", siglip_path, dtype)
     projector = load_model("redux", redux_path, dtype)
-    model_key = _model_key(siglip_path, redux_path, dtype)
+    cache = encoders.job_encodings(p)
     pieces, spans, offset = [], [], 0
     for k in slots:
         slot = slot_values(values, k)
         image, mask = prepared[k]
-        raw = encode(vision, projector, image, model_key, device, dtype)
+        raw = encode(vision, projector, image, cache)
         tmask = rx.token_mask(mask, cfg.patch) if (mask is not None and slot["control"] == "advanced") else None
         tokens = process_tokens(raw, slot, tmask)
         n = int(tokens.shape[1])
@@ -289,7 +274,8 @@ def plan(p: Any, values: dict) -> Job:
         spans.append(Span(k, offset, n, bias))
         pieces.append(tokens)
         offset += n
-    job = Job(values, torch.cat(pieces, dim=1), spans, os.path.basename(siglip_path), os.path.basename(redux_path))
+    siglip, redux = choice_label("siglip", siglip_path), choice_label("redux", redux_path)
+    job = Job(values, torch.cat(pieces, dim=1), spans, siglip, redux)
     logger.info("Redux: %d tokens from image(s) %s", job.count, ", ".join(str(s.slot) for s in spans))
     return job
 

@@ -1,27 +1,27 @@
 """Flux Redux on Forge: the model files (SigLIP encoder, Redux projector), found in the models folders and loaded once.
 
+SigLIP files come from models/imgcond/siglip and the settings' folders, then models/clip_vision and
+models/ControlNetPreprocessor (SigLIP encoders only); Redux files from models/imgcond/redux and the settings' folders.
 Automatic choice ('' as the name) takes the first file whose header fits the slot, so a stray file in the folder does
-not shadow the right one. Loaded models stay on the offload device and are cached one per kind.
+not shadow the right one. Loaded models live in the host's model management (`encoders.Managed`), one per kind.
 """
 
 from __future__ import annotations
 
 import os
-import threading
-from typing import Any
 
 import torch
 
 from lib_imgcond.core import redux as rx
 from lib_imgcond.core import vision as vs
 from lib_imgcond.core.errors import ImgcondError
-from lib_imgcond.hosts import forge
+from lib_imgcond.hosts import encoders, forge
 from lib_imgcond.log import logger
 
 KINDS = {"siglip": "SigLIP vision model", "redux": "Redux model"}
+SHARED_KIND = {"siglip": "siglip", "redux": None}  # which encoders of the shared folders a kind offers
 EXTRA_DIRS_OPTION = "imgcond_redux_extra_dirs"
-_LOCK = threading.Lock()
-_MODELS: dict[str, tuple[tuple, Any]] = {}  # kind → (file key, model on the offload device)
+_MODELS = encoders.ModelCache(len(KINDS))  # kind → the loaded model
 
 
 def extra_dirs() -> list[str]:
@@ -45,45 +45,40 @@ def model_dirs(kind: str) -> list[str]:
     return dirs
 
 
+def entries(kind: str) -> list[encoders.Entry]:
+    return encoders.catalogue(model_dirs(kind), SHARED_KIND[kind])
+
+
 def list_files(kind: str) -> list[str]:
-    """Names of the .safetensors files of `kind`, in folder order then alphabetically, without duplicates."""
-    out: list[str] = []
-    for d in model_dirs(kind):
-        try:
-            names = sorted(os.listdir(d))
-        except OSError:
-            continue
-        out += [n for n in names if n.lower().endswith(".safetensors") and n not in out]
-    return out
+    """The dropdown choices for `kind`: .safetensors files in folder order then alphabetically, each file once (a
+    name found in two folders shows its folder)."""
+    return [e.label for e in entries(kind)]
+
+
+def choice_label(kind: str, path: str) -> str:
+    """How the infotext names the file at `path` (its dropdown choice)."""
+    real = os.path.realpath(path)
+    return next((e.label for e in entries(kind) if os.path.realpath(e.path) == real), os.path.basename(path))
 
 
 def resolve(kind: str, name: str) -> str:
-    """The path of model file `name` ('' = the first one found); ImgcondError naming the folders otherwise."""
-    label, dirs = KINDS[kind], model_dirs(kind)
-    where = " or ".join(dirs)
+    """The path of model file `name` ('' = the first one that fits); ImgcondError naming the folders otherwise."""
+    label, found = KINDS[kind], entries(kind)
+    where = encoders.describe_dirs(model_dirs(kind), SHARED_KIND[kind])
     name = (name or "").strip()
-    if name and not name.lower().endswith(".safetensors"):
+    if not name:
+        if not found:
+            wanted = "sigclip_vision_patch14_384.safetensors" if kind == "siglip" else "flux1-redux-dev.safetensors"
+            raise ImgcondError(f"Redux needs a {label}: no .safetensors file in {where}. Put {wanted} there.")
+        return _first_valid(kind, [e.path for e in found])
+    entry = encoders.find(found, name)
+    if entry is not None:
+        return entry.path
+    if not name.lower().endswith(".safetensors"):
         raise ImgcondError(
             f"Redux: the {label} '{name}' is not a .safetensors file (only those are loaded from {where})"
         )
-    if not name:
-        files = list_files(kind)
-        if not files:
-            wanted = "sigclip_vision_patch14_384.safetensors" if kind == "siglip" else "flux1-redux-dev.safetensors"
-            raise ImgcondError(f"Redux needs a {label}: no .safetensors file in {where}. Put {wanted} there.")
-        return _first_valid(kind, [_find(dirs, n) for n in files])
-    path = _find(dirs, name)
-    if path is not None:
-        return path
     raise ImgcondError(f"Redux: the {label} '{name}' was not found in {where}")
-
-
-def _find(dirs: list[str], name: str) -> str | None:
-    for d in dirs:
-        path = os.path.join(d, os.path.basename(name))
-        if os.path.isfile(path):
-            return path
-    return None
 
 
 def _first_valid(kind: str, paths: list[str]) -> str:
@@ -99,20 +94,13 @@ def _first_valid(kind: str, paths: list[str]) -> str:
     raise first_error
 
 
-def _file_key(path: str) -> tuple:
-    st = os.stat(path)
-    return (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+_file_key = encoders.file_key
 
 
 def compute_device_dtype() -> tuple[torch.device, torch.dtype]:
-    try:
-        from backend import memory_management as mm
-
-        device = mm.get_torch_device()
-        fp16 = device.type == "cuda" and mm.should_use_fp16(device)
-        return device, torch.float16 if fp16 else torch.float32
-    except ImportError:
-        return torch.device("cpu"), torch.float32
+    """(device the encoders run on, their dtype): the host's choice for encoders (`encoders.placement`)."""
+    load, _offload, dtype = encoders.placement()
+    return load, dtype
 
 
 def _shapes(path: str) -> dict:
@@ -142,23 +130,28 @@ def _check_redux_file(path: str) -> None:
         )
 
 
-def load_model(kind: str, path: str, dtype: torch.dtype) -> Any:
-    """The loaded SigLIP / Redux model (cached: one per kind, reloaded when the file or dtype changes)."""
+def weights_key(path: str, dtype: torch.dtype) -> tuple:
+    """What identifies a loaded model's weights: the file (path, mtime, size), the dtype and where it is offloaded."""
+    return (*_file_key(path), str(dtype), encoders.placement()[1].type)
+
+
+def load_model(kind: str, path: str, dtype: torch.dtype) -> encoders.Managed:
+    """The loaded SigLIP / Redux model inside the host's model management (cached: one per kind, reloaded when the
+    file or dtype changes); `.module` is the torch module."""
     from safetensors.torch import load_file
 
-    key = (*_file_key(path), dtype)
-    with _LOCK:
-        cached = _MODELS.get(kind)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        _MODELS.pop(kind, None)
+    load, offload, _dtype = encoders.placement()
+    key = weights_key(path, dtype)
+
+    def build() -> encoders.Managed:
         name = os.path.basename(path)
         if kind == "siglip":
             vision_config(path)
-            model = vs.load_vision_model(load_file(path), dtype=dtype, source=name)
+            module = vs.load_vision_model(load_file(path), dtype=dtype, device=offload, source=name)
         else:
             _check_redux_file(path)
-            model = rx.load_redux(load_file(path), dtype=dtype, source=name)
-        _MODELS[kind] = (key, model)
+            module = rx.load_redux(load_file(path), dtype=dtype, device=offload, source=name)
         logger.info("Redux: loaded %s %s", KINDS[kind], name)
-        return model
+        return encoders.Managed(module, load, offload, key)
+
+    return _MODELS.get(kind, key, build)

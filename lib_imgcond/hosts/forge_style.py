@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 from lib_imgcond.core import redux as rx
 from lib_imgcond.core import style_adapter as sa
-from lib_imgcond.core import vision, window
+from lib_imgcond.core import window
 from lib_imgcond.core.errors import ArgumentError, ImgcondError
-from lib_imgcond.hosts import forge
+from lib_imgcond.hosts import encoders, forge
 from lib_imgcond.hosts import forge_flexdiffuse as clip_files
 from lib_imgcond.hosts import forge_redux as redux_host
 from lib_imgcond.log import logger
@@ -141,18 +141,10 @@ class Job:
 
 
 @torch.no_grad()
-def encode_hidden(model: vision.VisionTransformer, image: torch.Tensor) -> torch.Tensor:
-    """CLIP vision `last_hidden_state` (1, 1 + P², W) float32 CPU of one prepared (3, S, S) image."""
-    device, storage, _dtype = clip_files._placement()
-    if device != storage:
-        clip_files._make_room(device, model)
-        model.to(device)
-    try:
-        pixels = vision.preprocess(image[None], model.config).to(device)
-        return model(pixels).last_hidden_state.float().cpu()
-    finally:
-        if device != storage:
-            model.to(storage)
+def encode_hidden(model: encoders.Managed, image: torch.Tensor) -> torch.Tensor:
+    """CLIP vision `last_hidden_state` (1, 1 + P², W) float32 CPU of one prepared (3, S, S) image; the encoder is
+    loaded through the host's model management."""
+    return model.encode(image[None]).last_hidden_state.float().cpu()
 
 
 def plan(p: Any, values: dict, extra_dir: str = "") -> Job:

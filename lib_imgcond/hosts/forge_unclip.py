@@ -20,7 +20,7 @@ import torch
 
 from lib_imgcond.core import unclip, vision, window
 from lib_imgcond.core.errors import ImgcondError
-from lib_imgcond.hosts import forge
+from lib_imgcond.hosts import encoders, forge
 from lib_imgcond.hosts import forge_flexdiffuse as clip_files
 from lib_imgcond.log import logger
 from lib_imgcond.ui.unclip_spec import AUTO, SLOT_FIELDS, SLOTS, used_slots
@@ -79,12 +79,11 @@ def read_augmentor(path: str) -> unclip.NoiseAugmentor:
 
 def resolve_encoder(value: str, width: int, extra_dir: str = "") -> tuple[str, vision.VisionConfig]:
     label, dim, standard, example = TOWERS[width]
-    dirs = clip_files.encoder_dirs(extra_dir)
-    where = " or ".join(dirs)
+    where = " or ".join(clip_files.searched_dirs(extra_dir))
     if (value or "").strip().lower() in ("", AUTO.lower(), "auto"):
         found = []
         for name in clip_files.list_encoders(extra_dir):
-            path = clip_files.find_file(name, dirs, "encoder")
+            path = clip_files.find_file(name, extra_dir, "encoder")
             try:
                 cfg = clip_files.inspect(path)
             except ImgcondError:
@@ -97,7 +96,7 @@ def resolve_encoder(value: str, width: int, extra_dir: str = "") -> tuple[str, v
                 f"is in {where}. Put {example} (Hugging Face CLIPVisionModelWithProjection format) there."
             )
         return min(found)[2], min(found)[3]
-    path = clip_files.find_file(value, dirs, "encoder")
+    path = clip_files.find_file(value, extra_dir, "encoder")
     cfg = clip_files.inspect(path)
     if cfg.kind != "clip" or cfg.proj_dim != dim:
         raise ImgcondError(
@@ -108,19 +107,10 @@ def resolve_encoder(value: str, width: int, extra_dir: str = "") -> tuple[str, v
 
 
 @torch.no_grad()
-def image_embeds(model: vision.VisionTransformer, image) -> torch.Tensor:
-    """CLIP `image_embeds` (1, D) float32 CPU of one PIL image (the encoder's standard preprocessing)."""
-    device, storage, _dtype = clip_files._placement()
-    if device != storage:
-        clip_files._make_room(device, model)
-        model.to(device)
-    try:
-        return (
-            model(vision.preprocess(clip_files.image_tensor(image), model.config).to(device)).image_embeds.float().cpu()
-        )
-    finally:
-        if device != storage:
-            model.to(storage)
+def image_embeds(model: encoders.Managed, image) -> torch.Tensor:
+    """CLIP `image_embeds` (1, D) float32 CPU of one PIL image (the encoder's standard preprocessing); the encoder
+    is loaded through the host's model management."""
+    return model.encode(clip_files.image_tensor(image)).image_embeds.float().cpu()
 
 
 @dataclass

@@ -7,6 +7,10 @@ Every adapter asks `capabilities()` instead of probing on its own, so Forge 2.0 
 * `flux_block_replace`: the Flux forward takes `transformer_options` and so honours its
   `patches_replace["dit"]` block replaces, whose blocks take an `attn_mask` (Forge Neo). Forge 2.0's Flux has no
   patch point inside the model: there a module function is swapped for one model call instead.
+* `model_management`: `backend.memory_management.load_models_gpu` and `backend.patcher.base.ModelPatcher` exist (both
+  hosts), so the vision encoders are wrapped in a ModelPatcher and loaded / offloaded by the host like its own models.
+* `full_load_flag`: `load_models_gpu` takes `force_full_load` (Forge Neo). Neo may otherwise load a model partially and
+  leave plain torch layers on the CPU; Forge 2.0 always moves plain layers to the GPU.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ NEEDS_FORGE = "needs Stable Diffusion WebUI Forge or Forge Neo"
 class Capabilities:
     patcher: bool
     flux_block_replace: bool = False
+    model_management: bool = False
+    full_load_flag: bool = False
 
     @property
     def name(self) -> str:
@@ -57,10 +63,17 @@ def _takes(module: str, path: str, *names: str) -> bool:
 def probe() -> Capabilities:
     """Look at the running WebUI (imports only what Forge has already imported at start-up)."""
     patcher = _importable("backend.patcher.unet")
+    managed = (
+        patcher
+        and _takes("backend.memory_management", "load_models_gpu", "models")
+        and _importable("backend.patcher.base")
+    )
     return Capabilities(
         patcher=patcher,
         flux_block_replace=patcher
         and _takes("backend.nn.flux", "IntegratedFluxTransformer2DModel.forward_orig", "transformer_options"),
+        model_management=managed,
+        full_load_flag=managed and _takes("backend.memory_management", "load_models_gpu", "force_full_load"),
     )
 
 

@@ -107,7 +107,8 @@ DOCS: dict[str, dict[str, Doc]] = {
     "redux": {
         "siglip": Doc(
             "SigLIP vision encoder",
-            'a file name in `models/imgcond/siglip/` (or an extra folder); `""` = the first SigLIP file found',
+            "a file name in `models/imgcond/siglip/` (or an extra folder, `models/clip_vision/`, "
+            '`models/ControlNetPreprocessor/`); `""` = the first SigLIP file found',
         ),
         "redux_model": Doc(
             "Redux projector", 'a file name in `models/imgcond/redux/`; `""` = the first Redux file found'

@@ -33,14 +33,20 @@ SPEC = Spec(
             "CLIP ViT-L/14 vision encoder",
             "str",
             AUTO,
-            info="file in models/imgcond/clip_vision (768-d projection); SD1.5, and SDXL's CLIP-L half",
+            info=(
+                "file in models/imgcond/clip_vision, clip_vision or ControlNetPreprocessor (768-d projection); "
+                "SD1.5, and SDXL's CLIP-L half"
+            ),
         ),
         Param(
             "encoder_g",
             "CLIP ViT-bigG/14 vision encoder (SDXL)",
             "str",
             AUTO,
-            info="file in models/imgcond/clip_vision (1280-d projection); SDXL's CLIP-G half only",
+            info=(
+                "file in models/imgcond/clip_vision, clip_vision or ControlNetPreprocessor (1280-d projection); "
+                "SDXL's CLIP-G half only"
+            ),
         ),
         Param(
             "priority",

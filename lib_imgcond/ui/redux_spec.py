@@ -105,7 +105,7 @@ SPEC = Spec(
             "SigLIP vision model",
             "str",
             AUTO,
-            info="file in models/imgcond/siglip (empty: the only / first file there)",
+            info="file in models/imgcond/siglip, clip_vision or ControlNetPreprocessor (empty: the first SigLIP file)",
         ),
         Param(
             "redux_model",

@@ -306,6 +306,16 @@ def main() -> None:
     out["window_active_vs_off"] = diff(late["denoised"], late_off["denoised"])
     # 6. errors and the restored module global
     out["attention_restored"] = SWAP["module"].attention is SWAP["original"]
+    # 7. the encoders live in the host's model management: its ModelPatcher, among its loaded models after a job
+    _, dtype = host.compute_device_dtype()
+    managed = [host.load_model(k, host.resolve(k, ""), dtype) for k in ("siglip", "redux")]
+    loaded = [lm.model for lm in mm.current_loaded_models]
+    out["managed"] = {
+        "capability": webui.capabilities().model_management,
+        "full_load_flag": webui.capabilities().full_load_flag,
+        "patchers": [f"{type(m.patcher).__module__}.{type(m.patcher).__name__}" for m in managed],
+        "loaded": [any(x is m.patcher for x in loaded) for m in managed],
+    }
     errors = {}
     for label, kw in (
         ("empty_mask", {"mask1": ImageInput(picture(0).point(lambda _: 0))}),

@@ -19,6 +19,8 @@ TITLE = "clip image guidance"
 ENCODER_L = "imgcond-test-vit-l.safetensors"
 ENCODER_H = "imgcond-test-vit-h.safetensors"
 ENCODER_G = "imgcond-test-vit-bigg.safetensors"
+SHARED_L = "imgcond-test-shared-vit-l.safetensors"
+PREPROCESSOR_L = "imgcond-test-preprocessor-vit-l.safetensors"
 ZERO = {"threshold_mult": 0.0, "linear_start": 0.0, "linear_end": 0.0, "clustered": 0.0}
 
 
@@ -148,6 +150,21 @@ def test_clear_errors_before_sampling(server, encoders, img, baseline):
     assert "flexdiffuse.imagez" in err
     again = server.generate(forge.payload())
     assert forge.max_diff(again.image, baseline["txt2img"]) == 0
+
+
+def test_encoder_from_the_shared_clip_vision_folder(server, encoders, img, enabled):
+    """A file in models/clip_vision (where users keep encoders for IP-Adapter and the like) is listed and used; the same
+    weights as ENCODER_L under another name give the very same image. One in a subfolder of
+    models/ControlNetPreprocessor is listed too."""
+    models = Path(server.data_dir) / "models"
+    write_encoder(models / "clip_vision", SHARED_L, 768, seed=1)
+    write_encoder(models / "ControlNetPreprocessor" / "clip_vision", PREPROCESSOR_L, 768, seed=1)
+    listed = server.get("/imgcond/v1/flexdiffuse/encoders")
+    assert SHARED_L in listed["files"] and PREPROCESSOR_L in listed["files"]
+    assert [Path(f).name for f in listed["folders"]][-2:] == ["clip_vision", "ControlNetPreprocessor"]
+    out = server.generate(guided(forge.payload(), image=img, encoder=SHARED_L))
+    assert f"flexdiffuse_encoder: {SHARED_L}" in out.infotext
+    assert forge.max_diff(out.image, enabled.image) == 0
 
 
 def test_routes(server, encoders):

@@ -113,3 +113,10 @@ def test_clear_errors(result):
     assert "looks like clip-vit" in e["clip_as_siglip"] and "SigLIP so400m" in e["clip_as_siglip"]
     assert "expected the Flux Redux style model" in e["redux_as_siglip_slot"]
     assert "'nope.safetensors' was not found in" in e["missing"] and "imgcond/redux" in e["missing"]
+
+
+def test_encoders_inside_the_hosts_model_management(result):
+    managed = result["managed"]
+    assert managed["capability"] and managed["full_load_flag"] == forge.is_neo()
+    assert managed["patchers"] == ["backend.patcher.base.ModelPatcher"] * 2
+    assert managed["loaded"] == [True, True]  # the host loaded them (load_models_gpu), we moved nothing ourselves

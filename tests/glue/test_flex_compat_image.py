@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from lib_imgcond.core import vision
+from lib_imgcond.hosts import encoders
 from lib_imgcond.hosts import forge_flexdiffuse as host
 from lib_imgcond.ui.spec import ImageInput
 
@@ -80,7 +81,7 @@ def _cfg(size: int) -> vision.VisionConfig:
     return vision.VisionConfig("clip", 16, 1, 1, 32, size, 14, 8, "gelu", "c")
 
 
-def test_compatible_mode_feeds_those_pixels_to_the_encoder(monkeypatch):
+def test_compatible_mode_feeds_those_pixels_to_the_encoder():
     seen = []
 
     class Encoder(torch.nn.Module):
@@ -90,9 +91,9 @@ def test_compatible_mode_feeds_those_pixels_to_the_encoder(monkeypatch):
             seen.append(pixels)
             return vision.VisionOutput(pixels, pixels, None, torch.zeros(1, 10, 8))
 
-    monkeypatch.setattr(host, "_placement", lambda: (torch.device("cpu"),) * 2 + (torch.float32,))
+    cpu = torch.device("cpu")
     img = ImageInput(photo(500, 300, seed=2))
-    host.encode_images(Encoder(), [img], compatible=True)
+    host.encode_images(encoders.Managed(Encoder(), cpu, cpu), [img], compatible=True)
     torch.testing.assert_close(seen[0], torch.from_numpy(original_pixels(img.image, 42))[None], atol=1e-5, rtol=0)
 
 

@@ -242,7 +242,7 @@ def test_model_cache_and_reload(fake_forge):
     path = write(fake_forge, "l.safetensors", clip_state())
     a = host.load_encoder(path)
     assert host.load_encoder(path) is a
-    assert next(a.parameters()).dtype == torch.float32  # no CUDA text-encoder device here: fp32 on the CPU
+    assert next(a.module.parameters()).dtype == torch.float32  # no CUDA text-encoder device here: fp32 on the CPU
     os.utime(path, ns=(1, 1))
     assert host.load_encoder(path) is not a
 

@@ -190,14 +190,24 @@ def test_weight_strength_and_order(models):
     assert off.count == 81
 
 
-def test_each_image_is_encoded_once(models, monkeypatch):
+def test_each_image_is_encoded_once_per_job(models, monkeypatch):
     calls = []
     real = host.rx.encode_tokens
     monkeypatch.setattr(host.rx, "encode_tokens", lambda *a: calls.append(1) or real(*a))
-    host.plan(fake_p("flux"), values(image2=ImageInput(picture(seed=5)), factor1=2.0))
+    p = fake_p("flux")
+    same = ImageInput(picture())  # slot 2 holds the same picture as slot 1, prepared the same way
+    first = host.plan(p, values(image2=same, image3=ImageInput(picture(seed=5))))
     assert len(calls) == 2
-    host.plan(fake_p("flux"), values(image2=ImageInput(picture(seed=5)), weight1=0.3))  # an X/Y/Z cell: cached
+    again = host.plan(p, values(image2=same, weight1=0.3))  # the same job planned again (hires, batch count): cached
     assert len(calls) == 2
+    torch.testing.assert_close(again.tokens[:, 81:], first.tokens[:, 81:162])
+    host.plan(p, values(image2=same, mode2="keep_aspect"))  # other preprocessing of the same picture: encoded
+    assert len(calls) == 3
+    host.encoders.end_job(p)
+    host.plan(p, values(image2=same))  # after the job ended: encoded again
+    assert len(calls) == 4
+    host.plan(fake_p("flux"), values(image2=same))  # a new job (an X/Y/Z cell): encoded again
+    assert len(calls) == 5
 
 
 def test_mask_selects_tokens_and_errors(models):
