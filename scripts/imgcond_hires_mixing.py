@@ -46,13 +46,12 @@ class HiresMixingScript(script.TechniqueScript, scripts.Script):
                 "(DemoFusion skip residual / Iterative Mixing)."
             )
             comps = {}
-            panel.row(SPEC, comps, ("schedule", "alpha"), eid)
-            panel.row(SPEC, comps, ("start", "stop", "clamp"), eid)
-            panel.row(SPEC, comps, ("blend_min", "blend_max"), eid)
-            comps["blend"] = panel.component(p["blend"], eid("blend"))
-            panel.row(SPEC, comps, ("normalize", "fresh_noise"), eid)
-            comps["order"] = panel.component(p["order"], eid("order"))
-            panel.row(SPEC, comps, ("rewind", "rewind_min", "rewind_max"), eid)
+            rows = [
+                ("schedule",), ("alpha",), ("blend_max",), ("order",),
+                ("start", "stop"), ("clamp", "blend_min"), ("blend",), ("normalize",), ("fresh_noise",), ("rewind",),
+                ("rewind_min", "rewind_max"),
+            ]  # fmt: skip
+            panel.layout(SPEC, comps, rows, eid)
             plot = gr.HTML(plot_html(*(p[n].default for n in _CURVE)), elem_id=eid("plot"))
             gr.Markdown(f"z′ weight per hires step (plotted for {PLOT_STEPS} steps; the fractions scale with yours).")
         inputs = [comps[n] for n in _CURVE]

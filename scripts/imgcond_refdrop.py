@@ -34,21 +34,28 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
                 "later generations (**Use**): coefficient > 0 keeps the reference's look, < 0 pushes away from it."
             )
             comps = {}
-            with gr.Row():
-                comps["mode"] = panel.component(p["mode"], eid("mode"))
-                comps["reference"] = gr.Dropdown(
-                    label=p["reference"].label, choices=host.all_names(), value=p["reference"].default,
-                    allow_custom_value=True, elem_id=eid("reference"),
+            tools = {}
+
+            def reference(param, elem_id):
+                return gr.Dropdown(
+                    label=param.label, choices=host.all_names(), value=param.default, allow_custom_value=True,
+                    elem_id=elem_id,
                 )  # fmt: skip
-                refresh = gr.Button("🔄", elem_id=eid("refresh"), scale=0, min_width=40)
-                remove = gr.Button("🗑️", elem_id=eid("delete"), scale=0, min_width=40)
-            comps["coefficient"] = panel.component(p["coefficient"], eid("coefficient"))
-            comps["more_references"] = panel.component(p["more_references"], eid("more"))
-            panel.row(SPEC, comps, ("start", "end"), eid)
-            comps["layers"] = panel.component(p["layers"], eid("layers"))
-            panel.row(SPEC, comps, ("hires", "uncond", "save"), eid)
-            comps["batch_item"] = panel.component(p["batch_item"], eid("batch_item"))
-            comps["image"] = panel.component(p["image"], eid("image"))
+
+            def buttons():
+                tools["refresh"] = panel.tool_button("refresh", eid("refresh"), "Refresh the list of references")
+                tools["delete"] = panel.tool_button("clear_prompt", eid("delete"), "Delete this reference")
+
+            rows = [
+                ("mode",), ("reference", buttons), ("coefficient",), ("save",), ("image",),
+                ("more_references",), ("layers",), ("start", "end"), ("hires",), ("uncond",), ("batch_item",),
+            ]  # fmt: skip
+            image_on_demand = {"visible": p["mode"].default == "Image"}  # shown in mode Image only
+            custom = {
+                "reference": reference,
+                "image": lambda param, elem_id: panel.component(param, elem_id, **image_on_demand),
+            }
+            panel.layout(SPEC, comps, rows, eid, custom)
             library = gr.Markdown(_library_text(), elem_id=eid("library"))
 
         def refresh_fn(current):
@@ -62,8 +69,12 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
             text = _library_text() + ("" if found else f"\n\n'{current}' was not found.")
             return gr.update(choices=host.all_names()), text
 
-        refresh.click(refresh_fn, inputs=[comps["reference"]], outputs=[comps["reference"], library])
-        remove.click(delete_fn, inputs=[comps["reference"]], outputs=[comps["reference"], library])
+        tools["refresh"].click(refresh_fn, inputs=[comps["reference"]], outputs=[comps["reference"], library])
+        tools["delete"].click(delete_fn, inputs=[comps["reference"]], outputs=[comps["reference"], library])
+        comps["mode"].change(
+            lambda mode: gr.update(visible=mode == "Image"), inputs=[comps["mode"]], outputs=[comps["image"]],
+            show_progress=panel.NO_PROGRESS,
+        )  # fmt: skip
         return self.finish_ui(enabled, comps)
 
     def process(self, p, *args):

@@ -40,6 +40,8 @@ class Param:
     info: str = ""
     infotext: bool = True
     xyz: bool = False
+    advanced: bool = False
+    """Shown in the panel's "Advanced" sub-accordion (the few controls most users touch stay outside it)."""
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -143,6 +145,10 @@ class Spec:
 
     def key(self, name: str) -> str:
         return f"{self.prefix}_{name}"
+
+    def advanced(self) -> list[str]:
+        """Names of the parameters the panel puts into its "Advanced" sub-accordion."""
+        return [p.name for p in self.params if p.advanced]
 
     def defaults(self) -> dict[str, Any]:
         return {p.name: p.default for p in self.params}
