@@ -127,6 +127,7 @@ def on_ui_settings():
 
 def add_routes(_demo, app):
     @app.get("/imgcond/v1/flexdiffuse/encoders")
+    @forge.http_route
     def encoders():
         return {"folders": host.encoder_dirs(_extra_dir()), "files": host.list_encoders(_extra_dir())}
 

@@ -10,7 +10,6 @@ from lib_imgcond.core.errors import ImgcondError
 from lib_imgcond.core.mixing import MixParams, schedule_svg, zprime_weights
 from lib_imgcond.hosts import forge
 from lib_imgcond.hosts import forge_mixing as host
-from lib_imgcond.log import logger
 from lib_imgcond.ui import panel, registry, script, xyz
 from lib_imgcond.ui.mixing_spec import SPEC
 
@@ -70,7 +69,9 @@ class HiresMixingScript(script.TechniqueScript, scripts.Script):
             script.stop(p, e)
             return
         if not getattr(p, "enable_hr", False):
-            logger.info("Hires iterative mixing acts on the hires-fix pass only; Hires. fix is off, so it does nothing")
+            forge.warn(
+                p, "Hires iterative mixing acts on the hires-fix pass only; Hires. fix is off, so it did nothing"
+            )
             return
         forge.job_state(p, "hrmix", lambda: {"values": values, "params": params})
 

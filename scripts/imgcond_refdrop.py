@@ -163,10 +163,12 @@ def on_ui_settings():
 
 def add_routes(_demo, app):
     @app.get("/imgcond/v1/refdrop/references")
+    @forge.http_route
     def references():
         return host.describe()
 
     @app.delete("/imgcond/v1/refdrop/references/{name}")
+    @forge.http_route
     def delete_reference(name: str):
         return {"deleted": host.delete(host.check_name(name))}
 

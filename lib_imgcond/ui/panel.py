@@ -125,9 +125,5 @@ def infotext_fields(spec: Spec, enabled, components: Mapping[str, Any]) -> list[
     fields: list[tuple] = [(enabled, lambda d, k=spec.enabled_key: d.get(k, "False") in (True, "True", "true"))]
     for p in spec.params:
         if p.infotext:
-            fields.append((components[p.name], _paster(p, spec.key(p.name))))
+            fields.append((components[p.name], lambda d, p=p: spec.pasted(p, d)))
     return fields
-
-
-def _paster(param: Param, key: str):
-    return lambda d: param.from_infotext(d.get(key))
