@@ -7,7 +7,7 @@ from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
 from lib_imgcond.core.errors import ImgcondError
-from lib_imgcond.hosts import forge
+from lib_imgcond.hosts import forge, progress
 from lib_imgcond.hosts import forge_flexdiffuse as host
 from lib_imgcond.log import logger
 from lib_imgcond.ui import panel, registry, script, xyz
@@ -91,7 +91,8 @@ class ClipGuidanceScript(script.TechniqueScript, scripts.Script):
         if not values["enabled"]:
             return
         try:
-            job = host.plan(p, values, extra, _extra_dir())
+            with progress.status("CLIP image guidance: loading the encoders and encoding the images"):
+                job = host.plan(p, values, extra, _extra_dir())
         except ImgcondError as e:
             script.stop(p, e)
             return

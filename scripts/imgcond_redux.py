@@ -9,7 +9,7 @@ from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
 from lib_imgcond.core.errors import ImgcondError
-from lib_imgcond.hosts import forge
+from lib_imgcond.hosts import forge, progress
 from lib_imgcond.hosts import forge_redux as host
 from lib_imgcond.ui import panel, registry, script, xyz
 from lib_imgcond.ui.redux_spec import SLOTS, SPEC, automerge_paster, expand_images
@@ -144,7 +144,8 @@ class ReduxScript(script.TechniqueScript, scripts.Script):
         if not values["enabled"]:
             return
         try:
-            job = host.plan(p, values)
+            with progress.status("Redux: loading the models and encoding the reference images"):
+                job = host.plan(p, values)
         except Exception as e:  # every failure stops the job before sampling, with a message
             error = e if isinstance(e, ImgcondError) else ImgcondError(f"Redux: {type(e).__name__}: {e}")
             script.stop(p, error)

@@ -7,7 +7,7 @@ from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
 from lib_imgcond.core.errors import ImgcondError
-from lib_imgcond.hosts import forge
+from lib_imgcond.hosts import forge, progress
 from lib_imgcond.hosts import forge_refdrop as host
 from lib_imgcond.log import logger
 from lib_imgcond.ui import panel, registry, script, xyz
@@ -85,7 +85,8 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
             budget = int(float(_opt("imgcond_refdrop_ram_budget_gb", 16.0)) * 2**30)
             job = host.plan(p, values, budget, bool(_opt("imgcond_refdrop_store_fp16", False)))
             if values["mode"] == "Image":
-                job.image_latent = host.encode_image(p, values["image"].image)
+                with progress.status("RefDrop: preparing the reference from the image"):
+                    job.image_latent = host.encode_image(p, values["image"].image)
         except ImgcondError as e:
             script.stop(p, e)
             return
@@ -115,7 +116,10 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
             return
         try:
             if state["job"].record is not None and state["trackers"]:
-                host.finish_record(state["job"], state["trackers"], state["job"].values["save"], forge.interrupted())
+                with progress.status(f"RefDrop: keeping the reference '{state['job'].values['reference']}'"):
+                    host.finish_record(
+                        state["job"], state["trackers"], state["job"].values["save"], forge.interrupted()
+                    )
         except ImgcondError as e:
             logger.error("%s", e)
             forge.notify(processed, str(e))
