@@ -69,7 +69,7 @@ class Browser:
 
     def tab(self, name: str) -> None:
         for button in self.driver.find_elements(By.CSS_SELECTOR, "#tabs > .tab-nav button, #tabs button"):
-            if button.text.strip() == name:
+            if button.text.strip().lower() == name:
                 button.click()
                 self.wait(lambda: self.driver.find_element(By.ID, f"tab_{name}").is_displayed(), 30, f"tab {name}")
                 return

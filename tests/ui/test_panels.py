@@ -9,13 +9,14 @@ import math
 import pytest
 
 from lib_imgcond.ui import flex_spec, mixing_spec, redux_spec, refdrop_spec
+from tests.e2e import forge
 
 SPECS = {s.prefix: s for s in (refdrop_spec.SPEC, redux_spec.SPEC, flex_spec.SPEC, mixing_spec.SPEC)}
 PANELS = [
     (prefix, tab) for prefix in SPECS for tab in ("txt2img", "img2img") if not (prefix == "hrmix" and tab == "img2img")
 ]
 BASE = "a photo of a cat\nSteps: 3, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 1, Size: 64x64"
-HIRES = "Denoising strength: 0.5, Hires upscale: 2, Hires steps: 2, Hires upscaler: Latent"
+HIRES = f"Denoising strength: 0.5, Hires upscale: 2, Hires steps: 2, Hires upscaler: {forge.hires_upscaler()}"
 
 
 def eid(prefix: str, name: str, tab: str) -> str:
