@@ -212,6 +212,8 @@ class ForgeServer:
         else:
             args = [*common, "--always-cpu", "--ckpt-dir", str(self.ckpt.parent), "--ckpt", str(self.ckpt)]
             args += ["--no-download-sd-model", "--disable-nan-check"]
+        if self.ui:  # its own pages' scripts and styles live in the WebUI folder, outside the data folder
+            args += ["--gradio-allowed-path", str(self.forge_dir)]
         if not self.with_extension:
             args.append("--disable-extra-extensions")
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()

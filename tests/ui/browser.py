@@ -38,6 +38,12 @@ return {page: document.documentElement.scrollWidth > window.innerWidth, out: out
 """
 
 
+IS_OPEN_JS = """
+const wrap = document.querySelector('#' + arguments[0] + ' .label-wrap');
+return !!wrap && wrap.classList.contains('open');
+"""
+
+
 class Browser:
     def __init__(self, url: str, chromium: str, driver: str):
         options = Options()
@@ -79,11 +85,16 @@ class Browser:
         return self.driver.find_element(By.ID, elem_id)
 
     def is_open(self, elem_id: str) -> bool:
-        return bool(self.js("return !!document.querySelector('#' + arguments[0] + ' > .label-wrap.open')", elem_id))
+        return bool(self.js(IS_OPEN_JS, elem_id))
+
+    def enabled(self, accordion_id: str) -> bool:
+        """The value of a host InputAccordion (the technique's `enabled`): its hidden Gradio checkbox."""
+        script = "return document.querySelector('#' + arguments[0] + '-checkbox input').checked"
+        return bool(self.js(script, accordion_id))
 
     def set_open(self, elem_id: str, want: bool) -> None:
         if self.is_open(elem_id) != want:
-            label = self.driver.find_element(By.CSS_SELECTOR, f"#{elem_id} > .label-wrap")
+            label = self.driver.find_element(By.CSS_SELECTOR, f"#{elem_id} .label-wrap")
             self.js("arguments[0].scrollIntoView({block: 'center'})", label)
             label.click()
             self.wait(lambda: self.is_open(elem_id) == want, 120, f"{elem_id} to {'open' if want else 'close'}")

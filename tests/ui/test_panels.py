@@ -77,7 +77,7 @@ def test_paste_back_restores_every_control(browser, prefix, tab):
     values = {p.name: other_value(p) for p in spec.params if p.infotext}
     browser.paste(tab, infotext(spec, values))
     try:
-        assert browser.is_open(eid(prefix, "enabled", tab)), "the pasted infotext enables the technique"
+        assert browser.enabled(eid(prefix, "enabled", tab)), "the pasted infotext enables the technique"
         wrong = {}
         for name, wanted in values.items():
             shown = browser.value(eid(prefix, name, tab))
@@ -86,7 +86,7 @@ def test_paste_back_restores_every_control(browser, prefix, tab):
         assert not wrong, f"controls not restored (shown, pasted): {wrong}"
     finally:
         browser.paste(tab, BASE)  # no key of ours: the technique is switched off again
-    assert not browser.is_open(eid(prefix, "enabled", tab))
+    assert not browser.enabled(eid(prefix, "enabled", tab))
 
 
 GENERATIONS = {
