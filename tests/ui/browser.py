@@ -118,20 +118,16 @@ class Browser:
         time.sleep(3)
 
     def generate(self, tab: str, timeout: float = 300) -> str:
-        """Press Generate and return the text of the result area once the job is over."""
-        before = self.js(f"return document.querySelector('#html_info_{tab}').innerText") or ""
-        self.js(
-            f"document.querySelector('#html_log_{tab}') && (document.querySelector('#html_log_{tab}').innerHTML = '')"
-        )
+        """Press Generate and return the text of the result area (infotext, error) once the job is over."""
+        read = f"""return [document.querySelector('#html_info_{tab}').innerText,
+            (document.querySelector('#html_log_{tab}') || {{}}).innerText || '',
+            document.querySelector('#{tab}_interrupt').offsetParent !== null]"""
+        before = self.js(read)[:2]
         self.driver.find_element(By.ID, f"{tab}_generate").click()
 
         def done():
-            info = self.js(f"return document.querySelector('#html_info_{tab}').innerText") or ""
-            log = self.js(f"return (document.querySelector('#html_log_{tab}') || {{}}).innerText || ''") or ""
-            busy = self.js(f"return document.querySelector('#{tab}_interrupt').offsetParent !== null")
-            if not busy and ((info and info != before) or "Error" in log or "error" in log.lower()):
-                return info + "\n" + log
-            return None
+            info, log, busy = self.js(read)
+            return None if busy or [info, log] == before else f"{info}\n{log}"
 
         time.sleep(2)
         return self.wait(done, timeout, "the generation to finish")
