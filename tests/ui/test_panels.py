@@ -37,7 +37,11 @@ def other_value(p):
     return value if value != p.default else p.maximum
 
 
-def infotext(spec, values: dict, extra: str = "") -> str:
+def infotext(spec, values: dict, extra: str = "", full: bool = False) -> str:
+    """An infotext with `values` for `spec`; `full`: every other key at its default too (absent keys leave a control
+    at whatever an earlier paste set; empty texts are not written, as the extension does)."""
+    if full:
+        values = {**{p.name: p.default for p in spec.params if p.infotext and p.default != ""}, **values}
     keys = ", ".join(f"{spec.key(n)}: {v}" for n, v in values.items())
     return f"{BASE}{', ' + extra if extra else ''}, {spec.enabled_key}: True, {keys}"
 
@@ -106,7 +110,7 @@ def test_generation_from_the_ui_writes_its_keys(browser, shots, prefix):
 
         browser.set_open(eid(prefix, "enabled", "txt2img"), True)
         browser.upload(eid(prefix, "image", "txt2img"), guidance_image(5))
-    browser.paste("txt2img", infotext(spec, values, extra))
+    browser.paste("txt2img", infotext(spec, values, extra, full=True))
     try:
         text = browser.generate("txt2img")
         browser.driver.save_screenshot(str(shots / f"generated_{prefix}.png"))
@@ -134,7 +138,7 @@ def test_bad_input_shows_our_message(browser, shots, ui_server, prefix):
 
         browser.set_open(eid(prefix, "enabled", "txt2img"), True)
         browser.upload(eid(prefix, "image1", "txt2img"), reference_b64())
-    browser.paste("txt2img", infotext(spec, values))
+    browser.paste("txt2img", infotext(spec, values, full=True))
     try:
         text = browser.generate("txt2img")
         browser.driver.save_screenshot(str(shots / f"error_{prefix}.png"))
