@@ -7,7 +7,7 @@ from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
 from lib_imgcond.core.errors import ImgcondError
-from lib_imgcond.hosts import encoders, forge
+from lib_imgcond.hosts import encoders, forge, progress
 from lib_imgcond.hosts import forge_flexdiffuse as host
 from lib_imgcond.log import logger
 from lib_imgcond.ui import panel, registry, script, xyz
@@ -41,7 +41,6 @@ class ClipGuidanceScript(script.TechniqueScript, scripts.Script):
 
     def ui(self, is_img2img):
         eid = self.elem_ids(is_img2img)
-        p = SPEC.by_name
         comps = {}
         with InputAccordion(False, label=SPEC.title, elem_id=eid("enabled")) as enabled:
             self.host_notice()
@@ -50,33 +49,34 @@ class ClipGuidanceScript(script.TechniqueScript, scripts.Script):
                 "encoders (`models/imgcond/clip_vision`, `models/clip_vision` or `models/ControlNetPreprocessor`): "
                 "ViT-L/14 for SD1.5; ViT-L/14 and ViT-bigG/14 for SDXL."
             )
-            with gr.Row():
-                with gr.Column():
-                    comps["image"] = panel.component(p["image"], eid("image"))
-                    comps["weight"] = panel.component(p["weight"], eid("weight"))
-                with gr.Column():
-                    comps["image2"] = panel.component(p["image2"], eid("image2"))
-                    comps["weight2"] = panel.component(p["weight2"], eid("weight2"))
-            with gr.Row():
-                choices = _encoder_choices()
-                for name in ("encoder", "encoder_g"):
-                    comps[name] = gr.Dropdown(
-                        label=p[name].label, choices=choices, value=AUTO, allow_custom_value=True, elem_id=eid(name)
-                    )
-                refresh = gr.Button("🔄", elem_id=eid("refresh"), scale=0, min_width=40)
-            panel.row(SPEC, comps, ("priority", "reuse"), eid)
-            panel.row(SPEC, comps, ("threshold_mult", "threshold_floor"), eid)
-            panel.row(SPEC, comps, ("linear_start", "linear_end"), eid)
-            panel.row(SPEC, comps, ("clustered", "max_guidance", "header_max"), eid)
-            panel.row(SPEC, comps, ("concept", "concept_threshold"), eid)
-            panel.row(SPEC, comps, ("direct", "compatible"), eid)
-            panel.row(SPEC, comps, ("start", "end", "hires"), eid)
+            choices = _encoder_choices()
+            tools = {}
+
+            def encoder(param, elem_id):
+                return gr.Dropdown(
+                    label=param.label, choices=choices, value=AUTO, allow_custom_value=True, elem_id=elem_id
+                )
+
+            def refresh():
+                tools["refresh"] = panel.tool_button("refresh", eid("refresh"), "Refresh the list of encoders")
+
+            def second():
+                panel.build_rows(SPEC, comps, [("image2",), ("weight2",)], eid)
+
+            rows = [
+                ("image",), ("weight",), (lambda: panel.on_demand("Add a second image", eid("add_image2"), second),),
+                ("encoder", "encoder_g", refresh), ("max_guidance",),
+                ("priority", "reuse"), ("threshold_mult", "threshold_floor"), ("linear_start", "linear_end"),
+                ("clustered", "header_max"), ("concept",), ("concept_threshold",), ("direct",), ("compatible",),
+                ("start", "end"), ("hires",),
+            ]  # fmt: skip
+            panel.layout(SPEC, comps, rows, eid, {"encoder": encoder, "encoder_g": encoder})
 
         def refresh_fn(current_l, current_g):
             choices = _encoder_choices()
             return gr.update(choices=choices, value=current_l), gr.update(choices=choices, value=current_g)
 
-        refresh.click(
+        tools["refresh"].click(
             refresh_fn, inputs=[comps["encoder"], comps["encoder_g"]], outputs=[comps["encoder"], comps["encoder_g"]]
         )
         return self.finish_ui(enabled, comps)
@@ -92,7 +92,8 @@ class ClipGuidanceScript(script.TechniqueScript, scripts.Script):
         if not values["enabled"]:
             return
         try:
-            job = host.plan(p, values, extra, _extra_dir())
+            with progress.status("CLIP image guidance: loading the encoders and encoding the images"):
+                job = host.plan(p, values, extra, _extra_dir())
         except ImgcondError as e:
             script.stop(p, e)
             return
@@ -130,6 +131,7 @@ def on_ui_settings():
 
 def add_routes(_demo, app):
     @app.get("/imgcond/v1/flexdiffuse/encoders")
+    @forge.http_route
     def encoders():
         return {"folders": host.searched_dirs(_extra_dir()), "files": host.list_encoders(_extra_dir())}
 

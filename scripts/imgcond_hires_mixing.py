@@ -10,7 +10,6 @@ from lib_imgcond.core.errors import ImgcondError
 from lib_imgcond.core.mixing import MixParams, schedule_svg, zprime_weights
 from lib_imgcond.hosts import forge
 from lib_imgcond.hosts import forge_mixing as host
-from lib_imgcond.log import logger
 from lib_imgcond.ui import panel, registry, script, xyz
 from lib_imgcond.ui.mixing_spec import SPEC
 
@@ -46,13 +45,12 @@ class HiresMixingScript(script.TechniqueScript, scripts.Script):
                 "(DemoFusion skip residual / Iterative Mixing)."
             )
             comps = {}
-            panel.row(SPEC, comps, ("schedule", "alpha"), eid)
-            panel.row(SPEC, comps, ("start", "stop", "clamp"), eid)
-            panel.row(SPEC, comps, ("blend_min", "blend_max"), eid)
-            comps["blend"] = panel.component(p["blend"], eid("blend"))
-            panel.row(SPEC, comps, ("normalize", "fresh_noise"), eid)
-            comps["order"] = panel.component(p["order"], eid("order"))
-            panel.row(SPEC, comps, ("rewind", "rewind_min", "rewind_max"), eid)
+            rows = [
+                ("schedule",), ("alpha",), ("blend_max",), ("order",),
+                ("start", "stop"), ("clamp", "blend_min"), ("blend",), ("normalize",), ("fresh_noise",), ("rewind",),
+                ("rewind_min", "rewind_max"),
+            ]  # fmt: skip
+            panel.layout(SPEC, comps, rows, eid)
             plot = gr.HTML(plot_html(*(p[n].default for n in _CURVE)), elem_id=eid("plot"))
             gr.Markdown(f"z′ weight per hires step (plotted for {PLOT_STEPS} steps; the fractions scale with yours).")
         inputs = [comps[n] for n in _CURVE]
@@ -71,7 +69,9 @@ class HiresMixingScript(script.TechniqueScript, scripts.Script):
             script.stop(p, e)
             return
         if not getattr(p, "enable_hr", False):
-            logger.info("Hires iterative mixing acts on the hires-fix pass only; Hires. fix is off, so it does nothing")
+            forge.warn(
+                p, "Hires iterative mixing acts on the hires-fix pass only; Hires. fix is off, so it did nothing"
+            )
             return
         forge.job_state(p, "hrmix", lambda: {"values": values, "params": params})
 

@@ -9,7 +9,7 @@ from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
 from lib_imgcond.core.errors import ImgcondError
-from lib_imgcond.hosts import encoders, forge
+from lib_imgcond.hosts import encoders, forge, progress
 from lib_imgcond.hosts import forge_redux as host
 from lib_imgcond.ui import panel, registry, script, xyz
 from lib_imgcond.ui.redux_spec import SLOTS, SPEC, automerge_paster, expand_images
@@ -44,7 +44,6 @@ class ReduxScript(script.TechniqueScript, scripts.Script):
 
     def ui(self, is_img2img):
         eid = self.elem_ids(is_img2img)
-        p = SPEC.by_name
         comps: dict = {}
         previews = []
         with InputAccordion(False, label=SPEC.title, elem_id=eid("enabled")) as enabled:
@@ -54,50 +53,47 @@ class ReduxScript(script.TechniqueScript, scripts.Script):
                 "Models: `models/imgcond/siglip/`, `models/clip_vision/` or `models/ControlNetPreprocessor/` "
                 "(sigclip_vision_patch14_384.safetensors) and `models/imgcond/redux/` (flux1-redux-dev.safetensors)."
             )
-            with gr.Row():
-                for name, kind in (("siglip", "siglip"), ("redux_model", "redux")):
-                    comps[name] = gr.Dropdown(
-                        label=p[name].label, choices=_files(kind), value="", allow_custom_value=True,
-                        elem_id=eid(name), info=p[name].info,
-                    )  # fmt: skip
-                refresh = gr.Button("🔄", elem_id=eid("refresh"), scale=0, min_width=40)
-            panel.row(SPEC, comps, ("start", "end"), eid)
-            with gr.Tabs():
-                for k in range(1, SLOTS + 1):
-                    with gr.Tab(f"Image {k}"):
-                        comps[f"use{k}"] = panel.component(p[f"use{k}"], eid(f"use{k}"))
-                        with gr.Row():
-                            comps[f"image{k}"] = panel.mask_image(
-                                f"Image {k} (draw white to mask a region)", eid(f"image{k}")
-                            )
-                            comps[f"mask{k}"] = panel.component(p[f"mask{k}"], eid(f"mask{k}"))
-                        with gr.Row():
-                            comps[f"mode{k}"] = panel.component(p[f"mode{k}"], eid(f"mode{k}"))
-                            comps[f"margin{k}"] = panel.component(p[f"margin{k}"], eid(f"margin{k}"))
-                        with gr.Row():
-                            comps[f"control{k}"] = gr.Dropdown(
-                                label=p[f"control{k}"].label, choices=list(p[f"control{k}"].choices),
-                                value=p[f"control{k}"].default, elem_id=eid(f"control{k}"), info=p[f"control{k}"].info,
-                            )  # fmt: skip
-                            comps[f"factor{k}"] = panel.component(p[f"factor{k}"], eid(f"factor{k}"))
-                            comps[f"interpolation{k}"] = panel.component(
-                                p[f"interpolation{k}"], eid(f"interpolation{k}"), info="advanced only"
-                            )
-                        with gr.Row():
-                            comps[f"weight{k}"] = panel.component(p[f"weight{k}"], eid(f"weight{k}"))
-                            comps[f"strength_type{k}"] = panel.component(
-                                p[f"strength_type{k}"], eid(f"strength_type{k}")
-                            )
-                            comps[f"strength{k}"] = panel.component(p[f"strength{k}"], eid(f"strength{k}"))
-                        panel.row(SPEC, comps, (f"automerge{k}", f"merge_threshold{k}"), eid)
-                        with gr.Row():
-                            button = gr.Button("Preview prepared image and mask", elem_id=eid(f"preview{k}"))
-                        with gr.Row():
-                            shown = (
-                                gr.Image(label="Prepared image", interactive=False, elem_id=eid(f"prepared{k}")),
-                                gr.Image(label="Prepared mask", interactive=False, elem_id=eid(f"prepared_mask{k}")),
-                            )
-                        previews.append((k, button, shown))
+            tools = {}
+
+            def model(param, elem_id):
+                kind = "siglip" if param.name == "siglip" else "redux"
+                return gr.Dropdown(
+                    label=param.label, choices=_files(kind), value="", allow_custom_value=True, elem_id=elem_id,
+                    info=param.info,
+                )  # fmt: skip
+
+            def refresh():
+                tools["refresh"] = panel.tool_button("refresh", eid("refresh"), "Refresh the lists of model files")
+
+            custom = {"siglip": model, "redux_model": model}
+            for k in range(1, SLOTS + 1):
+                custom[f"image{k}"] = lambda param, elem_id: panel.mask_upload(param.label, elem_id)
+                custom[f"mask{k}"] = lambda param, elem_id: panel.mask_upload(param.label, elem_id)
+                custom[f"interpolation{k}"] = lambda param, elem_id: panel.component(
+                    param, elem_id, info="advanced only"
+                )
+
+            def slot(k: int):
+                rows = [
+                    (f"use{k}",), (f"image{k}", f"mask{k}"), (f"weight{k}", f"strength{k}"),
+                    (f"mode{k}", f"margin{k}"), (f"control{k}",), (f"factor{k}", f"interpolation{k}"),
+                    (f"strength_type{k}",), (f"automerge{k}",), (f"merge_threshold{k}",),
+                ]  # fmt: skip
+                panel.layout(SPEC, comps, rows, eid, custom, advanced_id=f"advanced{k}")
+                button = gr.Button("Preview prepared image and mask", elem_id=eid(f"preview{k}"), size="sm")
+                with gr.Row():
+                    shown = (
+                        gr.Image(label="Prepared image", interactive=False, elem_id=eid(f"prepared{k}")),
+                        gr.Image(label="Prepared mask", interactive=False, elem_id=eid(f"prepared_mask{k}")),
+                    )
+                previews.append((k, button, shown))
+                if k < SLOTS:  # the next slot appears on demand
+                    panel.on_demand(f"Add image {k + 1}", eid(f"add_image{k + 1}"), lambda: slot(k + 1))
+
+            panel.build_rows(SPEC, comps, [("siglip", "redux_model", refresh)], eid, custom)
+            with gr.Group(elem_id=eid("slot1")):
+                slot(1)
+            panel.layout(SPEC, comps, [("start", "end")], eid, advanced_id="advanced")
             count = gr.Markdown("No reference image yet: 0 tokens.", elem_id=eid("count"))
 
         names = [x.name for x in SPEC.params]
@@ -135,7 +131,7 @@ class ReduxScript(script.TechniqueScript, scripts.Script):
         def refresh_fn(siglip, redux):
             return gr.update(choices=_files("siglip"), value=siglip), gr.update(choices=_files("redux"), value=redux)
 
-        refresh.click(
+        tools["refresh"].click(
             refresh_fn, inputs=[comps["siglip"], comps["redux_model"]], outputs=[comps["siglip"], comps["redux_model"]]
         )
         result = self.finish_ui(enabled, comps)
@@ -148,7 +144,8 @@ class ReduxScript(script.TechniqueScript, scripts.Script):
         if not values["enabled"]:
             return
         try:
-            job = host.plan(p, values)
+            with progress.status("Redux: loading the models and encoding the reference images"):
+                job = host.plan(p, values)
         except Exception as e:  # every failure stops the job before sampling, with a message
             error = e if isinstance(e, ImgcondError) else ImgcondError(f"Redux: {type(e).__name__}: {e}")
             script.stop(p, error)

@@ -7,7 +7,7 @@ from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
 from lib_imgcond.core.errors import ImgcondError
-from lib_imgcond.hosts import forge
+from lib_imgcond.hosts import forge, progress
 from lib_imgcond.hosts import forge_refdrop as host
 from lib_imgcond.log import logger
 from lib_imgcond.ui import panel, registry, script, xyz
@@ -34,21 +34,28 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
                 "later generations (**Use**): coefficient > 0 keeps the reference's look, < 0 pushes away from it."
             )
             comps = {}
-            with gr.Row():
-                comps["mode"] = panel.component(p["mode"], eid("mode"))
-                comps["reference"] = gr.Dropdown(
-                    label=p["reference"].label, choices=host.all_names(), value=p["reference"].default,
-                    allow_custom_value=True, elem_id=eid("reference"),
+            tools = {}
+
+            def reference(param, elem_id):
+                return gr.Dropdown(
+                    label=param.label, choices=host.all_names(), value=param.default, allow_custom_value=True,
+                    elem_id=elem_id,
                 )  # fmt: skip
-                refresh = gr.Button("🔄", elem_id=eid("refresh"), scale=0, min_width=40)
-                remove = gr.Button("🗑️", elem_id=eid("delete"), scale=0, min_width=40)
-            comps["coefficient"] = panel.component(p["coefficient"], eid("coefficient"))
-            comps["more_references"] = panel.component(p["more_references"], eid("more"))
-            panel.row(SPEC, comps, ("start", "end"), eid)
-            comps["layers"] = panel.component(p["layers"], eid("layers"))
-            panel.row(SPEC, comps, ("hires", "uncond", "save"), eid)
-            comps["batch_item"] = panel.component(p["batch_item"], eid("batch_item"))
-            comps["image"] = panel.component(p["image"], eid("image"))
+
+            def buttons():
+                tools["refresh"] = panel.tool_button("refresh", eid("refresh"), "Refresh the list of references")
+                tools["delete"] = panel.tool_button("clear_prompt", eid("delete"), "Delete this reference")
+
+            rows = [
+                ("mode",), ("reference", buttons), ("coefficient",), ("save",), ("image",),
+                ("more_references",), ("layers",), ("start", "end"), ("hires",), ("uncond",), ("batch_item",),
+            ]  # fmt: skip
+            image_on_demand = {"visible": p["mode"].default == "Image"}  # shown in mode Image only
+            custom = {
+                "reference": reference,
+                "image": lambda param, elem_id: panel.component(param, elem_id, **image_on_demand),
+            }
+            panel.layout(SPEC, comps, rows, eid, custom)
             library = gr.Markdown(_library_text(), elem_id=eid("library"))
 
         def refresh_fn(current):
@@ -62,8 +69,12 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
             text = _library_text() + ("" if found else f"\n\n'{current}' was not found.")
             return gr.update(choices=host.all_names()), text
 
-        refresh.click(refresh_fn, inputs=[comps["reference"]], outputs=[comps["reference"], library])
-        remove.click(delete_fn, inputs=[comps["reference"]], outputs=[comps["reference"], library])
+        tools["refresh"].click(refresh_fn, inputs=[comps["reference"]], outputs=[comps["reference"], library])
+        tools["delete"].click(delete_fn, inputs=[comps["reference"]], outputs=[comps["reference"], library])
+        comps["mode"].change(
+            lambda mode: gr.update(visible=mode == "Image"), inputs=[comps["mode"]], outputs=[comps["image"]],
+            show_progress=panel.NO_PROGRESS,
+        )  # fmt: skip
         return self.finish_ui(enabled, comps)
 
     def process(self, p, *args):
@@ -74,7 +85,8 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
             budget = int(float(_opt("imgcond_refdrop_ram_budget_gb", 16.0)) * 2**30)
             job = host.plan(p, values, budget, bool(_opt("imgcond_refdrop_store_fp16", False)))
             if values["mode"] == "Image":
-                job.image_latent = host.encode_image(p, values["image"].image)
+                with progress.status("RefDrop: preparing the reference from the image"):
+                    job.image_latent = host.encode_image(p, values["image"].image)
         except ImgcondError as e:
             script.stop(p, e)
             return
@@ -104,7 +116,10 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
             return
         try:
             if state["job"].record is not None and state["trackers"]:
-                host.finish_record(state["job"], state["trackers"], state["job"].values["save"], forge.interrupted())
+                with progress.status(f"RefDrop: keeping the reference '{state['job'].values['reference']}'"):
+                    host.finish_record(
+                        state["job"], state["trackers"], state["job"].values["save"], forge.interrupted()
+                    )
         except ImgcondError as e:
             logger.error("%s", e)
             forge.notify(processed, str(e))
@@ -152,10 +167,12 @@ def on_ui_settings():
 
 def add_routes(_demo, app):
     @app.get("/imgcond/v1/refdrop/references")
+    @forge.http_route
     def references():
         return host.describe()
 
     @app.delete("/imgcond/v1/refdrop/references/{name}")
+    @forge.http_route
     def delete_reference(name: str):
         return {"deleted": host.delete(host.check_name(name))}
 

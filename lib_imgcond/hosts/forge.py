@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lib_imgcond.core.errors import ImgcondError
+from lib_imgcond.log import logger
 
 FAMILY_LABELS = {
     "sd15": "SD1.5",
@@ -120,10 +121,58 @@ def abort_generation(p: Any, error: Exception) -> None:
     the user instead, before any sampling work.
     """
 
+    raised = user_error(error)
+
     def refuse(*_args, **_kwargs):
-        raise error
+        raise raised
 
     p.sample = refuse
+
+
+def user_error(error: Exception) -> Exception:
+    """`error` as an HTTP 400 error of the web server as well (a `fastapi.HTTPException` keeping the class name and
+    the message): the API answers 400 with `{"detail": message}`, and the server logs no traceback for it. Outside a
+    WebUI (no fastapi) `error` itself."""
+    try:
+        from fastapi import HTTPException
+    except ImportError:
+        return error
+    base = type(error)
+    if isinstance(error, HTTPException):
+        return error
+    cls = _USER_ERRORS.get((base, HTTPException))
+    if cls is None:
+
+        def __init__(self, message: str):
+            Exception.__init__(self, message)
+            self.status_code, self.detail, self.headers = 400, message, None
+
+        def __str__(self):
+            return self.detail
+
+        cls = type(base.__name__, (base, HTTPException), {"__init__": __init__, "__str__": __str__})
+        cls.__module__ = base.__module__
+        _USER_ERRORS[base, HTTPException] = cls
+    return cls(str(error))
+
+
+_USER_ERRORS: dict[tuple[type, type], type] = {}
+
+
+def http_route(fn: Callable) -> Callable:
+    """Decorate a route handler of ours: an ImgcondError (bad request) answers HTTP 400 with a JSON body
+    `{"detail": message}` and is logged in one line, with no traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def handler(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ImgcondError as e:
+            logger.error("%s", e)
+            raise user_error(e) from None
+
+    return handler
 
 
 NOTICE_KEY = "ImgCond notices"
@@ -137,6 +186,20 @@ def notify(processed: Any, text: str) -> None:
     params = getattr(processed, "extra_generation_params", None)
     if isinstance(params, dict):
         params.setdefault(NOTICE_KEY, []).append(text)
+
+
+def warn(p: Any, text: str) -> None:
+    """A warning that changes the result, from a hook that runs before the infotext is written: logged, shown under
+    the image (the job's comments) and in the infotext and the API's `info` (`ImgCond notices`)."""
+    logger.warning("%s", text)
+    comment = getattr(p, "comment", None)
+    if callable(comment):
+        comment(text)
+    params = getattr(p, "extra_generation_params", None)
+    if isinstance(params, dict):
+        old = params.get(NOTICE_KEY) or ""
+        if text not in old.split(" | "):
+            params[NOTICE_KEY] = f"{old} | {text}" if old else text
 
 
 def interrupted() -> bool:

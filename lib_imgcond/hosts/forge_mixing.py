@@ -148,7 +148,7 @@ def install(
         if sampler is not None and not getattr(sampler, "_imgcond_hrmix_warned", False):
             sampler._imgcond_hrmix_warned = True  # once per pass, not once per hook call
             name = getattr(p, "hr_sampler_name", None) or getattr(p, "sampler_name", "?")
-            logger.warning("Hires iterative mixing does nothing with sampler '%s': %s; pick e.g. Euler", name, reason)
+            forge.warn(p, f"Hires iterative mixing does nothing with sampler '{name}': {reason}; pick e.g. Euler")
         return False
     if z_up is None or noise is None:
         raise ImgcondError("Hires iterative mixing: the hires pass gave no latent or noise to mix with")
@@ -166,8 +166,9 @@ def install(
         if sigmas is None:
             return original(model, x, *args, **kwargs)
         if restart and len(sigmas) - 1 >= _RESTART_OWN_SCHEDULE:
-            logger.warning(
-                "Hires iterative mixing skipped: Restart replaces its schedule from %d steps on", _RESTART_OWN_SCHEDULE
+            forge.warn(
+                p,
+                f"Hires iterative mixing skipped: Restart replaces its schedule from {_RESTART_OWN_SCHEDULE} steps on",
             )
             return original(model, x, *args, **kwargs)
         n = len(sigmas) - 1

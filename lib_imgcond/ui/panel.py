@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import gradio as gr
@@ -43,11 +43,73 @@ def row(spec: Spec, comps: dict, names: tuple[str, ...] | list[str], eid) -> Non
             comps[name] = component(spec.by_name[name], eid(name))
 
 
-def mask_image(label: str, elem_id: str):
-    """An image input the user can draw a mask on (white = selected)."""
-    if GRADIO4:
-        return gr.ImageEditor(label=label, type="pil", elem_id=elem_id, brush=gr.Brush(colors=["#ffffff"]))
-    return gr.Image(label=label, type="pil", tool="sketch", elem_id=elem_id)
+Row = tuple  # parameter names, and callables that build further components (e.g. tool buttons) in that place
+Custom = Mapping[str, Callable[[Param, str], Any]]
+
+
+def layout(spec: Spec, comps: dict, rows: list[Row], eid, custom: Custom | None = None, advanced_id: str = "advanced"):
+    """Build `rows` in order; the rows of parameters the spec marks `advanced` go, in order, into one closed
+    "Advanced" sub-accordion after the others. `custom[name](param, elem_id)` builds a parameter's component when the
+    default one does not fit. A row must not mix basic and advanced parameters."""
+    basic, extra = [], []
+    for r in rows:
+        flags = {spec.by_name[x].advanced for x in r if isinstance(x, str)} or {False}
+        if len(flags) != 1:
+            raise ValueError(f"{spec.prefix}: row {r} must hold only basic or only advanced parameters")
+        (extra if flags.pop() else basic).append(r)
+    build_rows(spec, comps, basic, eid, custom)
+    if extra:
+        with gr.Accordion("Advanced", open=False, elem_id=eid(advanced_id)):
+            build_rows(spec, comps, extra, eid, custom)
+
+
+def build_rows(spec: Spec, comps: dict, rows: list[Row], eid, custom: Custom | None = None) -> None:
+    for r in rows:
+        _build_row(spec, comps, r, eid, custom or {})
+
+
+def on_demand(label: str, elem_id: str, build: Callable[[], None], shown: bool = False):
+    """A button that reveals a group (built by `build`) and then hides itself: for optional extra image slots."""
+    button = gr.Button(label, elem_id=elem_id, size="sm", visible=not shown)
+    with gr.Group(visible=shown, elem_id=f"{elem_id}_group") as group:
+        build()
+    button.click(lambda: (gr.update(visible=True), gr.update(visible=False)), outputs=[group, button])
+    return group
+
+
+def _build_row(spec: Spec, comps: dict, r: Row, eid, custom: Custom) -> None:
+    def build(item):
+        if callable(item):
+            item()
+            return
+        maker = custom.get(item, lambda param, elem_id: component(param, elem_id))
+        comps[item] = maker(spec.by_name[item], eid(item))
+
+    if len(r) == 1:
+        build(r[0])
+        return
+    with gr.Row(equal_height=False):
+        for item in r:
+            build(item)
+
+
+def tool_button(symbol: str, elem_id: str, tooltip: str):
+    """The host's small square button (`ToolButton`) showing one of its symbols (`modules.ui.<symbol>_symbol`)."""
+    try:
+        from modules import ui
+        from modules.ui_components import ToolButton
+    except ImportError:  # not inside a WebUI
+        return gr.Button(_SYMBOLS[symbol], elem_id=elem_id, scale=0, min_width=40)
+    value = getattr(ui, f"{symbol}_symbol", _SYMBOLS[symbol])
+    return ToolButton(value=value, elem_id=elem_id, tooltip=tooltip)
+
+
+_SYMBOLS = {"refresh": "\U0001f504", "clear_prompt": "\U0001f5d1\ufe0f"}
+
+
+def mask_upload(label: str, elem_id: str):
+    """A plain image upload (no canvas editor: building several editors at once stalls the browser)."""
+    return gr.Image(label=label, type="pil", elem_id=elem_id)
 
 
 def ordered(spec: Spec, enabled, components: Mapping[str, Any]) -> list:
@@ -63,9 +125,5 @@ def infotext_fields(spec: Spec, enabled, components: Mapping[str, Any]) -> list[
     fields: list[tuple] = [(enabled, lambda d, k=spec.enabled_key: d.get(k, "False") in (True, "True", "true"))]
     for p in spec.params:
         if p.infotext:
-            fields.append((components[p.name], _paster(p, spec.key(p.name))))
+            fields.append((components[p.name], lambda d, p=p: spec.pasted(p, d)))
     return fields
-
-
-def _paster(param: Param, key: str):
-    return lambda d: param.from_infotext(d.get(key))

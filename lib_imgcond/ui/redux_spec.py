@@ -46,8 +46,9 @@ def slot_params(k: int) -> list[Param]:
             "center_crop",
             choices=MODES,
             info="center_crop: square centre crop; keep_aspect: letterbox; autocrop: square around the mask",
+            advanced=True,
         ),
-        Param(f"margin{k}", "Autocrop margin", "float", 0.1, 0.0, 1.0, 0.01),
+        Param(f"margin{k}", "Autocrop margin", "float", 0.1, 0.0, 1.0, 0.01, advanced=True),
         Param(
             f"control{k}",
             "Token control",
@@ -56,9 +57,10 @@ def slot_params(k: int) -> list[Param]:
             choices=CONTROLS,
             info="highest…lowest: fixed downsampling (729/169/81/36/25 tokens); advanced: factor, interpolation, "
             "mask → token selection",
+            advanced=True,
         ),
-        Param(f"factor{k}", f"Downsampling factor {k}", "float", 3.0, 1.0, 9.0, 0.1, xyz=True),
-        Param(f"interpolation{k}", "Interpolation", "choice", "area", choices=DOWNSAMPLE_MODES),
+        Param(f"factor{k}", f"Downsampling factor {k}", "float", 3.0, 1.0, 9.0, 0.1, xyz=True, advanced=True),
+        Param(f"interpolation{k}", "Interpolation", "choice", "area", choices=DOWNSAMPLE_MODES, advanced=True),
         Param(f"weight{k}", f"Weight {k}", "float", 1.0, 0.0, 1.0, 0.01, xyz=True, info="tokens × weight²"),
         Param(
             f"strength_type{k}",
@@ -67,6 +69,7 @@ def slot_params(k: int) -> list[Param]:
             "multiply",
             choices=STRENGTH_TYPES,
             info="multiply: tokens × strength; attn_bias: log(strength) on the tokens' attention columns",
+            advanced=True,
         ),
         Param(f"strength{k}", f"Strength {k}", "float", 1.0, 0.0, 10.0, 0.01, xyz=True),
     ]
@@ -81,6 +84,7 @@ def merge_params(k: int) -> list[Param]:
             "bool",
             False,
             info="average runs of neighbouring tokens (raster order) whose cosine similarity reaches the threshold",
+            advanced=True,
         ),
         Param(
             f"merge_threshold{k}",
@@ -92,6 +96,7 @@ def merge_params(k: int) -> list[Param]:
             0.005,
             xyz=True,
             info="lower merges more (0.8 often leaves about as many tokens as a prompt); 1: identical only",
+            advanced=True,
         ),
     ]
 
@@ -114,8 +119,19 @@ SPEC = Spec(
             AUTO,
             info="file in models/imgcond/redux (empty: the only / first file there)",
         ),
-        Param("start", "Start at", "float", 0.0, 0.0, 1.0, 0.01, xyz=True, info="fraction of the sampling steps"),
-        Param("end", "End at", "float", 1.0, 0.0, 1.0, 0.01, xyz=True, info="at start: never applies"),
+        Param(
+            "start",
+            "Start at",
+            "float",
+            0.0,
+            0.0,
+            1.0,
+            0.01,
+            xyz=True,
+            info="fraction of the sampling steps",
+            advanced=True,
+        ),
+        Param("end", "End at", "float", 1.0, 0.0, 1.0, 0.01, xyz=True, info="at start: never applies", advanced=True),
         *(param for k in range(1, SLOTS + 1) for param in slot_params(k)),
         *(param for k in range(1, SLOTS + 1) for param in merge_params(k)),
     ],

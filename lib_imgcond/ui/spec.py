@@ -40,6 +40,8 @@ class Param:
     info: str = ""
     infotext: bool = True
     xyz: bool = False
+    advanced: bool = False
+    """Shown in the panel's "Advanced" sub-accordion (the few controls most users touch stay outside it)."""
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -144,6 +146,10 @@ class Spec:
     def key(self, name: str) -> str:
         return f"{self.prefix}_{name}"
 
+    def advanced(self) -> list[str]:
+        """Names of the parameters the panel puts into its "Advanced" sub-accordion."""
+        return [p.name for p in self.params if p.advanced]
+
     def defaults(self) -> dict[str, Any]:
         return {p.name: p.default for p in self.params}
 
@@ -181,16 +187,25 @@ class Spec:
         """Infotext entries for an enabled technique: every scalar parameter under `<prefix>_<name>`."""
         out: dict[str, Any] = {self.enabled_key: True}
         for p in self.params:
-            if p.infotext and p.name not in skip:
+            if p.infotext and p.name not in skip and values[p.name] != "":  # no empty values (see `pasted`)
                 out[self.key(p.name)] = p.to_infotext(values[p.name])
         return out
+
+    def pasted(self, p: Param, params: Mapping[str, Any]) -> Any:
+        """The value of `p` read back from parsed infotext; None (leave the control alone) when absent or unreadable.
+        An empty text is not written, so in an infotext of this technique a missing text parameter means ""."""
+        key = self.key(p.name)
+        if key not in params:
+            enabled = params.get(self.enabled_key) in (True, "True", "true")
+            return "" if enabled and p.kind == "str" else None
+        return p.from_infotext(params[key])
 
     def paste(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """Values read back from parsed infotext, for the keys present."""
         out = {}
         for p in self.params:
-            if p.infotext and self.key(p.name) in params:
-                value = p.from_infotext(params[self.key(p.name)])
+            if p.infotext:
+                value = self.pasted(p, params)
                 if value is not None:
                     out[p.name] = value
         return out

@@ -161,12 +161,14 @@ def free_port() -> int:
 
 
 class ForgeServer:
-    """One headless Forge (`--nowebui`, loopback, CPU) with or without this extension."""
+    """One headless Forge (`--nowebui`, loopback, CPU) with or without this extension; `ui=True` serves the WebUI's
+    pages as well (with its API at the same address), for the browser tier."""
 
-    def __init__(self, ckpt: Path, with_extension: bool = True, data_dir: Path | None = None):
+    def __init__(self, ckpt: Path, with_extension: bool = True, data_dir: Path | None = None, ui: bool = False):
         self.forge_dir, self.python = forge_paths()
         self.ckpt = ckpt
         self.with_extension = with_extension
+        self.ui = ui
         self.own_data_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="imgcond-forge-"))
         self.port = free_port()
@@ -197,7 +199,8 @@ class ForgeServer:
         config.write_text(json.dumps(settings))
         common = [
             str(self.python), "launch.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test",
-            "--nowebui", "--server-name", "127.0.0.1", "--port", str(self.port), "--data-dir", str(self.data_dir),
+            "--api" if self.ui else "--nowebui", "--server-name", "127.0.0.1", "--port", str(self.port),
+            "--data-dir", str(self.data_dir),
             "--no-hashing",
         ]  # fmt: skip
         if neo:  # Neo loads the first checkpoint of its folders: a folder holding only ours
@@ -209,6 +212,8 @@ class ForgeServer:
         else:
             args = [*common, "--always-cpu", "--ckpt-dir", str(self.ckpt.parent), "--ckpt", str(self.ckpt)]
             args += ["--no-download-sd-model", "--disable-nan-check"]
+        if self.ui:  # its own pages' scripts and styles live in the WebUI folder, outside the data folder
+            args += ["--gradio-allowed-path", str(self.forge_dir)]
         if not self.with_extension:
             args.append("--disable-extra-extensions")
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()

@@ -123,6 +123,8 @@ def fake_p(func=sample_euler, prediction_type="epsilon", **kw):
         modified_noise=None,
         extra_generation_params={},
     )
+    p.comments = {}
+    p.comment = lambda text: p.comments.__setitem__(text, 1)  # StableDiffusionProcessing.comment
     for k, v in kw.items():
         setattr(p, k, v)
     return p

@@ -137,3 +137,79 @@ def test_notify_reaches_the_ui_comments_and_the_api_info():
     forge.notify(processed, "second")
     assert processed.comments == "earlier\nRefDrop: discarded\nsecond\n"
     assert processed.extra_generation_params[forge.NOTICE_KEY] == ["RefDrop: discarded", "second"]
+
+
+@pytest.fixture
+def fake_fastapi(monkeypatch):
+    """fastapi's HTTPException as the WebUI's server sees it: status_code, detail, headers."""
+    import sys
+    import types
+
+    class HTTPException(Exception):
+        def __init__(self, status_code, detail=None, headers=None):
+            super().__init__(status_code, detail)
+            self.status_code, self.detail, self.headers = status_code, detail, headers
+
+    module = types.ModuleType("fastapi")
+    module.HTTPException = HTTPException
+    monkeypatch.setitem(sys.modules, "fastapi", module)
+    return module
+
+
+def test_user_errors_reach_the_server_as_http_400_with_their_message(fake_fastapi):
+    from lib_imgcond.core.errors import ArgumentError
+
+    for err in (ImgcondError("RefDrop: no reference 'x'"), ArgumentError("refdrop.coefficient", 9, "a number")):
+        raised = forge.user_error(err)
+        assert isinstance(raised, type(err)) and isinstance(raised, fake_fastapi.HTTPException)
+        assert type(raised).__name__ == type(err).__name__  # the UI shows "ImgcondError: <message>" as before
+        assert (raised.status_code, raised.detail, str(raised)) == (400, str(err), str(err))
+    p = fake_p()
+    forge.abort_generation(p, ImgcondError("boom"))
+    with pytest.raises(fake_fastapi.HTTPException) as info:
+        p.sample(conditioning=None)
+    assert info.value.status_code == 400 and str(info.value) == "boom"
+
+
+def test_user_error_without_a_web_server_is_the_error_itself(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # import fails
+    err = ImgcondError("x")
+    assert forge.user_error(err) is err
+
+
+def test_http_route_answers_400_and_logs_one_line(fake_fastapi):
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    forge.logger.addHandler(handler)
+
+    @forge.http_route
+    def delete_reference(name: str):
+        raise ImgcondError(f"bad name {name!r}")
+
+    try:
+        with pytest.raises(fake_fastapi.HTTPException) as info:
+            delete_reference("a/b")
+    finally:
+        forge.logger.removeHandler(handler)
+    assert info.value.status_code == 400 and info.value.detail == "bad name 'a/b'"
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert [r.getMessage() for r in records] == ["bad name 'a/b'"] and records[0].exc_info is None
+    import inspect
+
+    assert list(inspect.signature(delete_reference).parameters) == ["name"]  # FastAPI reads the path parameter
+
+
+def test_warn_shows_with_the_image_once():
+    p = fake_p()
+    p.comments = {}
+    p.comment = lambda text: p.comments.__setitem__(text, 1)
+    forge.warn(p, "mixing did nothing")
+    forge.warn(p, "mixing did nothing")  # the second hires hook call
+    forge.warn(p, "other")
+    assert list(p.comments) == ["mixing did nothing", "other"]
+    assert p.extra_generation_params[forge.NOTICE_KEY] == "mixing did nothing | other"

@@ -128,6 +128,8 @@ def test_supported_samplers(func, supported):
     else:
         assert p.sampler.func is func
         assert len([r for r in records if "does nothing with sampler" in r.getMessage()]) == 1
+        shown = [c for c in p.comments if "does nothing with sampler" in c]  # under the image
+        assert len(shown) == 1 and p.extra_generation_params["ImgCond notices"] == shown[0]  # and in info
 
 
 # --- the mixing itself -----------------------------------------------------------------------------------------------

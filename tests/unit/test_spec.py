@@ -154,3 +154,26 @@ def test_decode_gradio_mask_dicts():
 def test_spec_rejects_duplicate_or_reserved_names():
     with pytest.raises(ValueError, match="unique"):
         Spec("x", "X", [Param("enabled", "E", "bool", False)])
+
+
+def test_advanced_params_leave_a_few_basic_controls_per_panel():
+    from lib_imgcond.ui import flex_spec, mixing_spec, redux_spec, refdrop_spec
+
+    for spec, most in ((refdrop_spec.SPEC, 5), (mixing_spec.SPEC, 4), (flex_spec.SPEC, 7)):
+        basic = [p.name for p in spec.params if p.name not in spec.advanced()]
+        assert 0 < len(basic) <= most, (spec.prefix, basic)
+    slot_basic = [f for f in redux_spec.SLOT_FIELDS if not redux_spec.SPEC.by_name[f"{f}1"].advanced]
+    assert slot_basic == ["use", "image", "mask", "weight", "strength"]
+    for k in range(2, redux_spec.SLOTS + 1):  # every slot groups its controls the same way
+        assert [f for f in redux_spec.SLOT_FIELDS if not redux_spec.SPEC.by_name[f"{f}{k}"].advanced] == slot_basic
+
+
+def test_empty_texts_are_not_written_and_paste_back_as_empty():
+    from lib_imgcond.ui.refdrop_spec import SPEC as REFDROP
+
+    values = REFDROP.parse([{"mode": "Use", "reference": "cat"}])
+    info = REFDROP.infotext(values)
+    assert "refdrop_more_references" not in info and all(v != "" for v in info.values())
+    back = REFDROP.paste({k: str(v) for k, v in info.items()})
+    assert back["more_references"] == "" and back["reference"] == "cat"
+    assert "more_references" not in REFDROP.paste({"Steps": "3"})  # no RefDrop in it: leave the control alone
