@@ -54,15 +54,13 @@ class StyleModelScript(script.TechniqueScript, scripts.Script):
                         label=p[name].label, choices=_choices(lister), value=AUTO, allow_custom_value=True,
                         elem_id=eid(name), info=p[name].info,
                     )  # fmt: skip
-                refresh = gr.Button("🔄", elem_id=eid("refresh"), scale=0, min_width=40)
+                refresh = panel.tool_button("refresh", eid("refresh"), "Refresh the lists of model files")
             panel.row(SPEC, comps, ("strength_type", "strength"), eid)
             panel.row(SPEC, comps, ("start", "end", "hires", "margin"), eid)
             with gr.Tabs():
                 for k in range(1, SLOTS + 1):
                     with gr.Tab(f"Image {k}"):
-                        comps[f"image{k}"] = panel.mask_image(
-                            f"Style image {k} (draw white to keep only a region)", eid(f"image{k}")
-                        )
+                        comps[f"image{k}"] = panel.mask_upload(f"Style image {k}", eid(f"image{k}"))
                         panel.row(SPEC, comps, (f"weight{k}", f"mode{k}"), eid)
 
         def refresh_fn(current_encoder, current_adapter):

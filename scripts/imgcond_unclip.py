@@ -52,7 +52,7 @@ class UnclipScript(script.TechniqueScript, scripts.Script):
                     label=p["encoder"].label, choices=_choices(), value=AUTO, allow_custom_value=True,
                     elem_id=eid("encoder"), info=p["encoder"].info,
                 )  # fmt: skip
-                refresh = gr.Button("🔄", elem_id=eid("refresh"), scale=0, min_width=40)
+                refresh = panel.tool_button("refresh", eid("refresh"), "Refresh the list of encoder files")
             panel.row(SPEC, comps, ("merge_noise_augmentation", "start", "end"), eid)
             with gr.Tabs():
                 for k in range(1, SLOTS + 1):

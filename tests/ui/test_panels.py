@@ -8,10 +8,13 @@ import math
 
 import pytest
 
-from lib_imgcond.ui import flex_spec, mixing_spec, redux_spec, refdrop_spec
+from lib_imgcond.ui import flex_spec, mixing_spec, redux_spec, refdrop_spec, style_spec, unclip_spec
 from tests.e2e import forge
 
-SPECS = {s.prefix: s for s in (refdrop_spec.SPEC, redux_spec.SPEC, flex_spec.SPEC, mixing_spec.SPEC)}
+SPECS = {
+    s.prefix: s
+    for s in (refdrop_spec.SPEC, redux_spec.SPEC, flex_spec.SPEC, mixing_spec.SPEC, style_spec.SPEC, unclip_spec.SPEC)
+}
 PANELS = [
     (prefix, tab) for prefix in SPECS for tab in ("txt2img", "img2img") if not (prefix == "hrmix" and tab == "img2img")
 ]
@@ -63,7 +66,8 @@ def test_panel_opens_and_fits_1366_px(browser, shots, prefix, tab):
     acc = eid(prefix, "enabled", tab)
     browser.set_open(acc, True)
     try:
-        for adv in [eid(prefix, "advanced", tab)] + ([eid(prefix, "advanced1", tab)] if prefix == "redux" else []):
+        advanced = [eid(prefix, "advanced", tab)] if any(p.advanced for p in SPECS[prefix].params) else []
+        for adv in advanced + ([eid(prefix, "advanced1", tab)] if prefix == "redux" else []):
             browser.set_open(adv, True)
         assert browser.element(acc).is_displayed()
         found = browser.overflow(acc)
