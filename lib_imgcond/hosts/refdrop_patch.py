@@ -19,6 +19,7 @@ from lib_imgcond.core import refdrop as rd
 from lib_imgcond.core import refdrop_joint as joint_kv
 from lib_imgcond.core import refdrop_store as store
 from lib_imgcond.core.errors import ImgcondError
+from lib_imgcond.hosts import progress
 
 FLUSH_EVERY = 24  # recorded layers gathered per device→host copy (bounds the device memory they hold)
 
@@ -126,7 +127,10 @@ class Runner:
             for _key, k, v in pending:
                 k.record_stream(side)  # the rows stay allocated until the side stream has copied them
                 v.record_stream(side)
-        with torch.cuda.stream(side) if side is not None else nullcontext():
+        # the first copy of a recording allocates (on CUDA: pins) its host memory, the slow part of a first recording
+        first = self.recorded == 0
+        shown = progress.status("RefDrop: allocating host memory for the recording") if first else nullcontext()
+        with shown, torch.cuda.stream(side) if side is not None else nullcontext():
             self.recorded += job.record.put_many(pending)
         pending.clear()
         if job.budget and self.recorded > job.budget:

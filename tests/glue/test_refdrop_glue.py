@@ -269,3 +269,30 @@ def test_release_lets_a_deleted_reference_go_although_the_patched_clone_lives_on
     gc.collect()
     assert ref() is None, "the deleted reference is still reachable"
     assert clone.model_options["transformer_options"]["patches_replace"]["attn1"]  # the clone itself lives on
+
+
+def test_the_first_copy_of_a_recording_shows_status(monkeypatch):
+    from types import SimpleNamespace
+
+    from lib_imgcond.hosts import progress
+
+    state = SimpleNamespace(textinfo="sampling", sampling_step=3, sampling_steps=20)
+    monkeypatch.setattr(progress, "_state", lambda: state)
+    values = dict(VALUES, mode="Record")
+    job = host.Job(values, "sd15", frozenset({("output", 3, 0)}))
+    job.record = host.store.Reference("rec", "sd15", {"trace": {}})
+    seen = []
+    put_many = job.record.put_many
+
+    def spy(items):
+        seen.append(state.textinfo)
+        return put_many(items)
+
+    monkeypatch.setattr(job.record, "put_many", spy)
+    runner = host.Runner(job, host.PassTracker("first", 2))
+    kv = torch.randn(1, 4, 8)
+    for step in range(2):
+        runner.pending.append((host.store.RefKey("first", step, "output", 3, 0), kv, kv))
+        runner.flush()
+    assert seen == ["RefDrop: allocating host memory for the recording", "sampling"]
+    assert state.textinfo == "sampling" and state.sampling_step == 3
