@@ -27,14 +27,6 @@ def _extra_dir() -> str:
     return str(_opt(EXTRA_DIR_OPTION, "") or "")
 
 
-def _encoder_choices() -> list[str]:
-    try:
-        return [AUTO, *host.list_encoders(_extra_dir())]
-    except OSError as e:
-        logger.warning("cannot list CLIP vision encoders: %s", e)
-        return [AUTO]
-
-
 class ClipGuidanceScript(script.TechniqueScript, scripts.Script):
     spec = SPEC
     sorting_priority = 21
@@ -49,7 +41,7 @@ class ClipGuidanceScript(script.TechniqueScript, scripts.Script):
                 "encoders (`models/imgcond/clip_vision`, `models/clip_vision` or `models/ControlNetPreprocessor`): "
                 "ViT-L/14 for SD1.5; ViT-L/14 and ViT-bigG/14 for SDXL."
             )
-            choices = _encoder_choices()
+            choices = panel.file_choices(AUTO, lambda: host.list_encoders(_extra_dir()), "CLIP vision encoders")
             tools = {}
 
             def encoder(param, elem_id):
@@ -73,7 +65,7 @@ class ClipGuidanceScript(script.TechniqueScript, scripts.Script):
             panel.layout(SPEC, comps, rows, eid, {"encoder": encoder, "encoder_g": encoder})
 
         def refresh_fn(current_l, current_g):
-            choices = _encoder_choices()
+            choices = panel.file_choices(AUTO, lambda: host.list_encoders(_extra_dir()), "CLIP vision encoders")
             return gr.update(choices=choices, value=current_l), gr.update(choices=choices, value=current_g)
 
         tools["refresh"].click(

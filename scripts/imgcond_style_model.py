@@ -6,11 +6,9 @@ import gradio as gr
 from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
-from lib_imgcond.core.errors import ImgcondError
 from lib_imgcond.hosts import forge
 from lib_imgcond.hosts import forge_flexdiffuse as clip_files
 from lib_imgcond.hosts import forge_style as host
-from lib_imgcond.log import logger
 from lib_imgcond.ui import panel, registry, script, xyz
 from lib_imgcond.ui.style_spec import AUTO, SLOTS, SPEC
 
@@ -24,12 +22,12 @@ def _extra_dir() -> str:
     return str(getattr(shared.opts, CLIP_EXTRA_DIR_OPTION, "") or "") if hasattr(shared, "opts") else ""
 
 
-def _choices(lister) -> list[str]:
-    try:
-        return [AUTO, *lister()]
-    except OSError as e:
-        logger.warning("%s: cannot list model files: %s", SPEC.title, e)
-        return [AUTO]
+def _files(lister, what: str) -> list[str]:
+    return panel.file_choices(AUTO, lister, f"{SPEC.title} {what} files")
+
+
+def _encoders() -> list[str]:
+    return _files(lambda: clip_files.list_encoders(_extra_dir()), "encoder")
 
 
 class StyleModelScript(script.TechniqueScript, scripts.Script):
@@ -51,7 +49,7 @@ class StyleModelScript(script.TechniqueScript, scripts.Script):
                 listers = {"encoder": lambda: clip_files.list_encoders(_extra_dir()), "adapter": host.list_adapters}
                 for name, lister in listers.items():
                     comps[name] = gr.Dropdown(
-                        label=p[name].label, choices=_choices(lister), value=AUTO, allow_custom_value=True,
+                        label=p[name].label, choices=_files(lister, name), value=AUTO, allow_custom_value=True,
                         elem_id=eid(name), info=p[name].info,
                     )  # fmt: skip
                 refresh = panel.tool_button("refresh", eid("refresh"), "Refresh the lists of model files")
@@ -65,8 +63,11 @@ class StyleModelScript(script.TechniqueScript, scripts.Script):
 
         def refresh_fn(current_encoder, current_adapter):
             return (
-                gr.update(choices=_choices(lambda: clip_files.list_encoders(_extra_dir())), value=current_encoder),
-                gr.update(choices=_choices(host.list_adapters), value=current_adapter),
+                gr.update(
+                    choices=_encoders(),
+                    value=current_encoder,
+                ),
+                gr.update(choices=_files(host.list_adapters, "adapter"), value=current_adapter),
             )
 
         pair = [comps["encoder"], comps["adapter"]]
@@ -74,16 +75,13 @@ class StyleModelScript(script.TechniqueScript, scripts.Script):
         return self.finish_ui(enabled, comps)
 
     def process(self, p, *args):
-        forge.drop_job_state(p, STATE_KEY)
-        values = self.parse_args(p, args)
-        if not values["enabled"]:
-            return
-        try:
-            job = host.plan(p, values, _extra_dir())
-        except ImgcondError as e:
-            script.stop(p, e)
-            return
-        forge.job_state(p, STATE_KEY, lambda: job)
+        self.start_job(
+            p,
+            args,
+            STATE_KEY,
+            lambda values: host.plan(p, values, _extra_dir()),
+            "Style model: loading the models and encoding the images",
+        )
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         job = getattr(p, "_imgcond_state", {}).get(STATE_KEY)

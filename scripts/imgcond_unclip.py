@@ -6,11 +6,9 @@ import gradio as gr
 from modules import scripts, shared
 from modules.ui_components import InputAccordion
 
-from lib_imgcond.core.errors import ImgcondError
 from lib_imgcond.hosts import forge
 from lib_imgcond.hosts import forge_flexdiffuse as clip_files
 from lib_imgcond.hosts import forge_unclip as host
-from lib_imgcond.log import logger
 from lib_imgcond.ui import panel, registry, script, xyz
 from lib_imgcond.ui.unclip_spec import AUTO, SLOTS, SPEC
 
@@ -24,12 +22,8 @@ def _extra_dir() -> str:
     return str(getattr(shared.opts, CLIP_EXTRA_DIR_OPTION, "") or "") if hasattr(shared, "opts") else ""
 
 
-def _choices() -> list[str]:
-    try:
-        return [AUTO, *clip_files.list_encoders(_extra_dir())]
-    except OSError as e:
-        logger.warning("%s: cannot list CLIP vision encoders: %s", SPEC.title, e)
-        return [AUTO]
+def _encoders() -> list[str]:
+    return panel.file_choices(AUTO, lambda: clip_files.list_encoders(_extra_dir()), "CLIP vision encoders")
 
 
 class UnclipScript(script.TechniqueScript, scripts.Script):
@@ -49,7 +43,7 @@ class UnclipScript(script.TechniqueScript, scripts.Script):
             )
             with gr.Row():
                 comps["encoder"] = gr.Dropdown(
-                    label=p["encoder"].label, choices=_choices(), value=AUTO, allow_custom_value=True,
+                    label=p["encoder"].label, choices=_encoders(), value=AUTO, allow_custom_value=True,
                     elem_id=eid("encoder"), info=p["encoder"].info,
                 )  # fmt: skip
                 refresh = panel.tool_button("refresh", eid("refresh"), "Refresh the list of encoder files")
@@ -61,23 +55,23 @@ class UnclipScript(script.TechniqueScript, scripts.Script):
                         panel.row(SPEC, comps, (f"strength{k}", f"noise_augmentation{k}"), eid)
 
         refresh.click(
-            lambda current: gr.update(choices=_choices(), value=current),
+            lambda current: gr.update(
+                choices=_encoders(),
+                value=current,
+            ),
             inputs=[comps["encoder"]],
             outputs=[comps["encoder"]],
         )
         return self.finish_ui(enabled, comps)
 
     def process(self, p, *args):
-        forge.drop_job_state(p, STATE_KEY)
-        values = self.parse_args(p, args)
-        if not values["enabled"]:
-            return
-        try:
-            job = host.plan(p, values, _extra_dir())
-        except ImgcondError as e:
-            script.stop(p, e)
-            return
-        forge.job_state(p, STATE_KEY, lambda: job)
+        self.start_job(
+            p,
+            args,
+            STATE_KEY,
+            lambda values: host.plan(p, values, _extra_dir()),
+            "unCLIP: loading the encoder and encoding the images",
+        )
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         job = getattr(p, "_imgcond_state", {}).get(STATE_KEY)

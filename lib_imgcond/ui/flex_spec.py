@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lib_imgcond.core.errors import ArgumentError
-from lib_imgcond.ui.spec import ImageInput, Param, Spec, decode_image
+from lib_imgcond.ui.spec import ImageInput, Param, Spec, decode_image, step_window
 
 AUTO = "Automatic"
 """Encoder value meaning: the first file in the models folders whose projection fits the model."""
@@ -150,19 +150,7 @@ SPEC = Spec(
             info="reproduce the original's off-by-one mapping and image preprocessing (default: corrected)",
             advanced=True,
         ),
-        Param(
-            "start",
-            "Start at",
-            "float",
-            0.0,
-            0.0,
-            1.0,
-            0.01,
-            xyz=True,
-            info="fraction of the sampling (by noise level)",
-            advanced=True,
-        ),
-        Param("end", "End at", "float", 1.0, 0.0, 1.0, 0.01, xyz=True, info="at start: never applies", advanced=True),
+        *step_window("fraction of the sampling (by noise level)", advanced=True),
         Param("hires", "Hires pass too", "bool", True, info="also guide the hires-fix pass", advanced=True),
     ],
 )

@@ -7,6 +7,7 @@ from typing import Any
 
 import gradio as gr
 
+from lib_imgcond.log import logger
 from lib_imgcond.ui.spec import Param, Spec
 
 GRADIO4 = int(gr.__version__.split(".")[0]) >= 4
@@ -127,3 +128,13 @@ def infotext_fields(spec: Spec, enabled, components: Mapping[str, Any]) -> list[
         if p.infotext:
             fields.append((components[p.name], lambda d, p=p: spec.pasted(p, d)))
     return fields
+
+
+def file_choices(first: str, lister: Callable[[], list[str]], what: str) -> list[str]:
+    """A model-file dropdown's choices: `first` (e.g. Automatic), then the files `lister` finds; only `first` when
+    the folders cannot be read (logged)."""
+    try:
+        return [first, *lister()]
+    except OSError as e:
+        logger.warning("cannot list %s: %s", what, e)
+        return [first]

@@ -9,7 +9,7 @@ for the earlier layout keep their meaning.
 from __future__ import annotations
 
 from lib_imgcond.core.redux import DOWNSAMPLE_MODES, MODES, PRESETS
-from lib_imgcond.ui.spec import Param, Spec
+from lib_imgcond.ui.spec import Param, Spec, step_window
 
 SLOTS = 4
 AUTO = ""  # a model name left empty: the only (or first) file of the models folders
@@ -119,19 +119,7 @@ SPEC = Spec(
             AUTO,
             info="file in models/imgcond/redux (empty: the only / first file there)",
         ),
-        Param(
-            "start",
-            "Start at",
-            "float",
-            0.0,
-            0.0,
-            1.0,
-            0.01,
-            xyz=True,
-            info="fraction of the sampling steps",
-            advanced=True,
-        ),
-        Param("end", "End at", "float", 1.0, 0.0, 1.0, 0.01, xyz=True, info="at start: never applies", advanced=True),
+        *step_window("fraction of the sampling steps", advanced=True),
         *(param for k in range(1, SLOTS + 1) for param in slot_params(k)),
         *(param for k in range(1, SLOTS + 1) for param in merge_params(k)),
     ],

@@ -6,11 +6,12 @@ module, so the shared part must not be one.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from lib_imgcond.core.errors import ImgcondError
-from lib_imgcond.hosts import forge, host
+from lib_imgcond.hosts import forge, host, progress
 from lib_imgcond.log import logger
 from lib_imgcond.ui import panel, xyz
 from lib_imgcond.ui.spec import Spec
@@ -62,6 +63,23 @@ class TechniqueScript:
         except ImgcondError as e:
             stop(p, e)
             return {"enabled": False}
+
+    def start_job(self, p, args: Sequence[Any], key: str, plan: Callable[[dict], Any], status: str = "") -> Any:
+        """`process()` of a technique that plans once per job: parse the args, run `plan(values)` (with `status` in
+        the WebUI's progress area while it loads and encodes) and keep the job on `p` under `key`. On a user error the
+        generation stops with its message. Returns the job, or None when off or stopped."""
+        forge.drop_job_state(p, key)
+        values = self.parse_args(p, args)
+        if not values["enabled"]:
+            return None
+        try:
+            with progress.status(status) if status else contextlib.nullcontext():
+                job = plan(values)
+        except ImgcondError as e:
+            stop(p, e)
+            return None
+        forge.job_state(p, key, lambda: job)
+        return job
 
 
 def stop(p, error: ImgcondError) -> None:

@@ -125,6 +125,19 @@ class Param:
             return None
 
 
+END_INFO = "at start: never applies"
+
+
+def step_window(start_info: str, *, xyz: bool = True, advanced: bool = False) -> tuple[Param, Param]:
+    """The `start` / `end` pair of a technique's step window: fractions of the sampling, `end` = `start` empty."""
+    return (
+        Param("start", "Start at", "float", 0.0, 0.0, 1.0, 0.01, xyz=xyz, info=start_info, advanced=advanced),
+        Param(
+            "end", "End at", "float", 1.0, 0.0, 1.0, 0.01, xyz=xyz, info="at start: never applies", advanced=advanced
+        ),
+    )
+
+
 @dataclass
 class Spec:
     """The parameters of one technique. `prefix` is its infotext key prefix and API namespace."""

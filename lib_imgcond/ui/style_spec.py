@@ -8,7 +8,7 @@ over the API, drawn in the UI).
 from __future__ import annotations
 
 from lib_imgcond.core.redux import MODES
-from lib_imgcond.ui.spec import Param, Spec
+from lib_imgcond.ui.spec import Param, Spec, step_window
 
 SLOTS = 4
 AUTO = "Automatic"
@@ -69,8 +69,7 @@ SPEC = Spec(
         ),
         Param("strength", "Strength", "float", 1.0, 0.0, 10.0, 0.01, xyz=True, info="0 removes the tokens exactly"),
         Param("margin", "Autocrop margin", "float", 0.1, 0.0, 1.0, 0.01),
-        Param("start", "Start at", "float", 0.0, 0.0, 1.0, 0.01, xyz=True, info="fraction of the noise schedule"),
-        Param("end", "End at", "float", 1.0, 0.0, 1.0, 0.01, xyz=True, info="at start: never applies"),
+        *step_window("fraction of the noise schedule"),
         Param("hires", "Hires pass too", "bool", True, info="also apply in the hires-fix pass"),
         *(param for k in range(1, SLOTS + 1) for param in slot_params(k)),
     ],

@@ -3,7 +3,7 @@ image slots (`image1`, `strength1`, `noise_augmentation1`, ..., `noise_augmentat
 
 from __future__ import annotations
 
-from lib_imgcond.ui.spec import Param, Spec
+from lib_imgcond.ui.spec import Param, Spec, step_window
 
 SLOTS = 4
 AUTO = "Automatic"
@@ -59,8 +59,7 @@ SPEC = Spec(
             0.01,
             info="several images: the summed embedding is noised once more at this level",
         ),
-        Param("start", "Start at", "float", 0.0, 0.0, 1.0, 0.01, xyz=True, info="fraction of the noise schedule"),
-        Param("end", "End at", "float", 1.0, 0.0, 1.0, 0.01, xyz=True, info="at start: never applies"),
+        *step_window("fraction of the noise schedule"),
         *(param for k in range(1, SLOTS + 1) for param in slot_params(k)),
     ],
 )
