@@ -84,3 +84,10 @@ def test_clear_errors_before_sampling(unclip_server, encoders, img):
     assert "no image was given" in err
     err = unclip_server.generate_error(conditioned(forge.payload(), image1=img, start=0.7, end=0.2))
     assert "unclip.end" in err
+
+
+def test_refdrop_refuses_the_sd2_family_by_name(unclip_server):
+    """The real WebUI path of a family RefDrop does not support (an SD2.1 checkpoint): a clear error, no image."""
+    body = forge.with_script(forge.payload(), "refdrop", [{"mode": "Record", "reference": "sd2"}])
+    err = unclip_server.generate_error(body)
+    assert "RefDrop needs a SD1.5 or SDXL or Flux or Chroma model" in err and "SD2.x" in err, err
