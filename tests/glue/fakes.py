@@ -83,3 +83,15 @@ def fake_p(family="sd15", **kw):
     for k, v in kw.items():
         setattr(p, k, v)
     return p
+
+
+def fake_models_dir(monkeypatch, root) -> None:
+    """Point forge.models_dir at `root` (a tmp folder), creating each subfolder asked for."""
+    from lib_imgcond.hosts import forge as forge_host
+
+    def models_dir(*parts):
+        path = root.joinpath(*parts)
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path)
+
+    monkeypatch.setattr(forge_host, "models_dir", models_dir)

@@ -17,7 +17,7 @@ from lib_imgcond.hosts import forge
 from lib_imgcond.hosts import forge_flexdiffuse as host
 from lib_imgcond.ui.flex_spec import AUTO, SPEC, split_images
 from lib_imgcond.ui.spec import ImageInput
-from tests.glue.fakes import FakeUnetPatcher
+from tests.glue.fakes import FakeUnetPatcher, fake_models_dir
 from tests.vision_states import clip_shapes, random_state
 
 P = "vision_model."
@@ -75,13 +75,7 @@ def fake_p(family="sd15"):
 def fake_forge(monkeypatch, tmp_path):
     """models_dir → a temporary folder; backend.sampling.condition → FakeCondition; no model cache between tests."""
     root = tmp_path / "models"
-
-    def models_dir(*parts):
-        path = root.joinpath(*parts)
-        path.mkdir(parents=True, exist_ok=True)
-        return str(path)
-
-    monkeypatch.setattr(forge, "models_dir", models_dir)
+    fake_models_dir(monkeypatch, root)
     backend = types.ModuleType("backend")
     sampling = types.ModuleType("backend.sampling")
     condition = types.ModuleType("backend.sampling.condition")

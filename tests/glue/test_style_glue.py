@@ -20,7 +20,7 @@ from lib_imgcond.hosts import forge_flexdiffuse as clip_files
 from lib_imgcond.hosts import forge_style as host
 from lib_imgcond.ui.spec import ImageInput
 from lib_imgcond.ui.style_spec import SLOTS, SPEC
-from tests.glue.fakes import FakeUnetPatcher
+from tests.glue.fakes import FakeUnetPatcher, fake_models_dir
 from tests.vision_states import clip_shapes, random_state, style_adapter_shapes
 
 WIDTH = 32
@@ -54,13 +54,7 @@ def sdpa_kernel(q, k, v, heads):
 @pytest.fixture(autouse=True)
 def models(monkeypatch, tmp_path):
     root = tmp_path / "models"
-
-    def models_dir(*parts):
-        path = root.joinpath(*parts)
-        path.mkdir(parents=True, exist_ok=True)
-        return str(path)
-
-    monkeypatch.setattr(forge, "models_dir", models_dir)
+    fake_models_dir(monkeypatch, root)
     monkeypatch.setattr(forge, "attention_kernel", lambda: sdpa_kernel)
     condition = types.ModuleType("backend.sampling.condition")
     condition.ConditionCrossAttn = FakeCondition

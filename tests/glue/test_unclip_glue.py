@@ -13,12 +13,11 @@ from torch import nn
 
 from lib_imgcond.core import unclip, vision
 from lib_imgcond.core.errors import ArgumentError, ImgcondError
-from lib_imgcond.hosts import forge
 from lib_imgcond.hosts import forge_flexdiffuse as clip_files
 from lib_imgcond.hosts import forge_unclip as host
 from lib_imgcond.ui.spec import ImageInput
 from lib_imgcond.ui.unclip_spec import SLOTS, SPEC
-from tests.glue.fakes import FakeUnetPatcher
+from tests.glue.fakes import FakeUnetPatcher, fake_models_dir
 from tests.vision_states import clip_shapes, random_state
 
 
@@ -53,13 +52,7 @@ def models(monkeypatch, tmp_path):
     from safetensors.torch import save_file
 
     root = tmp_path / "models"
-
-    def models_dir(*parts):
-        path = root.joinpath(*parts)
-        path.mkdir(parents=True, exist_ok=True)
-        return str(path)
-
-    monkeypatch.setattr(forge, "models_dir", models_dir)
+    fake_models_dir(monkeypatch, root)
     condition = types.ModuleType("backend.sampling.condition")
     condition.Condition = FakeCondition
     for name in ("backend", "backend.sampling"):
