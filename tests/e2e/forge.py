@@ -38,6 +38,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 EXT_NAME = "sd-webui-imgcond"
+# A traceback is ours when one of its frames is in this extension's code (not merely under a folder named imgcond-*)
+OURS = re.compile("|".join(re.escape(s) for s in (f"/{EXT_NAME}/", "lib_imgcond", str(REPO) + "/")))
 SKIP_REASON = (
     "end-to-end tests need a Forge installation: set IMGCOND_FORGE_DIR to Forge's folder and IMGCOND_FORGE_PYTHON "
     "to the python of its virtual environment (README, 'End-to-end tests')"
@@ -185,6 +187,8 @@ class ForgeServer:
                 "(is another server or suite still running? stop it by its PID)"
             )
         (self.data_dir / "extensions").mkdir(parents=True, exist_ok=True)
+        # A WebUI's data folder has tmp/ (its default temp_dir); Neo saves result images there without creating it
+        (self.data_dir / "tmp").mkdir(exist_ok=True)
         link = self.data_dir / "extensions" / EXT_NAME
         if self.with_extension and not link.exists():
             link.symlink_to(REPO, target_is_directory=True)
@@ -324,7 +328,7 @@ class ForgeServer:
         for report in reports:
             if "do_read_info_from_repo" in report:
                 continue  # Forge reading git info of a checkout without an 'origin' remote: not ours
-            if "imgcond" in report and not any(e in report for e in expected):
+            if OURS.search(report) and not any(e in report for e in expected):
                 out.append(report[:4000])
         return out
 

@@ -61,3 +61,20 @@ def test_refuses_to_start_without_ram(monkeypatch, tmp_path):
     srv = forge.ForgeServer(tmp_path / "imgcond-random-sd15.safetensors", data_dir=tmp_path)
     with pytest.raises(RuntimeError, match=r"3\.0 GiB of RAM available, it needs about 8 GiB"):
         srv.start()
+
+
+HOST_ERROR = """Traceback (most recent call last):
+  File "/venv/lib/python3.13/site-packages/gradio/components/gallery.py", line 208, in _save
+FileNotFoundError: [Errno 2] No such file or directory: '/tmp/imgcond-forge-1a2b/tmp/tmp3c4d.png'
+"""
+OUR_ERROR = """Traceback (most recent call last):
+  File "/tmp/imgcond-forge-1a2b/extensions/sd-webui-imgcond/lib_imgcond/hosts/forge.py", line 127, in refuse
+KeyError: 'oops'
+"""
+
+
+def test_only_tracebacks_through_our_code_count(tmp_path):
+    srv = forge.ForgeServer.__new__(forge.ForgeServer)
+    found = srv.extension_tracebacks(text=HOST_ERROR + OUR_ERROR)
+    assert len(found) == 1 and "KeyError" in found[0]
+    assert not srv.extension_tracebacks(text=OUR_ERROR.replace("KeyError", "ImgcondError"))
