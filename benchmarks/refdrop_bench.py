@@ -6,6 +6,10 @@ Modes:
           CPU (pinned) buffers every evaluation
   use     the same install with Job.uses = [(reference, c)]: every block blends attention over the recorded K/V
 
+Floors, in the same rounds: "floor use" is off plus, per self-attention layer, one extra SDPA of the cond row's queries
+over GPU-resident reference K/V and an in-place blend, nothing else (no store, no lookups): the cost any RefDrop Use
+must pay. "floor record" is off plus one device copy of each layer's cond-row K/V into a preallocated buffer.
+
 The patch is installed through a minimal fake of Forge's UnetPatcher (model_options, set_model_replace_all,
 add_conditioning_modifier); each step calls the conditioning modifiers once, then the model, like Forge's
 sampling_function, then an Euler update. Each timed run is a whole sampling pass of --steps steps (record: a fresh
@@ -74,6 +78,26 @@ class FakeUnetPatcher:
         self.model_options.setdefault("conditioning_modifiers", []).append(fn)
 
 
+def floor_replace(kind: str, bufs: dict, c: float):
+    """The floor of `kind` ('use' or 'record') as an attn1 replace (see the module docstring); row 1 is cond."""
+
+    def attn1(q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+        out = attention(q, k, v, heads)
+        key = (extra_options["block"][0], extra_options["block"][1], extra_options["block_index"])
+        if key not in bufs:  # made in the warm-up pass, outside the timing
+            bufs[key] = tuple((torch.randn_like if kind == "use" else torch.empty_like)(t[1:2]) for t in (k, v))
+        kb, vb = bufs[key]
+        if kind == "use":
+            out[1:2].lerp_(attention(q[1:2], kb, vb, heads), c)
+        else:
+            kb.copy_(k[1:2])
+            vb.copy_(v[1:2])
+        return out
+
+    return attn1
+
+
 def make_values(mode: str, coefficient: float) -> dict[str, Any]:
     return {
         "enabled": True,
@@ -114,6 +138,7 @@ class Bench:
         self.x0_use = torch.randn(1, 4, lat_h, lat_w, generator=g).to(self.device)  # Use: another seed
         self.context = torch.randn(2, 77, 2048, generator=g).to(self.device, self.dtype)
         self.y = torch.randn(2, 2816, generator=g).to(self.device, self.dtype)
+        self.bufs: dict[str, dict] = {}
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -155,14 +180,22 @@ class Bench:
         host.install(patcher, job, tracker, attention)
         return job, tracker, patcher
 
+    def floor_patcher(self, kind: str) -> FakeUnetPatcher:
+        patcher = FakeUnetPatcher(self.keys)
+        bufs = self.bufs.setdefault(kind, {})
+        patcher.set_model_replace_all(floor_replace(kind, bufs, self.args.coefficient), "attn1")
+        return patcher
+
     def run_once(self, mode: str, steps: int, ref: Any = None) -> Run:
         """One whole pass timed, patch set-up outside the timing; the final latent goes to self.last_x."""
         job = tracker = patcher = None
-        if mode != "off":
+        if mode.startswith("floor"):
+            patcher = self.floor_patcher(mode.split()[-1])
+        elif mode != "off":
             job, tracker, patcher = self.patched(mode, steps, ref)
         self.sync()
         t0 = time.perf_counter()
-        self.last_x = self.sample(patcher, steps, self.x0_use if mode == "use" else self.x0)
+        self.last_x = self.sample(patcher, steps, self.x0 if mode in ("off", "record", "floor record") else self.x0_use)
         recorded = None
         if mode == "record":
             recorded = host.finish_record(job, {"first": tracker}, save_file=False)
@@ -327,15 +360,19 @@ def main() -> None:
         modes = ("off", "record", "use") if args.mode == "all" else (args.mode,)
         warm = max(2, args.steps // 10)
         bench.run_once("off", warm)  # cuDNN/cuBLAS handles, kernel selection
-        rows: list[tuple[str, float, list[float], float, float]] = []
+        floors = [f"floor {m}" for m in ("use", "record") if m in modes]
+        for mode in floors:
+            bench.run_once(mode, warm)  # allocates its buffers
+        rows: list[tuple[str, float, list[float], float, float, str]] = []
 
-        def report(label: str, runs: list[Run], ratio: float) -> None:
+        def report(label: str, runs: list[Run], ratio: float, ratios: list[float] = ()) -> None:
             ms = [1e3 * r.seconds / args.steps for r in runs]
             med = statistics.median(ms)
             issue = statistics.median(1e3 * r.issue / args.steps for r in runs)
-            rows.append((label, med, ms, issue, ratio))
+            spread = f"{min(ratios):.3f}-{max(ratios):.3f}" if ratios else ""
+            rows.append((label, med, ms, issue, ratio, spread))
             runs_text = ", ".join(f"{m:.2f}" for m in ms)
-            print(f"{label:14s} {med:8.2f} ms/step x{ratio:.3f} (host issue {issue:6.2f})  runs {runs_text}")
+            print(f"{label:14s} {med:8.2f} ms/step x{ratio:.3f} [{spread}] (host issue {issue:6.2f})  runs {runs_text}")
 
         ref = None
         checks: dict[str, str] = {}
@@ -361,10 +398,12 @@ def main() -> None:
                 bench.run_once("use", warm, ref)
         # interleaved rounds (off, use, record), so that drift in the host's speed hits every mode alike; ratios are
         # taken within a round. A "warm" record pass reuses the pinned blocks of the reference dropped before it.
-        by_mode: dict[str, list[Run]] = {"off": [], "use": [], "record (warm)": []}
+        by_mode: dict[str, list[Run]] = {"off": [], "use": [], "record (warm)": [], **{m: [] for m in floors}}
         for _ in range(args.repeats):
             by_mode["off"].append(bench.run_once("off", args.steps))
             checks["off latent"] = checksum(bench.last_x)
+            for mode in floors:
+                by_mode[mode].append(bench.run_once(mode, args.steps))
             if "use" in modes:
                 by_mode["use"].append(bench.run_once("use", args.steps, ref))
                 checks["use latent"] = checksum(bench.last_x)
@@ -381,10 +420,10 @@ def main() -> None:
         off_med = statistics.median(r.seconds for r in off_runs)
         if cold and "record" in modes:
             report("record (cold)", cold, statistics.median(r.seconds for r in cold) / off_med)
-        for label in ("record (warm)", "use"):
-            if by_mode[label]:
+        for label in ("floor record", "record (warm)", "floor use", "use"):
+            if by_mode.get(label):
                 ratios = [r.seconds / o.seconds for r, o in zip(by_mode[label], off_runs, strict=True)]
-                report(label, by_mode[label], statistics.median(ratios))
+                report(label, by_mode[label], statistics.median(ratios), ratios)
 
         profiles = {}
         if args.profile_steps:
@@ -396,8 +435,8 @@ def main() -> None:
                     profiles[mode] = profile(bench, mode, ref, args.profile_steps, args.out)
 
     results["rows"] = [
-        {"mode": m, "ms_per_step": med, "runs_ms": ms, "ratio": ratio, "host_issue_ms_per_step": issue}
-        for m, med, ms, issue, ratio in rows
+        {"mode": m, "ms_per_step": med, "runs_ms": ms, "ratio": ratio, "ratio_spread": sp, "host_issue_ms_per_step": i}
+        for m, med, ms, i, ratio, sp in rows
     ]
     if args.out:
         with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -413,9 +452,11 @@ def main() -> None:
             print(f"  host allocator {k}: {store.format_bytes(v) if 'bytes' in k else v}")
     for k, v in checks.items():
         print(f"checksum {k}: {v}")
-    print(f"\n| mode | ms/step (median of {args.repeats}) | × off | host issue ms/step |\n|---|---|---|---|")
-    for m, med, _, issue, ratio in rows:
-        print(f"| {m} | {med:.2f} | {ratio:.3f} | {issue:.2f} |")
+    print(
+        f"\n| mode | ms/step (median of {args.repeats}) | × off | spread | host issue ms/step |\n|---|---|---|---|---|"
+    )
+    for m, med, _, issue, ratio, spread in rows:
+        print(f"| {m} | {med:.2f} | {ratio:.3f} | {spread} | {issue:.2f} |")
 
 
 if __name__ == "__main__":
