@@ -334,9 +334,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--profile-steps", type=int, default=0, help="also profile off/use/record for this many steps")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for results.json and profiles")
+    parser.add_argument(
+        "--fuse-below", type=int, default=None, help="set refdrop_patch.FUSE_BELOW_TOKENS (default: the library's)"
+    )
     parser.add_argument("--lib", default=ROOT, help="folder holding the lib_imgcond to measure (default: this repo)")
     args = parser.parse_args()
     lib = load_lib(args.lib)
+    if args.fuse_below is not None:
+        sys.modules["lib_imgcond.hosts.refdrop_patch"].FUSE_BELOW_TOKENS = args.fuse_below
 
     cuda = args.device.startswith("cuda")
     if cuda:

@@ -22,6 +22,9 @@ from lib_imgcond.core.errors import ImgcondError
 from lib_imgcond.hosts import progress
 
 FLUSH_EVERY = 24  # recorded layers gathered per device→host copy (bounds the device memory they hold)
+# On CUDA, layers with fewer query tokens than this run plain and reference attention as one kernel call (they are
+# launch-bound: one call is cheaper); larger ones attend the reference rows separately, which copies no q/k/v
+FUSE_BELOW_TOKENS = 2048
 
 
 class PassTracker:
@@ -201,7 +204,7 @@ class Runner:
             return plain()
         if joint is not None:  # on CUDA only the image-token queries attend the reference (no fused call)
             return _blend(plain(), q, k, v, b, plan, job.uses, attn, slice(joint.n_txt, None), joint_queries=True)
-        if fusable and q.is_cuda:
+        if fusable and q.is_cuda and q.shape[-2] < FUSE_BELOW_TOKENS:
             fused = _fused(q, k, v, b, plan, job.uses, attn)
             if fused is not None:
                 return fused
