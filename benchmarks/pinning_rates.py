@@ -33,6 +33,21 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def threaded_fill(src: torch.Tensor, n: int, workers: int) -> None:
+    import threading
+
+    def work(count: int) -> None:
+        for _ in range(count):
+            torch.empty(BLOCK, dtype=torch.uint8).copy_(src)
+
+    share = [n // workers + (i < n % workers) for i in range(workers)]
+    pool = [threading.Thread(target=work, args=(c,)) for c in share]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gib", type=float, default=4.0, help="bytes per measurement")
@@ -42,6 +57,11 @@ def main() -> None:
     total = n * BLOCK
     name, threads = torch.cuda.get_device_name(), torch.get_num_threads()
     print(f"{name}, torch {torch.__version__}, {n} blocks of 256 MiB, {threads} CPU threads")
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            print("transparent huge pages:", f.read().strip())
+    except OSError:
+        pass
     dev = torch.empty(BLOCK, dtype=torch.uint8, device="cuda")
     out = {}
 
@@ -61,6 +81,35 @@ def main() -> None:
 
     out["pageable fill"] = rate(total, timed(fill))
     out["pageable reuse"] = rate(total, timed(lambda: [p.copy_(src) for p in pageable]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for workers in (1, 2, 4, 8):  # fresh pages written by `workers` Python threads of one intra-op thread each
+        out[f"pageable fill x{workers}"] = rate(total, timed(lambda w=workers: threaded_fill(src, n, w)))
+    torch.set_num_threads(threads)
+    huge = []
+
+    def fill_huge():  # anonymous mappings advised to use transparent huge pages: a fault per 2 MiB, not per 4 KiB
+        import mmap
+
+        for _ in range(n):
+            mm = mmap.mmap(-1, BLOCK)
+            mm.madvise(mmap.MADV_HUGEPAGE)
+            t = torch.frombuffer(mm, dtype=torch.uint8)
+            t.copy_(src)
+            huge.append(t)
+
+    out["huge-page fill"] = rate(total, timed(fill_huge))
+    cudart = torch.cuda.cudart()
+
+    def register_huge():
+        for t in huge:
+            assert cudart.cudaHostRegister(t.data_ptr(), t.numel(), 0) == 0
+
+    out["huge-page register"] = rate(total, timed(register_huge))
+    out["h2d registered"] = rate(total, timed(lambda: [dev.copy_(t, non_blocking=True) for t in huge]))
+    for t in huge:
+        cudart.cudaHostUnregister(t.data_ptr())
+    huge.clear()
     out["h2d pageable"] = rate(total, timed(lambda: [dev.copy_(p) for p in pageable]))
     out["h2d pinned"] = rate(total, timed(lambda: [dev.copy_(b, non_blocking=True) for b in blocks]))
     blocks.clear()
