@@ -41,7 +41,9 @@ class Upload:
 class StagingRing:
     """A fixed set of pinned slots and worker threads; see the module docstring."""
 
-    def __init__(self, slots: int = SLOTS, slot_bytes: int = SLOT_BYTES, workers: int = WORKERS, pin: bool | None = None):
+    def __init__(
+        self, slots: int = SLOTS, slot_bytes: int = SLOT_BYTES, workers: int = WORKERS, pin: bool | None = None
+    ):
         self.slot_bytes, self.n_slots, self.n_workers = slot_bytes, slots, workers
         self.pin = torch.cuda.is_available() if pin is None else pin
         self._slots: list[torch.Tensor] = []

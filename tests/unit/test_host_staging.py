@@ -1,4 +1,4 @@
-"""The staging ring: chunked copies through a few slots on worker threads, both ways, errors surfaced, memory bounded."""
+"""The staging ring: chunked copies through a few slots on worker threads, both ways; errors surfaced; bounded."""
 
 from __future__ import annotations
 
