@@ -1,0 +1,182 @@
+"""RefDrop reference files: one .safetensors per reference (K/V tensors + metadata), header checks, listings."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from lib_imgcond.core.errors import ImgcondError
+from lib_imgcond.core.refdrop import check_family
+from lib_imgcond.core.refdrop_host import HostArena, _to_host, format_bytes
+from lib_imgcond.core.refdrop_reference import FORMAT_VERSION, PASSES, Reference, RefKey, _key_order
+
+FORMAT = "imgcond-refdrop"
+
+_ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
+
+
+def _header_meta(ref: Reference, keys: list[RefKey]) -> dict[str, str]:
+    m = ref.meta
+    return {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "name": str(ref.name),
+        "family": ref.family,
+        "steps": json.dumps({p: ref.steps(p) for p in PASSES if ref.has_pass(p)}),
+        "width": str(int(m.get("width") or 0)),
+        "height": str(int(m.get("height") or 0)),
+        "dtype": str(m.get("dtype", "")),
+        "layer_count": str(len(m["layers"])),
+        "layers": json.dumps(m["layers"]),
+        "created": str(m.get("created", "")),
+        "source": str(m.get("source", "generation")),
+        "keys": json.dumps([list(k) for k in keys]),
+        "trace": json.dumps(m.get("trace", {})),
+    }
+
+
+def _write_safetensors(path: str, tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> None:
+    """Stream tensors into a .safetensors file without building the whole file in memory."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors:
+        if t.dtype not in _ST_DTYPES:
+            raise ImgcondError(f"RefDrop cannot save tensors of dtype {t.dtype}")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for _, t in tensors:
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def save_reference(ref: Reference, path: str | os.PathLike) -> None:
+    """Write ``ref`` as one .safetensors file (atomically: temp file + os.replace)."""
+    ref.finalize()
+    if not len(ref):
+        raise ImgcondError(f"reference '{ref.name}' is empty: nothing was recorded, so there is nothing to save")
+    path = os.fspath(path)
+    keys = _key_order(ref)
+    tensors = []
+    for key in keys:
+        k, v = ref.get(key)
+        tensors += [(key.tensor_name("k"), k), (key.tensor_name("v"), v)]
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        _write_safetensors(tmp, tensors, _header_meta(ref, keys))
+        os.replace(tmp, path)
+    except OSError as e:
+        msg = f"could not write RefDrop reference {path}: {e}; check free disk space and permissions"
+        raise ImgcondError(msg) from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _corrupt(path: str, why: object) -> ImgcondError:
+    return ImgcondError(f"RefDrop reference {path} is truncated or corrupt ({why}); record it again")
+
+
+def _check_header(path: str, meta: Mapping[str, str] | None) -> dict[str, Any]:
+    """Validate the metadata block and decode its JSON/int fields."""
+    if not meta or meta.get("format") != FORMAT:
+        raise ImgcondError(f"{path} is not an imgcond RefDrop reference (no '{FORMAT}' metadata)")
+    try:
+        version = int(meta.get("format_version", ""))
+        info = {
+            "name": meta.get("name") or os.path.splitext(os.path.basename(path))[0],
+            "family": meta.get("family", ""),
+            "steps": {str(p): int(n) for p, n in json.loads(meta.get("steps", "{}")).items()},
+            "width": int(meta.get("width", 0)),
+            "height": int(meta.get("height", 0)),
+            "dtype": meta.get("dtype", ""),
+            "layers": json.loads(meta.get("layers", "[]")),
+            "created": meta.get("created", ""),
+            "source": meta.get("source", "generation"),
+            "format_version": version,
+            "keys": json.loads(meta.get("keys", "[]")),
+            "trace": json.loads(meta.get("trace", "{}")),
+        }
+    except (ValueError, TypeError, AttributeError) as e:
+        raise _corrupt(path, f"bad metadata: {e}") from e
+    if version < 1 or version > FORMAT_VERSION:
+        raise ImgcondError(
+            f"{path} uses RefDrop file format {version}, but this imgcond reads format {FORMAT_VERSION}; "
+            "update sd-webui-imgcond or record the reference again"
+        )
+    check_family(info["family"])
+    return info
+
+
+def _open_error(path: str, e: Exception) -> ImgcondError:
+    if not os.path.exists(path):
+        return ImgcondError(f"RefDrop reference {path} does not exist; record it first or pick another one")
+    return _corrupt(path, e)
+
+
+def load_reference(path: str | os.PathLike) -> Reference:
+    """Read and validate a reference file; tensors land in CPU memory (pinned when CUDA is available)."""
+    path = os.fspath(path)
+    arena = HostArena()
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            info = _check_header(path, f.metadata())
+            keys = [RefKey(str(a), int(b), str(c), int(d), int(e)) for a, b, c, d, e in info["keys"]]
+            names = set(f.keys())
+            pairs = []
+            for key in keys:
+                kn, vn = key.tensor_name("k"), key.tensor_name("v")
+                if kn not in names or vn not in names:
+                    raise _corrupt(path, f"K/V for {kn[:-2]} missing")
+                pairs.append((key, _to_host(f.get_tensor(kn), arena), _to_host(f.get_tensor(vn), arena)))
+    except ImgcondError:
+        raise
+    except Exception as e:
+        raise _open_error(path, e) from e
+    fields = ("steps", "width", "height", "dtype", "layers", "created", "source", "format_version", "trace")
+    meta = {k: info[k] for k in fields}
+    ref = Reference(info["name"], info["family"], meta)
+    ref._arena = arena
+    for key, k, v in pairs:
+        if k.shape != v.shape or k.dim() != 3:
+            shapes = f"{tuple(k.shape)} and {tuple(v.shape)}"
+            raise _corrupt(path, f"K and V of {key.tensor_name('')[:-1]} have shapes {shapes}")
+        key = ref._check_key(key)
+        ref._kv[key] = (k, v)
+        ref._seen_steps[key.pass_name] = max(ref._seen_steps.get(key.pass_name, 0), key.step + 1)
+        ref._channels[key.layer] = k.shape[-1]
+    return ref
+
+
+def reference_info(path: str | os.PathLike) -> dict[str, Any]:
+    """Header-only summary for listings: name, family, size on disk, steps, width×height."""
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata()
+        info = _check_header(path, meta)
+        size = os.path.getsize(path)
+    except ImgcondError:
+        raise
+    except Exception as e:
+        raise _open_error(path, e) from e
+    del info["keys"]
+    info.update(
+        path=path,
+        size_bytes=size,
+        size=format_bytes(size),
+        resolution=f"{info['width']}×{info['height']}",
+        layer_count=len(info["layers"]),
+    )
+    return info

@@ -1,0 +1,237 @@
+"""RefDrop's in-RAM reference: the recorded K/V of one image, addressed by (pass, step, layer)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from lib_imgcond.core.errors import ArgumentError, ImgcondError
+from lib_imgcond.core.refdrop import _lookup, check_family, layer_table
+from lib_imgcond.core.refdrop_host import HostArena, format_bytes
+
+FORMAT_VERSION = 1
+PASSES = ("first", "hires", "first_uncond", "hires_uncond")
+SOURCES = ("generation", "image")
+
+Layer = tuple[str, int, int]
+
+
+class RefKey(NamedTuple):
+    """Address of one recorded K/V pair."""
+
+    pass_name: str
+    step: int
+    group: str
+    block_id: int
+    block_index: int
+
+    @property
+    def layer(self) -> Layer:
+        return (self.group, self.block_id, self.block_index)
+
+    def tensor_name(self, kv: str) -> str:
+        return f"{self.pass_name}/{self.step}/{self.group}/{self.block_id}/{self.block_index}/{kv}"
+
+
+def _layer(item: Sequence[Any]) -> Layer:
+    return (str(item[0]), int(item[1]), int(item[2]))
+
+
+class Reference:
+    """Recorded self-attention K/V of one reference image, held in CPU RAM."""
+
+    def __init__(self, name: str, family: str, meta: Mapping[str, Any] | None = None, *, store_fp16: bool = False):
+        self.name = name
+        self.family = check_family(family)
+        self.store_fp16 = store_fp16
+        self.meta: dict[str, Any] = {
+            "steps": {},
+            "width": 0,
+            "height": 0,
+            "dtype": "",
+            "layers": [],
+            "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "source": "generation",
+        }
+        self.meta.update(meta or {})
+        self.meta["steps"] = dict(self.meta["steps"])
+        if self.meta["source"] not in SOURCES:
+            raise ArgumentError("source", self.meta["source"], " or ".join(SOURCES))
+        self._kv: dict[RefKey, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._lazy: list[tuple[torch.Tensor, list]] = []  # put_many blocks whose per-key views are not made yet
+        self._seen_steps: dict[str, int] = {}
+        self._channels: dict[Layer, int] = {}
+        self._pending: list[Any] = []
+        self._unsynced = False  # CUDA copies queued by put(..., record_event=False)
+        self._arena = HostArena()
+
+    def __deepcopy__(self, memo: dict) -> Reference:
+        return self  # Forge deep-copies model_options on clone(); a store must stay shared
+
+    def __repr__(self) -> str:
+        return f"Reference({self.name!r}, {self.family}, {len(self)} keys, {format_bytes(self.nbytes)})"
+
+    def __len__(self) -> int:
+        return len(self._kv)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._kv
+
+    def __iter__(self) -> Iterator[RefKey]:
+        return iter(self._kv)
+
+    def keys(self) -> Iterator[RefKey]:
+        return iter(self._kv)
+
+    def _check_key(self, key: Sequence[Any]) -> RefKey:
+        key = RefKey(str(key[0]), int(key[1]), str(key[2]), int(key[3]), int(key[4]))
+        if key.pass_name not in PASSES:
+            raise ArgumentError("pass_name", key.pass_name, " or ".join(PASSES))
+        if key.step < 0 or key.layer not in _lookup(self.family):
+            raise ImgcondError(f"{key} does not address a transformer block of {self.family}")
+        return key
+
+    def _storage_dtype(self, src: torch.dtype) -> torch.dtype:
+        return torch.float16 if self.store_fp16 and src == torch.float32 else src
+
+    def put(
+        self, key: Sequence[Any], k: torch.Tensor, v: torch.Tensor, *, trusted: bool = False, record_event: bool = True
+    ) -> None:
+        """Copy K and V (any device) into CPU buffers; CUDA copies are asynchronous until finalize().
+
+        `trusted=True` skips the key validation (the caller builds keys from the layer table); `record_event=False`
+        skips the per-put CUDA event, and finalize() then synchronises the device instead (the recording hot path).
+        """
+        if not trusted:
+            key = self._check_key(key)
+            if k.shape != v.shape or k.dim() != 3:
+                raise ImgcondError(
+                    f"RefDrop K and V must both be (batch, tokens, channels); got {k.shape} and {v.shape}"
+                )
+        elif not isinstance(key, RefKey):
+            key = RefKey(*key)
+        with torch.inference_mode(False), torch.no_grad():
+            bufs = self._kv.get(key)
+            if bufs is None or bufs[0].shape != k.shape:
+                dtype = self._storage_dtype(k.dtype)
+                bufs = (self._arena.empty(k.shape, dtype), self._arena.empty(v.shape, dtype))
+                self._kv[key] = bufs
+            for buf, src in zip(bufs, (k, v), strict=True):
+                if src.dtype != buf.dtype:
+                    src = src.to(buf.dtype)  # convert on the source device: less to transfer
+                buf.copy_(src, non_blocking=src.is_cuda)
+        if k.is_cuda:
+            if record_event:
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(k.device))
+                self._pending.append(event)
+            else:
+                self._unsynced = True
+        if key.step >= self._seen_steps.get(key.pass_name, 0):
+            self._seen_steps[key.pass_name] = key.step + 1
+        self._channels[key.layer] = k.shape[-1]
+
+    def put_many(self, items: Sequence[tuple[Sequence[Any], torch.Tensor, torch.Tensor]]) -> int:
+        """Store many (key, k, v) at once with one gather and one copy into one host block; returns the bytes added.
+
+        Keys are trusted (the caller builds them from the layer table). On CUDA the copy is asynchronous on the
+        current stream: the caller keeps the sources alive for it (e.g. `record_stream`), finalize() waits for it.
+        """
+        if not items:
+            return 0
+        src = items[0][1]
+        dtype = self._storage_dtype(src.dtype)
+        sizes = [k.numel() for _, k, _ in items]
+        total = 2 * sum(sizes)
+        with torch.inference_mode(False), torch.no_grad():
+            flat = torch.cat([t.reshape(-1) for _, k, v in items for t in (k, v)])
+            if flat.dtype != dtype:
+                flat = flat.to(dtype)
+            block = self._arena.empty((total,), dtype)
+            block.copy_(flat, non_blocking=flat.is_cuda)
+        entries = []
+        offset = 0
+        for (key, k, _v), n in zip(items, sizes, strict=True):
+            key = key if isinstance(key, RefKey) else RefKey(*key)
+            entries.append((key, offset, n, k.shape))
+            offset += 2 * n
+            self._kv[key] = None  # views are made on first read (see _materialize): cheap in the sampling loop
+            if key.step >= self._seen_steps.get(key.pass_name, 0):
+                self._seen_steps[key.pass_name] = key.step + 1
+            self._channels[key.layer] = k.shape[-1]
+        self._lazy.append((block, entries))
+        if flat.is_cuda:
+            self._unsynced = True
+        return total * block.element_size()
+
+    def _materialize(self) -> None:
+        for block, entries in self._lazy:
+            for key, offset, n, shape in entries:
+                if self._kv.get(key, 0) is None:
+                    self._kv[key] = (
+                        block[offset : offset + n].view(shape),
+                        block[offset + n : offset + 2 * n].view(shape),
+                    )
+        self._lazy.clear()
+
+    def finalize(self) -> None:
+        """Wait for pending device→host copies and refresh the derived metadata."""
+        self._materialize()
+        for event in self._pending:
+            event.synchronize()
+        self._pending.clear()
+        if self._unsynced:
+            torch.cuda.synchronize()
+            self._unsynced = False
+        if self._kv:
+            first = next(iter(self._kv.values()))[0]
+            self.meta["dtype"] = str(first.dtype).replace("torch.", "")
+        pos = _positions(self.family)
+        self.meta["layers"] = [list(x) for x in sorted(self.layers(), key=pos.__getitem__)]
+
+    def get(
+        self, key: Sequence[Any], device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) for ``key``, moved/cast when device or dtype is given."""
+        if self._pending or self._unsynced:
+            self.finalize()
+        if self._lazy:
+            self._materialize()
+        pair = self._kv.get(key)  # type: ignore[arg-type]
+        if pair is None:
+            raise ImgcondError(f"reference '{self.name}' has no K/V for {tuple(key)}; record it again")
+        if device is None and dtype is None:
+            return pair
+        return pair[0].to(device=device, dtype=dtype), pair[1].to(device=device, dtype=dtype)
+
+    def has_pass(self, pass_name: str) -> bool:
+        return pass_name in self._seen_steps
+
+    def steps(self, pass_name: str) -> int:
+        """Sampling steps of that pass in the recording run (meta['steps'], else inferred from the keys)."""
+        return int(self.meta["steps"].get(pass_name) or self._seen_steps.get(pass_name, 0))
+
+    def layers(self, pass_name: str | None = None) -> set[Layer]:
+        """Recorded (group, block_id, block_index) triples, optionally for one pass only."""
+        return {k.layer for k in self._kv if pass_name is None or k.pass_name == pass_name}
+
+    def channels(self, layer: Sequence[Any]) -> int | None:
+        return self._channels.get(_layer(layer))
+
+    @property
+    def nbytes(self) -> int:
+        self._materialize()
+        return sum(t.numel() * t.element_size() for pair in self._kv.values() for t in pair)
+
+
+def _positions(family: str) -> dict[Layer, int]:
+    return {(lid.group, lid.block_id, lid.block_index): i for i, lid in enumerate(layer_table(family))}
+
+
+def _key_order(ref: Reference) -> list[RefKey]:
+    pos = _positions(ref.family)
+    return sorted(ref.keys(), key=lambda k: (PASSES.index(k.pass_name), k.step, pos[k.layer]))
