@@ -20,6 +20,14 @@ def _opt(name: str, default):
     return getattr(shared.opts, name, default) if hasattr(shared, "opts") else default
 
 
+def _settings() -> dict:
+    return dict(getattr(getattr(shared, "opts", None), "data", None) or {})
+
+
+def _precision() -> str:
+    return host.precision_from_settings(_settings())
+
+
 class RefDropScript(script.TechniqueScript, scripts.Script):
     spec = SPEC
     sorting_priority = 20
@@ -83,7 +91,7 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
             return
         try:
             budget = int(float(_opt("imgcond_refdrop_ram_budget_gb", 16.0)) * 2**30)
-            job = host.plan(p, values, budget, bool(_opt("imgcond_refdrop_store_fp16", False)))
+            job = host.plan(p, values, budget, _precision())
             if values["mode"] == "Image":
                 with progress.status("RefDrop: preparing the reference from the image"):
                     job.image_latent = host.encode_image(p, values["image"].image)
@@ -108,7 +116,8 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
         host.capture_schedule(p, tracker)
         attn = forge.attention_kernel()
         forge.patch_unet(p, lambda unet: host.install(unet, job, tracker, attn))
-        p.extra_generation_params.update(SPEC.infotext(job.values))  # written once the patch is really installed
+        skip = () if job.record_every > 1 else ("record_every",)  # only a Record keeps a subset
+        p.extra_generation_params.update(SPEC.infotext(job.values, skip))  # written once the patch is installed
 
     def postprocess(self, p, processed, *args):
         state = getattr(p, "_imgcond_state", {}).pop("refdrop", None)
@@ -158,9 +167,14 @@ def on_ui_settings():
         ),
     )
     shared.opts.add_option(
-        "imgcond_refdrop_store_fp16",
+        "imgcond_refdrop_storage_precision",
         shared.OptionInfo(
-            False, "RefDrop: store fp32 K/V as fp16 (halves memory; Use is then not bit-exact)", section=section
+            host.precision_from_settings(_settings()),  # an older 'store fp16: true' becomes "fp16"
+            "RefDrop: storage precision of recorded K/V (fp16 halves the memory of fp32 K/V, fp8 quarters it with one "
+            "scale per tensor; Use is then not bit-exact)",
+            gr.Radio,
+            {"choices": list(host.PRECISIONS)},
+            section=section,
         ),
     )
 

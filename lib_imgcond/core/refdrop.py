@@ -331,6 +331,19 @@ def map_step(use_step: int, use_steps: int, rec_steps: int) -> int:
     return min(max(mapped, 0), rec_steps - 1)
 
 
+def recorded_count(evaluations: int, every: int) -> int:
+    """How many of `evaluations` model evaluations a Record keeps when it keeps every `every`-th (0, k, 2k, ...)."""
+    if every < 1:
+        raise ArgumentError("refdrop.record_every", every, "an integer of at least 1")
+    return -(-int(evaluations) // every)
+
+
+def recorded_trace(trace: Sequence[float], every: int) -> list[float]:
+    """The progress of each kept evaluation, in recorded order (recorded evaluation j is evaluation j·every)."""
+    recorded_count(len(trace), every)
+    return [float(x) for x in trace[::every]]
+
+
 def step_in_window(step: int, steps: int, start: float, end: float) -> bool:
     """True when start ≤ step/steps < end; with end ≥ 1 the last step (and any overrun) is included."""
     if steps < 1:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from lib_imgcond.core import refdrop_precision as prec
 from lib_imgcond.core.errors import ImgcondError
 from lib_imgcond.core.refdrop import check_family
 from lib_imgcond.core.refdrop_host import HostArena, _to_host, format_bytes
@@ -18,14 +19,22 @@ from lib_imgcond.core.refdrop_reference import FORMAT_VERSION, PASSES, Reference
 
 FORMAT = "imgcond-refdrop"
 
-_ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
+_ST_DTYPES = {
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    prec.FP8_DTYPE: "F8_E4M3",
+}
+SCALES = "fp8_scales"  # fp8 files: one (keys, 2) F32 tensor, the K and V scales of each key in `keys` order
 
 
 def _header_meta(ref: Reference, keys: list[RefKey]) -> dict[str, str]:
     m = ref.meta
+    extra = {"thumbnail": str(m["thumbnail"])} if m.get("thumbnail") else {}
     return {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(2 if ref.precision == prec.FP8 else 1),  # version 1 readers still read the others
         "name": str(ref.name),
         "family": ref.family,
         "steps": json.dumps({p: ref.steps(p) for p in PASSES if ref.has_pass(p)}),
@@ -38,6 +47,9 @@ def _header_meta(ref: Reference, keys: list[RefKey]) -> dict[str, str]:
         "source": str(m.get("source", "generation")),
         "keys": json.dumps([list(k) for k in keys]),
         "trace": json.dumps(m.get("trace", {})),
+        "precision": ref.precision,
+        "record_every": str(int(m.get("record_every") or 1)),
+        **extra,
     }
 
 
@@ -71,6 +83,11 @@ def save_reference(ref: Reference, path: str | os.PathLike) -> None:
     for key in keys:
         k, v = ref.get(key)
         tensors += [(key.tensor_name("k"), k), (key.tensor_name("v"), v)]
+    if ref.precision == prec.FP8:
+        scales = [ref.scale(key) for key in keys]
+        if any(s is None for s in scales):
+            raise ImgcondError(f"reference '{ref.name}' is marked fp8 but some of its K/V have no scale")
+        tensors.append((SCALES, torch.tensor(scales, dtype=torch.float32)))
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -107,7 +124,12 @@ def _check_header(path: str, meta: Mapping[str, str] | None) -> dict[str, Any]:
             "format_version": version,
             "keys": json.loads(meta.get("keys", "[]")),
             "trace": json.loads(meta.get("trace", "{}")),
+            "precision": prec.check_precision(meta.get("precision") or _precision_of(meta.get("dtype", ""))),
+            "record_every": int(meta.get("record_every", 1)),
+            "thumbnail": meta.get("thumbnail", ""),
         }
+        if info["record_every"] < 1:
+            raise ValueError(f"record_every {info['record_every']}")
     except (ValueError, TypeError, AttributeError) as e:
         raise _corrupt(path, f"bad metadata: {e}") from e
     if version < 1 or version > FORMAT_VERSION:
@@ -119,14 +141,20 @@ def _check_header(path: str, meta: Mapping[str, str] | None) -> dict[str, Any]:
     return info
 
 
+def _precision_of(dtype: str) -> str:
+    """Files written before the precision field: fp16 K/V were stored as fp16 (the model computed fp32 or fp16)."""
+    return prec.FP16 if dtype == "float16" else prec.AS_COMPUTED
+
+
 def _open_error(path: str, e: Exception) -> ImgcondError:
     if not os.path.exists(path):
         return ImgcondError(f"RefDrop reference {path} does not exist; record it first or pick another one")
     return _corrupt(path, e)
 
 
-def load_reference(path: str | os.PathLike) -> Reference:
-    """Read and validate a reference file; tensors land in CPU memory (pinned when CUDA is available)."""
+def load_reference(path: str | os.PathLike, name: str | None = None) -> Reference:
+    """Read and validate a reference file; tensors land in CPU memory (pinned when CUDA is available). `name`, when
+    given, is the reference's name (the library passes the file's name: a renamed or copied file is known by it)."""
     path = os.fspath(path)
     arena = HostArena()
     try:
@@ -140,15 +168,26 @@ def load_reference(path: str | os.PathLike) -> Reference:
                 if kn not in names or vn not in names:
                     raise _corrupt(path, f"K/V for {kn[:-2]} missing")
                 pairs.append((key, _to_host(f.get_tensor(kn), arena), _to_host(f.get_tensor(vn), arena)))
+            scales = None
+            if info["precision"] == prec.FP8:
+                if SCALES not in names:
+                    raise _corrupt(path, "fp8 K/V without their scales")
+                scales = f.get_tensor(SCALES).float()
+                if tuple(scales.shape) != (len(keys), 2):
+                    raise _corrupt(path, f"fp8 scales of shape {tuple(scales.shape)} for {len(keys)} keys")
     except ImgcondError:
         raise
     except Exception as e:
         raise _open_error(path, e) from e
     fields = ("steps", "width", "height", "dtype", "layers", "created", "source", "format_version", "trace")
-    meta = {k: info[k] for k in fields}
-    ref = Reference(info["name"], info["family"], meta)
+    meta = {k: info[k] for k in (*fields, "record_every", "thumbnail")}
+    ref = Reference(name or info["name"], info["family"], meta, precision=info["precision"])
     ref._arena = arena
-    for key, k, v in pairs:
+    for row, (key, k, v) in enumerate(pairs):
+        if scales is not None:
+            ref._scales[key] = scales[row].clone()
+        elif k.dtype == prec.FP8_DTYPE:
+            raise _corrupt(path, f"fp8 K/V at {key.tensor_name('')[:-1]} in a file not marked fp8")
         if k.shape != v.shape or k.dim() != 3:
             shapes = f"{tuple(k.shape)} and {tuple(v.shape)}"
             raise _corrupt(path, f"K and V of {key.tensor_name('')[:-1]} have shapes {shapes}")

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from lib_imgcond.core import refdrop_precision as prec
 from lib_imgcond.core.refdrop_reference import Reference, RefKey
 
 
@@ -36,9 +37,16 @@ class Prefetcher:
         self._steps.move_to_end(step)
         return self._steps[step]
 
-    def _move(self, t: torch.Tensor) -> torch.Tensor:
+    def _move(self, t: torch.Tensor, scale: float | None) -> torch.Tensor:
         t = t.to(self.device, non_blocking=t.is_pinned())
+        if scale is not None:
+            return prec.dequantize(t, scale, self.dtype)
         return t if t.dtype == self.dtype else t.to(self.dtype)
+
+    def _pair(self, key: RefKey) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.ref.get(key)
+        sk, sv = self.ref.scale(key) or (None, None)
+        return self._move(k, sk), self._move(v, sv)
 
     def fetch(self, step_keys: Iterable[Sequence[Any]]) -> None:
         """Start copying these keys to the device on a side stream (no-op on CPU)."""
@@ -50,8 +58,7 @@ class Prefetcher:
                 bucket = self._bucket(key)
                 if key in bucket or key not in self.ref:
                     continue
-                k, v = self.ref.get(key)
-                k, v = self._move(k), self._move(v)
+                k, v = self._pair(key)
                 event = torch.cuda.Event()
                 event.record(self._stream)
                 bucket[key] = (k, v, event)
@@ -62,8 +69,7 @@ class Prefetcher:
         bucket = self._bucket(key)
         hit = bucket.get(key)
         if hit is None:
-            k, v = self.ref.get(key)
-            hit = (self._move(k), self._move(v), None)
+            hit = (*self._pair(key), None)
             bucket[key] = hit
         k, v, event = hit
         if event is not None:

@@ -8,11 +8,12 @@ from typing import Any, NamedTuple
 
 import torch
 
+from lib_imgcond.core import refdrop_precision as prec
 from lib_imgcond.core.errors import ArgumentError, ImgcondError
 from lib_imgcond.core.refdrop import _lookup, check_family, layer_table
 from lib_imgcond.core.refdrop_host import HostArena, format_bytes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest file format this code reads (2: fp8 K/V with their scales)
 PASSES = ("first", "hires", "first_uncond", "hires_uncond")
 SOURCES = ("generation", "image")
 
@@ -43,10 +44,18 @@ def _layer(item: Sequence[Any]) -> Layer:
 class Reference:
     """Recorded self-attention K/V of one reference image, held in CPU RAM."""
 
-    def __init__(self, name: str, family: str, meta: Mapping[str, Any] | None = None, *, store_fp16: bool = False):
+    def __init__(
+        self,
+        name: str,
+        family: str,
+        meta: Mapping[str, Any] | None = None,
+        *,
+        store_fp16: bool = False,
+        precision: str | None = None,
+    ):
         self.name = name
         self.family = check_family(family)
-        self.store_fp16 = store_fp16
+        self.precision = prec.check_precision(precision) if precision else prec.FP16 if store_fp16 else prec.AS_COMPUTED
         self.meta: dict[str, Any] = {
             "steps": {},
             "width": 0,
@@ -62,6 +71,7 @@ class Reference:
         if self.meta["source"] not in SOURCES:
             raise ArgumentError("source", self.meta["source"], " or ".join(SOURCES))
         self._kv: dict[RefKey, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scales: dict[RefKey, torch.Tensor] = {}  # fp8: (2,) fp32 host tensor, the K and V scales
         self._lazy: list[tuple[torch.Tensor, list]] = []  # put_many blocks whose per-key views are not made yet
         self._seen_steps: dict[str, int] = {}
         self._channels: dict[Layer, int] = {}
@@ -95,8 +105,19 @@ class Reference:
             raise ImgcondError(f"{key} does not address a transformer block of {self.family}")
         return key
 
+    @property
+    def store_fp16(self) -> bool:
+        return self.precision == prec.FP16
+
     def _storage_dtype(self, src: torch.dtype) -> torch.dtype:
-        return torch.float16 if self.store_fp16 and src == torch.float32 else src
+        return prec.storage_dtype(self.precision, src)
+
+    def scale(self, key: Sequence[Any]) -> tuple[float, float] | None:
+        """The (K, V) fp8 scales of ``key``; None when it is not stored as fp8."""
+        if self._pending or self._unsynced:
+            self.finalize()
+        s = self._scales.get(key)  # type: ignore[arg-type]
+        return None if s is None else (float(s[0]), float(s[1]))
 
     def put(
         self, key: Sequence[Any], k: torch.Tensor, v: torch.Tensor, *, trusted: bool = False, record_event: bool = True
@@ -120,8 +141,16 @@ class Reference:
                 dtype = self._storage_dtype(k.dtype)
                 bufs = (self._arena.empty(k.shape, dtype), self._arena.empty(v.shape, dtype))
                 self._kv[key] = bufs
-            for buf, src in zip(bufs, (k, v), strict=True):
-                if src.dtype != buf.dtype:
+            fp8 = bufs[0].dtype == prec.FP8_DTYPE
+            if fp8:
+                scale = prec.scales((k, v))
+                host_scale = self._arena.empty((2,), torch.float32)
+                host_scale.copy_(scale, non_blocking=scale.is_cuda)
+                self._scales[key] = host_scale
+            for i, (buf, src) in enumerate(zip(bufs, (k, v), strict=True)):
+                if fp8:
+                    src = prec.quantize(src, scale[i])
+                elif src.dtype != buf.dtype:
                     src = src.to(buf.dtype)  # convert on the source device: less to transfer
                 buf.copy_(src, non_blocking=src.is_cuda)
         if k.is_cuda:
@@ -147,17 +176,27 @@ class Reference:
         dtype = self._storage_dtype(src.dtype)
         sizes = [k.numel() for _, k, _ in items]
         total = 2 * sum(sizes)
+        host_scales = None
         with torch.inference_mode(False), torch.no_grad():
-            flat = torch.cat([t.reshape(-1) for _, k, v in items for t in (k, v)])
-            if flat.dtype != dtype:
-                flat = flat.to(dtype)
+            tensors = [t for _, k, v in items for t in (k, v)]
+            if dtype == prec.FP8_DTYPE:
+                scale = prec.scales(tensors)
+                flat = torch.cat([prec.quantize(t, s).reshape(-1) for t, s in zip(tensors, scale, strict=True)])
+                host_scales = self._arena.empty((len(items), 2), torch.float32)
+                host_scales.copy_(scale.view(-1, 2), non_blocking=scale.is_cuda)
+            else:
+                flat = torch.cat([t.reshape(-1) for t in tensors])
+                if flat.dtype != dtype:
+                    flat = flat.to(dtype)
             block = self._arena.empty((total,), dtype)
             block.copy_(flat, non_blocking=flat.is_cuda)
         entries = []
         offset = 0
-        for (key, k, _v), n in zip(items, sizes, strict=True):
+        for row, ((key, k, _v), n) in enumerate(zip(items, sizes, strict=True)):
             key = key if isinstance(key, RefKey) else RefKey(*key)
             entries.append((key, offset, n, k.shape))
+            if host_scales is not None:
+                self._scales[key] = host_scales[row]
             offset += 2 * n
             self._kv[key] = None  # views are made on first read (see _materialize): cheap in the sampling loop
             if key.step >= self._seen_steps.get(key.pass_name, 0):
@@ -190,6 +229,7 @@ class Reference:
         if self._kv:
             first = next(iter(self._kv.values()))[0]
             self.meta["dtype"] = str(first.dtype).replace("torch.", "")
+        self.meta["precision"] = self.precision
         pos = _positions(self.family)
         self.meta["layers"] = [list(x) for x in sorted(self.layers(), key=pos.__getitem__)]
 
@@ -206,7 +246,12 @@ class Reference:
             raise ImgcondError(f"reference '{self.name}' has no K/V for {tuple(key)}; record it again")
         if device is None and dtype is None:
             return pair
-        return pair[0].to(device=device, dtype=dtype), pair[1].to(device=device, dtype=dtype)
+        scale = self._scales.get(key)  # type: ignore[arg-type]
+        if scale is None:
+            return pair[0].to(device=device, dtype=dtype), pair[1].to(device=device, dtype=dtype)
+        sk, sv = float(scale[0]), float(scale[1])
+        k, v = (t.to(device, non_blocking=t.is_pinned()) if device is not None else t for t in pair)
+        return prec.dequantize(k, sk, dtype), prec.dequantize(v, sv, dtype)
 
     def has_pass(self, pass_name: str) -> bool:
         return pass_name in self._seen_steps

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from lib_imgcond.core import refdrop as rd
+from lib_imgcond.core import refdrop_precision as prec
 from lib_imgcond.core import refdrop_store as store
 from lib_imgcond.core.errors import ArgumentError, ImgcondError
 from lib_imgcond.hosts import forge
@@ -39,6 +40,8 @@ from lib_imgcond.hosts.refdrop_patch import (  # noqa: F401  (re-exported for th
 from lib_imgcond.log import logger
 
 MODES = ("Record", "Use", "Image")
+PRECISIONS = prec.PRECISIONS
+precision_from_settings = prec.from_settings
 FAMILIES = ("sd15", "sdxl", "flux", "chroma")  # the families RefDrop was tested on; others are refused by name
 
 
@@ -90,21 +93,23 @@ class Job:
     sources: list = field(default_factory=list)  # per pass: its _ReferenceSource (released after the job)
 
     @property
+    def record_every(self) -> int:
+        """Record mode: keep every k-th model evaluation (Image mode captures each one it blends)."""
+        return int(self.values.get("record_every") or 1) if self.values["mode"] == "Record" else 1
+
+    @property
     def recording(self) -> bool:
         """True while K/V must be stored: the whole pass in Record mode, the reference forward in Image mode."""
         return self.record is not None and (self.values["mode"] == "Record" or self.capturing)
 
 
-def plan(p: Any, values: dict, budget_bytes: int, store_fp16: bool) -> Job:
-    """Validate everything a job needs before any sampling; raise a clear ImgcondError otherwise."""
-    family = forge.require_family(p.sd_model, FAMILIES, "RefDrop")
-    if family in rd.DIT_FAMILIES:  # tagged with its layer shapes: a reference never crosses DiT architectures
-        from lib_imgcond.hosts import refdrop_dit
-
-        family = rd.dit_family(family, *refdrop_dit.blocks(p.sd_model.forge_objects.unet.model.diffusion_model))
-    layers = frozenset(tuple(x[:3]) for x in rd.parse_layers(values["layers"], family))
-    if not layers:
-        raise ArgumentError("refdrop.layers", values["layers"], "at least one layer")
+def plan(p: Any, values: dict, budget_bytes: int, precision: str | bool = prec.AS_COMPUTED) -> Job:
+    """Validate everything a job needs before any sampling; raise a clear ImgcondError otherwise. `precision`: the
+    storage precision of a Record (`refdrop_precision.PRECISIONS`; a bool is the older fp16 switch)."""
+    if isinstance(precision, bool):
+        precision = prec.FP16 if precision else prec.AS_COMPUTED
+    precision = prec.check_precision(precision)
+    family, layers = _family_and_layers(p, values)
     batch = int(getattr(p, "batch_size", 1))
     if values["batch_item"] >= batch:
         raise ArgumentError("refdrop.batch_item", values["batch_item"], f"an index below the batch size {batch}")
@@ -112,11 +117,14 @@ def plan(p: Any, values: dict, budget_bytes: int, store_fp16: bool) -> Job:
     job = Job(values, family, layers, budget=budget_bytes)
     hires = bool(getattr(p, "enable_hr", False)) and values["hires"]
     if values["mode"] in ("Record", "Image"):
-        rows = 2 if values["uncond"] and values["mode"] == "Record" else 1
-        store.check_budget(_estimate(p, family, layers, hires, rows, 2 if store_fp16 else 4), budget_bytes)
+        record = values["mode"] == "Record"
+        rows = 2 if values["uncond"] and record else 1
+        nbytes = prec.BYTES[precision] if record else 4
+        store.check_budget(_estimate(p, family, layers, hires, rows, nbytes, job.record_every), budget_bytes)
     if values["mode"] == "Record":
         meta = {"width": int(p.width), "height": int(p.height), "source": "generation", "trace": {}, "sampler": {}}
-        job.record = store.Reference(name, family, meta, store_fp16=store_fp16)
+        meta["record_every"] = job.record_every
+        job.record = store.Reference(name, family, meta, precision=precision)
         return job
     more = parse_more(values["more_references"])
     if values["mode"] == "Image":
@@ -136,18 +144,41 @@ def plan(p: Any, values: dict, budget_bytes: int, store_fp16: bool) -> Job:
     return job
 
 
-def _estimate(p: Any, family: str, layers: frozenset, hires: bool, rows: int, dtype_bytes: int) -> int:
-    """Bytes a recording will take: one K/V set per model evaluation, counted as the host counts them (its
-    sampler configuration: twice per step for the samplers it marks second order). The recording itself counts
-    its real evaluations and stops at the budget, so a sampler the host says nothing about is not refused early."""
+def _family_and_layers(p: Any, values: dict) -> tuple[str, frozenset]:
+    family = forge.require_family(p.sd_model, FAMILIES, "RefDrop")
+    if family in rd.DIT_FAMILIES:  # tagged with its layer shapes: a reference never crosses DiT architectures
+        from lib_imgcond.hosts import refdrop_dit
+
+        family = rd.dit_family(family, *refdrop_dit.blocks(p.sd_model.forge_objects.unet.model.diffusion_model))
+    layers = frozenset(tuple(x[:3]) for x in rd.parse_layers(values["layers"], family))
+    if not layers:
+        raise ArgumentError("refdrop.layers", values["layers"], "at least one layer")
+    return family, layers
+
+
+def estimate_record(p: Any, values: dict, precision: str) -> int:
+    """Bytes a Record with these values would take on `p` (its size, steps, sampler, hires settings, loaded model),
+    at this storage precision: the figure the budget check uses."""
+    family, layers = _family_and_layers(p, values)
+    hires = bool(getattr(p, "enable_hr", False)) and values["hires"]
+    every = int(values.get("record_every") or 1)
+    rows = 2 if values["uncond"] else 1
+    return _estimate(p, family, layers, hires, rows, prec.BYTES[prec.check_precision(precision)], every)
+
+
+def _estimate(p: Any, family: str, layers: frozenset, hires: bool, rows: int, dtype_bytes: int, every: int = 1) -> int:
+    """Bytes a recording will take: one K/V set per recorded model evaluation (every `every`-th), counted as the
+    host counts them (its sampler configuration: twice per step for the samplers it marks second order). The
+    recording itself counts its real evaluations and stops at the budget, so a sampler the host says nothing about
+    is not refused early."""
     width, height = int(p.width), int(p.height)
-    steps = samplers.evaluations(samplers.pass_sampler_name(p, hires=False), int(p.steps))
+    steps = rd.recorded_count(samplers.evaluations(samplers.pass_sampler_name(p, hires=False), int(p.steps)), every)
     needed = store.estimate_bytes([rd.layer_shape(family, x, width, height) for x in layers], steps, rows, dtype_bytes)
     if hires:
         sw = int(getattr(p, "hr_upscale_to_x", 0) or width * 2)
         sh = int(getattr(p, "hr_upscale_to_y", 0) or height * 2)
         hr_steps = int(getattr(p, "hr_second_pass_steps", 0) or p.steps)
-        hr_steps = samplers.evaluations(samplers.pass_sampler_name(p, hires=True), hr_steps)
+        hr_steps = rd.recorded_count(samplers.evaluations(samplers.pass_sampler_name(p, hires=True), hr_steps), every)
         shapes = [rd.layer_shape(family, x, sw, sh) for x in layers]
         needed += store.estimate_bytes(shapes, hr_steps, rows, dtype_bytes)
     return needed
@@ -299,11 +330,13 @@ def finish_record(
             f"RefDrop: the recording of '{ref.name}' was interrupted ({where}) and was discarded; nothing was kept "
             "or saved. Record it again."
         )
+    every = job.record_every
     ref.meta["steps"] = {name: t.n_steps for name, t in trackers.items()}
-    ref.meta["trace"] = {name: list(t.trace) for name, t in trackers.items()}
+    ref.meta["trace"] = {name: rd.recorded_trace(t.trace, every) for name, t in trackers.items()}
+    ref.meta["record_every"] = every
     if job.values.get("uncond"):  # list the uncond branch only where it was recorded
         for name, t in trackers.items():
-            ref.meta["trace"][f"{name}_uncond"] = list(t.trace)
+            ref.meta["trace"][f"{name}_uncond"] = rd.recorded_trace(t.trace, every)
             ref.meta["steps"][f"{name}_uncond"] = t.n_steps
     ref.finalize()
     with library._LOCK:

@@ -17,6 +17,7 @@ import torch
 
 from lib_imgcond.core import refdrop as rd
 from lib_imgcond.core import refdrop_joint as joint_kv
+from lib_imgcond.core import refdrop_precision as prec
 from lib_imgcond.core import refdrop_store as store
 from lib_imgcond.core.errors import ImgcondError
 from lib_imgcond.hosts import progress
@@ -102,6 +103,7 @@ class Runner:
         values = job.values
         self.item, self.use_uncond = values["batch_item"], values["uncond"]
         self.start, self.end = values["start"], values["end"]
+        self.every = job.record_every
         name = tracker.pass_name
         self.names = (name, f"{name}_uncond") if self.use_uncond else (name,)
         order = [tuple(x[:3]) for x in rd.layer_table(job.family) if tuple(x[:3]) in job.layers]  # execution order
@@ -167,7 +169,7 @@ class Runner:
             if branch in chunks:
                 row = chunks.index(branch) * b + (0 if capturing else self.item)
                 name = self.tracker.pass_name if branch == 0 else f"{self.tracker.pass_name}_uncond"
-                full = store.RefKey(name, self.tracker.eval, *key)
+                full = store.RefKey(name, self.tracker.eval // self.every, *key)
                 kv = (k[row : row + 1], v[row : row + 1])
                 if joint is not None:
                     kv = tuple(joint_kv.pack(t[:, :, joint.n_txt :]) for t in kv)
@@ -185,7 +187,8 @@ class Runner:
             return plain()
         b = q.shape[0] // len(chunks)
         if job.recording:
-            self._record(k, v, key, chunks, b, joint)
+            if self.tracker.eval % self.every == 0:  # Record every k-th evaluation only (`record_every`)
+                self._record(k, v, key, chunks, b, joint)
             return plain()
         if self.planned != self.tracker.eval:
             self._plan(q.device, q.dtype)
@@ -266,11 +269,12 @@ class _ReferenceSource:
         storages: dict[int, tuple] = {}  # data_ptr -> (storage, upload order)
         layout = []
         for key in keys:
-            for t in ref.get(key):
+            scale = ref.scale(key) or (None, None)  # fp8: dequantised on the device after the upload
+            for t, s in zip(ref.get(key), scale, strict=True):
                 st = t.untyped_storage()
                 if st.data_ptr() not in storages:
                     storages[st.data_ptr()] = (st, len(storages))
-                layout.append((key, st.data_ptr(), t.storage_offset() * t.element_size(), t.shape, t.dtype))
+                layout.append((key, st.data_ptr(), t.storage_offset() * t.element_size(), t.shape, t.dtype, s))
         self.stream.wait_stream(torch.cuda.current_stream(device))
         uploaded, events = {}, []
         with torch.cuda.stream(self.stream):
@@ -282,10 +286,12 @@ class _ReferenceSource:
                 events.append(event)
             table: dict = {}
             last_slab: dict[int, int] = {}
-            for key, ptr, offset, shape, t_dtype in layout:
+            for key, ptr, offset, shape, t_dtype, s in layout:
                 n = t_dtype.itemsize * math.prod(shape)
                 t = uploaded[ptr][offset : offset + n].view(t_dtype).view(shape)
-                if t.dtype != dtype:
+                if s is not None:
+                    t = prec.dequantize(t, s, dtype)
+                elif t.dtype != dtype:
                     t = t.to(dtype)
                 table.setdefault((key.step, key.layer), []).append(t)
                 last_slab[key.step] = max(last_slab.get(key.step, 0), storages[ptr][1])

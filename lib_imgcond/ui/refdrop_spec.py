@@ -65,5 +65,18 @@ SPEC = Spec(
         ),
         Param("batch_item", "Batch item to record", "int", 0, 0, 63, 1, advanced=True),
         Param("image", "Reference image (mode Image)", "image", None),
+        Param(
+            "record_every",
+            "Record every k-th evaluation",
+            "int",
+            1,
+            1,
+            16,
+            1,
+            xyz=True,
+            info="Record: keep the K/V of every k-th model evaluation only (about 1/k of the size); Use maps each "
+            "evaluation to the recorded one nearest in progress. 1 = all",
+            advanced=True,
+        ),
     ],
 )

@@ -276,8 +276,8 @@ def test_version_and_missing_tensor(tmp_path):
     path = tmp_path / "cat.safetensors"
     save_reference(make_ref(), path)
     newer = tmp_path / "newer.safetensors"
-    _rewrite(path, newer, {"format_version": "2"})
-    with pytest.raises(ImgcondError, match=r"format 2.*update"):
+    _rewrite(path, newer, {"format_version": "3"})
+    with pytest.raises(ImgcondError, match=r"format 3.*update"):
         load_reference(newer)
     holey = tmp_path / "holey.safetensors"
     _rewrite(path, holey, drop="first/2/output/10/0/v")
