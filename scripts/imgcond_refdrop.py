@@ -6,9 +6,10 @@ import gradio as gr
 from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
-from lib_imgcond.core.errors import ImgcondError
+from lib_imgcond.core.errors import ArgumentError, ImgcondError
 from lib_imgcond.hosts import forge, progress
 from lib_imgcond.hosts import forge_refdrop as host
+from lib_imgcond.hosts import refdrop_estimate as estimate
 from lib_imgcond.log import logger
 from lib_imgcond.ui import panel, registry, script, xyz
 from lib_imgcond.ui.refdrop_spec import SPEC
@@ -31,6 +32,18 @@ def _precision() -> str:
 class RefDropScript(script.TechniqueScript, scripts.Script):
     spec = SPEC
     sorting_priority = 20
+
+    def __init__(self):
+        super().__init__()
+        self.gen = {}  # tab -> {generation setting: its component}, for the Record size estimate
+        register = getattr(self, "on_after_component", None)  # A1111 ≥ 1.7, Forge, Neo
+        for tab in ("txt2img", "img2img") if register else ():
+            for field, suffix in estimate.GEN_FIELDS.items():
+                if tab == "txt2img" or not field.startswith(("hr_", "enable_hr")):
+                    register(
+                        lambda c, t=tab, f=field: self.gen.setdefault(t, {}).__setitem__(f, c.component),
+                        elem_id=f"{tab}_{suffix}",
+                    )
 
     def ui(self, is_img2img):
         eid = self.elem_ids(is_img2img)
@@ -64,10 +77,38 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
                 "image": lambda param, elem_id: panel.component(param, elem_id, **image_on_demand),
             }
             panel.layout(SPEC, comps, rows, eid, custom)
+            with gr.Row(equal_height=False):
+                size_line = gr.Markdown("Record size: press 📏 for an estimate", elem_id=eid("record_size"))
+                tools["estimate"] = panel.tool_button(
+                    "estimate", eid("estimate"), "Estimate the size a Record takes with the current settings"
+                )
             library = gr.Markdown(_library_text(), elem_id=eid("library"))
+            with gr.Accordion("Library: thumbnails, rename", open=False, elem_id=eid("library_more")):
+                gallery = gr.Gallery(
+                    _thumbnails(), label="Recorded images", columns=6, height="auto", elem_id=eid("thumbnails")
+                )
+                with gr.Row(equal_height=False):
+                    new_name = gr.Textbox(label="Rename the selected reference to", lines=1, elem_id=eid("new_name"))
+                    rename_button = gr.Button("Rename", elem_id=eid("rename"), size="sm")
 
         def refresh_fn(current):
-            return gr.update(choices=host.all_names(), value=current), _library_text()
+            return gr.update(choices=host.all_names(), value=current), _library_text(), _thumbnails()
+
+        def rename_fn(current, new):
+            try:
+                done = host.rename(current or "", new or "")
+            except ImgcondError as e:
+                return gr.update(), f"⚠️ {e}", gr.update()
+            return gr.update(choices=host.all_names(), value=done["name"]), _library_text(), _thumbnails()
+
+        gen = self.gen.get("img2img" if is_img2img else "txt2img", {})
+        gen_names = list(gen)
+        est_names = ["mode", "layers", "hires", "uncond", "record_every"]
+
+        def estimate_fn(*args):
+            settings = dict(zip(gen_names, args[: len(gen_names)], strict=True))
+            values = {**SPEC.defaults(), **dict(zip(est_names, args[len(gen_names) :], strict=True))}
+            return estimate.record_size_line(getattr(shared, "sd_model", None), settings, values, _precision())
 
         def delete_fn(current):
             try:
@@ -77,7 +118,16 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
             text = _library_text() + ("" if found else f"\n\n'{current}' was not found.")
             return gr.update(choices=host.all_names()), text
 
-        tools["refresh"].click(refresh_fn, inputs=[comps["reference"]], outputs=[comps["reference"], library])
+        tools["refresh"].click(
+            refresh_fn, inputs=[comps["reference"]], outputs=[comps["reference"], library, gallery]
+        )  # fmt: skip
+        rename_button.click(
+            rename_fn, inputs=[comps["reference"], new_name], outputs=[comps["reference"], library, gallery]
+        )  # fmt: skip
+        tools["estimate"].click(
+            estimate_fn, inputs=[*gen.values(), *(comps[n] for n in est_names)], outputs=[size_line],
+            show_progress=panel.NO_PROGRESS,
+        )  # fmt: skip
         tools["delete"].click(delete_fn, inputs=[comps["reference"]], outputs=[comps["reference"], library])
         comps["mode"].change(
             lambda mode: gr.update(visible=mode == "Image"), inputs=[comps["mode"]], outputs=[comps["image"]],
@@ -126,14 +176,33 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
         try:
             if state["job"].record is not None and state["trackers"]:
                 with progress.status(f"RefDrop: keeping the reference '{state['job'].values['reference']}'"):
-                    host.finish_record(
-                        state["job"], state["trackers"], state["job"].values["save"], forge.interrupted()
-                    )
+                    job = state["job"]
+                    thumb = _thumbnail_of(processed, job.values["batch_item"])
+                    host.finish_record(job, state["trackers"], job.values["save"], forge.interrupted(), thumb)
         except ImgcondError as e:
             logger.error("%s", e)
             forge.notify(processed, str(e))
         finally:
             host.release(state["job"])
+
+
+def _thumbnail_of(processed, item: int) -> str:
+    """The recorded image of a Record job (its batch item of the first image set), as a small JPEG data URI."""
+    images = list(getattr(processed, "images", None) or [])
+    index = int(getattr(processed, "index_of_first_image", 0) or 0) + int(item)
+    if not 0 <= index < len(images) or not hasattr(images[index], "convert"):
+        return ""
+    return host.make_thumbnail(images[index])
+
+
+def _thumbnails() -> list:
+    """(image, name) of every listed reference that has a thumbnail, for the library's gallery."""
+    try:
+        rows = host.describe()
+    except ImgcondError:
+        return []
+    pairs = [(host.thumbnail_image(r.get("thumbnail") or ""), r["name"]) for r in rows]
+    return [(img, name) for img, name in pairs if img is not None]
 
 
 def _library_text() -> str:
@@ -143,14 +212,15 @@ def _library_text() -> str:
         return f"⚠️ {e}"
     if not rows:
         return "No references yet."
-    lines = ["| reference | model | size | steps | image | where |", "|---|---|---|---|---|---|"]
+    lines = ["| reference | model | size | steps | image | stored | where |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("broken"):
-            lines.append(f"| {r['name']} | ⚠️ unreadable: {r['broken']} | | | | file |")
+            lines.append(f"| {r['name']} | ⚠️ unreadable: {r['broken']} | | | | | file |")
             continue
-        where = " + ".join(w for w, on in (("RAM", r["in_ram"]), ("file", r["saved"])) if on)
         steps = ", ".join(f"{k}: {v}" for k, v in (r.get("steps") or {}).items() if not k.endswith("_uncond"))
-        lines.append(f"| {r['name']} | {r['family']} | {r['size']} | {steps} | {r['width']}×{r['height']} | {where} |")
+        stored = r["precision"] + (f", every {r['record_every']}" if r["record_every"] > 1 else "")
+        cells = (r["name"], r["family"], r["size"], steps, r["resolution"], stored, r["storage"])
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -189,6 +259,14 @@ def add_routes(_demo, app):
     @forge.http_route
     def delete_reference(name: str):
         return {"deleted": host.delete(host.check_name(name))}
+
+    @app.post("/imgcond/v1/refdrop/references/{name}/rename")
+    @forge.http_route
+    def rename_reference(name: str, body: dict):
+        new = body.get("name") if isinstance(body, dict) else None
+        if not isinstance(new, str):
+            raise ArgumentError("name", new, 'a JSON body {"name": "<new name>"}')
+        return host.rename(name, new)
 
 
 script_callbacks.on_ui_settings(on_ui_settings)

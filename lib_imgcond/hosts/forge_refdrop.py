@@ -26,7 +26,10 @@ from lib_imgcond.hosts.refdrop_library import (  # noqa: F401  (re-exported: the
     delete,
     describe,
     lookup,
+    make_thumbnail,
+    rename,
     save,
+    thumbnail_image,
 )
 from lib_imgcond.hosts.refdrop_patch import (  # noqa: F401  (re-exported for the benchmarks and tests)
     FLUSH_EVERY,
@@ -314,7 +317,7 @@ def capture_schedule(p: Any, tracker: PassTracker) -> None:
 
 
 def finish_record(
-    job: Job, trackers: dict[str, PassTracker], save_file: bool, interrupted: bool = False
+    job: Job, trackers: dict[str, PassTracker], save_file: bool, interrupted: bool = False, thumbnail: str = ""
 ) -> store.Reference:
     """Keep the recording as a reference (and save it), or, when the job was interrupted or a pass stopped short of
     its last step, discard it and raise the message that says so: a partial reference would blend steps that were
@@ -334,6 +337,8 @@ def finish_record(
     ref.meta["steps"] = {name: t.n_steps for name, t in trackers.items()}
     ref.meta["trace"] = {name: rd.recorded_trace(t.trace, every) for name, t in trackers.items()}
     ref.meta["record_every"] = every
+    if thumbnail:
+        ref.meta["thumbnail"] = thumbnail
     if job.values.get("uncond"):  # list the uncond branch only where it was recorded
         for name, t in trackers.items():
             ref.meta["trace"][f"{name}_uncond"] = rd.recorded_trace(t.trace, every)

@@ -53,7 +53,7 @@ def lookup(name: str) -> store.Reference:
                 raise ImgcondError(
                     f"RefDrop reference '{name}' does not exist (known: {known}). Record it first: mode Record."
                 )
-            ref = store.load_reference(path)
+            ref = store.load_reference(path, name=name)  # known by its file's name (renamed or copied files)
             REFERENCES[name] = ref
         return ref
 
@@ -77,11 +77,35 @@ def delete(name: str) -> bool:
     return found
 
 
-_INFO_KEYS = ("family", "bytes", "steps", "width", "height", "layers")
+def rename(old: str, new: str) -> dict[str, Any]:
+    """Rename a reference in RAM and its file (the file's name is the reference's name; see `lookup`)."""
+    old, new = check_name(old), check_name(new)
+    with _LOCK:
+        path, target = _file(old), _file(new)
+        in_ram, saved = old in REFERENCES, os.path.exists(path)
+        if not in_ram and not saved:
+            known = ", ".join(all_names()) or "none yet"
+            raise ImgcondError(f"RefDrop reference '{old}' does not exist (known: {known}); nothing was renamed")
+        if new == old:
+            return {"renamed": False, "name": new}
+        if new in REFERENCES or os.path.exists(target):
+            raise ImgcondError(f"RefDrop reference '{new}' already exists; delete it first or pick another name")
+        if saved:
+            os.replace(path, target)
+        if in_ram:
+            ref = REFERENCES.pop(old)
+            ref.name = new
+            REFERENCES[new] = ref
+    return {"renamed": True, "name": new}
+
+
+_INFO_KEYS = ("family", "steps", "width", "height", "layers", "precision", "record_every", "thumbnail")
 
 
 def describe() -> list[dict[str, Any]]:
-    """Name, where it lives, size, model family, steps and size of every reference (for the UI and the API). A file
+    """Every reference (for the UI and the API): name, model family, size (in RAM, else of its file), sampling
+    steps, resolution, where it is kept (`storage`: RAM, file or both), storage precision, the step subset it kept
+    (`record_every`), and a thumbnail of the recorded image (a `data:image/jpeg;base64,…` URI, "" when none). A file
     that cannot be read is listed too, with `broken` saying why (None for readable ones), so one bad file never
     hides the others; Use of it gives the same reason, and delete works on it."""
     out = []
@@ -90,15 +114,52 @@ def describe() -> list[dict[str, Any]]:
         ref = REFERENCES.get(name)
         broken = None
         if ref is not None:
-            info = {"family": ref.family, "bytes": ref.nbytes, "steps": dict(ref.meta.get("steps", {}))}
-            info.update(width=ref.meta.get("width"), height=ref.meta.get("height"), layers=ref.meta.get("layers"))
+            m = ref.meta
+            info = {k: m.get(k) for k in ("width", "height", "layers", "thumbnail")}
+            info.update(family=ref.family, bytes=ref.nbytes, steps=dict(m.get("steps", {})), precision=ref.precision)
+            info["record_every"] = int(m.get("record_every") or 1)
         else:
             try:
                 info = store.reference_info(_file(name))
             except (ImgcondError, OSError) as e:
                 info, broken = {}, str(e)
-            info = {k: info.get(k) for k in _INFO_KEYS}
+            info = {k: info.get(k) for k in _INFO_KEYS} | {"bytes": info.get("size_bytes")}
         info.update(name=name, in_ram=ref is not None, saved=name in saved, broken=broken)
+        info["storage"] = " + ".join(w for w, on in (("RAM", info["in_ram"]), ("file", info["saved"])) if on)
         info["size"] = store.format_bytes(int(info.get("bytes") or 0))
+        info["resolution"] = f"{info['width']}×{info['height']}" if info.get("width") else ""
+        info["thumbnail"] = info.get("thumbnail") or ""
         out.append(info)
     return out
+
+
+THUMBNAIL_PX = 128
+
+
+def make_thumbnail(image: Any, px: int = THUMBNAIL_PX) -> str:
+    """A small JPEG of a PIL image (longest side `px`) as a data URI, kept in the reference's metadata."""
+    import base64
+    import io
+
+    small = image.convert("RGB")
+    small.thumbnail((px, px))
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def thumbnail_image(uri: str) -> Any:
+    """The PIL image of a thumbnail data URI; None when there is none or it cannot be read."""
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    head, sep, data = (uri or "").partition(",")
+    if not sep or not head.startswith("data:image/"):
+        return None
+    try:
+        return Image.open(io.BytesIO(base64.b64decode(data, validate=True))).convert("RGB")
+    except (binascii.Error, UnidentifiedImageError, OSError, ValueError):
+        return None

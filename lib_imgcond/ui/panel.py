@@ -105,7 +105,7 @@ def tool_button(symbol: str, elem_id: str, tooltip: str):
     return ToolButton(value=value, elem_id=elem_id, tooltip=tooltip)
 
 
-_SYMBOLS = {"refresh": "\U0001f504", "clear_prompt": "\U0001f5d1\ufe0f"}
+_SYMBOLS = {"refresh": "\U0001f504", "clear_prompt": "\U0001f5d1\ufe0f", "estimate": "\U0001f4cf"}
 
 
 def mask_upload(label: str, elem_id: str):

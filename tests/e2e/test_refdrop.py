@@ -221,3 +221,93 @@ def test_a_corrupt_file_is_listed_as_broken_and_hides_nothing(server, recorded):
     assert "bad.safetensors is truncated or corrupt" in err
     assert server.delete("/imgcond/v1/refdrop/references/bad")["deleted"]
     assert "bad" not in {r["name"] for r in server.get("/imgcond/v1/refdrop/references")}
+
+
+# --- storage precision, step subset, library ------------------------------------------------------------------------
+def settings(server, **values) -> None:
+    """Write RefDrop settings into the server's config.json (an API-only server registers no settings page, so they
+    are read from there); they apply from the next start."""
+    import json
+
+    config = server.data_dir / "config.json"
+    data = json.loads(config.read_text()) if config.exists() else {}
+    for key in ("imgcond_refdrop_storage_precision", "imgcond_refdrop_store_fp16"):
+        data.pop(key, None)
+    data.update(values)
+    config.write_text(json.dumps(data))
+
+
+def listing(server) -> dict:
+    return {r["name"]: r for r in server.get("/imgcond/v1/refdrop/references")}
+
+
+def test_fp8_record_then_use_differs_from_plain_and_reloads_after_restart(server, recorded, plain):
+    settings(server, imgcond_refdrop_storage_precision="fp8")
+    server.restart()
+    out = server.generate(refdrop(forge.payload(seed=1), mode="Record", reference="cat8", save=True))
+    assert forge.max_diff(out.image, plain[1]) == 0  # Record leaves the image alone
+    refs = listing(server)
+    assert refs["cat8"]["precision"] == "fp8" and refs["cat"]["precision"] == "as computed"
+    assert refs["cat8"]["bytes"] < refs["cat"]["bytes"] / 3.9  # fp32 K/V on the CPU: a quarter (+ header, scales)
+    use = refdrop(forge.payload(seed=2), mode="Use", reference="cat8", coefficient=0.5)
+    before = server.generate(use).image
+    assert forge.max_diff(before, plain[2]) > 0
+    settings(server, imgcond_refdrop_store_fp16=True)  # the older switch, as a user's config still has it
+    server.restart()
+    refs = listing(server)
+    assert refs["cat8"]["precision"] == "fp8" and not refs["cat8"]["in_ram"] and refs["cat8"]["saved"]
+    assert forge.max_diff(server.generate(use).image, before) == 0  # the file kept the fp8 K/V and their scales
+    server.generate(refdrop(forge.payload(seed=1), mode="Record", reference="cat16"))
+    refs = listing(server)
+    assert refs["cat16"]["precision"] == "fp16"  # the file of "cat" holds its header too: about half
+    assert abs(refs["cat16"]["bytes"] * 2 / refs["cat"]["bytes"] - 1) < 0.05
+    settings(server)
+
+
+def test_record_every_2_is_half_the_size_and_use_runs(server, plain):
+    for name, every in (("full4", 1), ("half4", 2)):
+        out = server.generate(
+            refdrop(forge.payload(seed=1, steps=4), mode="Record", reference=name, record_every=every, save=True)
+        )
+        assert ("refdrop_record_every: 2" in out.infotext) == (every == 2)
+    refs = listing(server)
+    assert refs["half4"]["bytes"] * 2 == refs["full4"]["bytes"] and refs["half4"]["record_every"] == 2
+    use = server.generate(refdrop(forge.payload(seed=2, steps=4), mode="Use", reference="half4", coefficient=0.5))
+    assert forge.max_diff(use.image, plain[2]) > 0
+    assert "refdrop_record_every" not in use.infotext  # Use applies no subset
+
+
+def test_rename_via_the_api_then_use_by_the_new_name(server, plain):
+    server.generate(refdrop(forge.payload(seed=3), mode="Record", reference="old-name", save=True))
+    status, body = server.post("/imgcond/v1/refdrop/references/old-name/rename", {"name": "cat"})
+    assert status == 400 and "already exists" in body["detail"]
+    status, body = server.post("/imgcond/v1/refdrop/references/nobody/rename", {"name": "x"})
+    assert status == 400 and "does not exist" in body["detail"]
+    status, body = server.post("/imgcond/v1/refdrop/references/old-name/rename", {"name": "a/b"})
+    assert status == 400 and "refdrop.reference" in body["detail"]
+    status, body = server.post("/imgcond/v1/refdrop/references/old-name/rename", {"nom": "x"})
+    assert 400 <= status < 500 and "detail" in body
+    status, body = server.post("/imgcond/v1/refdrop/references/old-name/rename", {"name": "new-name"})
+    assert status == 200 and body == {"renamed": True, "name": "new-name"}
+    refs = listing(server)
+    assert "old-name" not in refs and refs["new-name"]["saved"] and refs["new-name"]["in_ram"]
+    out = server.generate(refdrop(forge.payload(seed=2), mode="Use", reference="new-name", coefficient=0.5))
+    assert forge.max_diff(out.image, plain[2]) > 0
+    err = server.generate_error(refdrop(forge.payload(seed=2), mode="Use", reference="old-name"))
+    assert "'old-name' does not exist" in err
+
+
+def test_the_listing_shows_the_library_fields(server, recorded):
+    import base64
+    import io
+
+    from PIL import Image
+
+    cat = listing(server)["cat"]
+    assert cat["family"] == "sd15" and cat["size"].endswith(("KiB", "MiB")) and cat["steps"] == {"first": 3}
+    assert cat["resolution"] == "64×64" and cat["storage"] in ("RAM + file", "file")
+    assert cat["precision"] == "as computed" and cat["record_every"] == 1
+    head, data = cat["thumbnail"].split(",", 1)
+    assert head == "data:image/jpeg;base64"
+    thumb = Image.open(io.BytesIO(base64.b64decode(data)))
+    assert thumb.size == (64, 64)  # the recorded 64² image (never enlarged past 128 px)
