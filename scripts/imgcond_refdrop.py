@@ -70,6 +70,7 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
             rows = [
                 ("mode",), ("reference", buttons), ("coefficient",), ("save",), ("image",),
                 ("more_references",), ("layers",), ("start", "end"), ("hires",), ("uncond",), ("batch_item",),
+                ("record_every",),
             ]  # fmt: skip
             image_on_demand = {"visible": p["mode"].default == "Image"}  # shown in mode Image only
             custom = {
@@ -85,8 +86,9 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
             library = gr.Markdown(_library_text(), elem_id=eid("library"))
             with gr.Accordion("Library: thumbnails, rename", open=False, elem_id=eid("library_more")):
                 gallery = gr.Gallery(
-                    _thumbnails(), label="Recorded images", columns=6, height="auto", elem_id=eid("thumbnails")
-                )
+                    _thumbnails(), label="Recorded images", columns=6, height=180, interactive=False,
+                    elem_id=eid("thumbnails"),
+                )  # fmt: skip
                 with gr.Row(equal_height=False):
                     new_name = gr.Textbox(label="Rename the selected reference to", lines=1, elem_id=eid("new_name"))
                     rename_button = gr.Button("Rename", elem_id=eid("rename"), size="sm")
