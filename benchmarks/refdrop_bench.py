@@ -169,10 +169,14 @@ class Bench:
 
     def patched(self, mode: str, steps: int, ref: Any):
         values = make_values("Record" if mode == "record" else "Use", self.args.coefficient)
+        if self.args.record_every > 1:
+            values["record_every"] = self.args.record_every
         budget = int(self.args.budget_gib * 2**30)
         job = host.Job(values, "sdxl", self.layers, budget=budget)
         if mode == "record":
-            job.record = store.Reference("bench", "sdxl", {"width": self.args.width, "height": self.args.height})
+            meta = {"width": self.args.width, "height": self.args.height}
+            extra = {"precision": self.args.precision} if self.args.precision != "as computed" else {}
+            job.record = store.Reference("bench", "sdxl", meta, **extra)
         else:
             job.uses = [(ref, self.args.coefficient)]
         tracker = host.PassTracker("first", steps)
@@ -330,6 +334,10 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=1024)
     parser.add_argument("--coefficient", type=float, default=0.3)
     parser.add_argument("--budget-gib", type=float, default=16.0, help="RAM budget, as the setting (default 16)")
+    parser.add_argument(
+        "--precision", choices=("as computed", "fp16", "fp8"), default="as computed", help="storage of recorded K/V"
+    )
+    parser.add_argument("--record-every", type=int, default=1, help="Record: keep every k-th evaluation")
     parser.add_argument("--channels", type=int, default=320, help="model channels (shrink for CPU smoke tests)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--profile-steps", type=int, default=0, help="also profile off/use/record for this many steps")
@@ -347,7 +355,8 @@ def main() -> None:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"device {name}, torch {torch.__version__}, {args.dtype}, {args.width}x{args.height}, batch 2, ", end="")
+    size = f"{args.width}x{args.height}, storage {args.precision}, record every {args.record_every}"
+    print(f"device {name}, torch {torch.__version__}, {args.dtype}, {size}, batch 2, ", end="")
     print(f"{args.steps} steps x {args.repeats} repeats; lib_imgcond from {lib}", flush=True)
 
     if args.out:
