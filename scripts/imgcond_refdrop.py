@@ -179,7 +179,10 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
             if state["job"].record is not None and state["trackers"]:
                 with progress.status(f"RefDrop: keeping the reference '{state['job'].values['reference']}'"):
                     job = state["job"]
-                    thumb = _thumbnail_of(processed, job.values["batch_item"])
+                    if job.values["mode"] == "Image":  # the reference is the uploaded image
+                        thumb = host.make_thumbnail(job.values["image"].image)
+                    else:
+                        thumb = _thumbnail_of(processed, job.values["batch_item"])
                     host.finish_record(job, state["trackers"], job.values["save"], forge.interrupted(), thumb)
         except ImgcondError as e:
             logger.error("%s", e)
