@@ -105,11 +105,6 @@ class Job:
 def plan(p: Any, values: dict, budget_bytes: int, store_fp16: bool) -> Job:
     """Validate everything a job needs before any sampling; raise a clear ImgcondError otherwise."""
     family = forge.require_family(p.sd_model, FAMILIES, "RefDrop")
-    if values["mode"] == consistent.MODE and family in rd.DIT_FAMILIES:
-        raise ArgumentError(
-            "refdrop.mode", consistent.MODE, f"Record, Use or Image on {family}: consistent batch (mode Batch) runs "
-            "on SD1.5 and SDXL UNets only"
-        )  # fmt: skip
     if family in rd.DIT_FAMILIES:  # tagged with its layer shapes: a reference never crosses DiT architectures
         from lib_imgcond.hosts import refdrop_dit
 

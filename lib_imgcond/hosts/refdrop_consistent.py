@@ -1,6 +1,9 @@
-"""RefDrop mode Batch (consistent batch) at the UNet attn1 site: the images of one batch share self-attention tokens.
+"""RefDrop mode Batch (consistent batch): the images of one batch share self-attention tokens.
 
-`BatchRunner` has the `Runner` interface `forge_refdrop._install_attn1` drives (`on_eval`, `attend`). Each chunk of the
+`BatchRunner` has the `Runner` interface the attention sites drive (`on_eval`, `attend`): the UNet attn1 replace
+(`forge_refdrop._install_attn1`, (B, N, C) tensors) and, on Flux and Chroma, the joint attention of every double/single
+block (`refdrop_dit`, roped (B, heads, tokens, head_dim) tensors whose first `n_txt` tokens are text: only the image
+tokens are shared and only the image-token outputs are blended, text tokens keep their own attention). Each chunk of the
 model call whose branch is selected (cond; uncond too with "Uncond branch too") is one group: its rows share tokens with
 each other only. The maths is `core.refdrop_batch`; this module picks the groups, the seeds and the first batch's pool.
 """
@@ -78,17 +81,22 @@ class BatchRunner:
             site = (tracker.pass_name, tracker.eval, *key, branch, chunks[:j].count(branch))
             seed = cb.derive_seed(job.batch_seed, *site)
             kr, vr = k[rows], v[rows]
+            # a DiT's call also holds the text tokens: only image tokens are shared, only their outputs blended
+            ki, vi = (kr[:, :, joint.n_txt :], vr[:, :, joint.n_txt :]) if joint is not None else (kr, vr)
             shared = None
             if self.read:
                 kept = job.pool.get(site)
                 if kept is not None:
                     shared = tuple(t.to(device=k.device, dtype=k.dtype, non_blocking=True) for t in kept)
             if shared is None:
-                shared = cb.others_shared(kr, vr, self.rate, seed)
+                shared = cb.others_shared(ki, vi, self.rate, seed)
             if self.keep:
-                self._keep(site, kr, vr, seed)
+                self._keep(site, ki, vi, seed)
+            if shared[0].shape[-2] == 0:
+                continue
             out = attn(q[rows], *cb.joint(kr, vr, shared), rows)
-            cb.blend(base[rows], out, self.c)
+            tokens = slice(joint.n_txt, None) if joint is not None else slice(None)
+            cb.blend(base[rows, tokens], out[:, tokens], self.c)
         return base
 
     def _keep(self, site: tuple, k: torch.Tensor, v: torch.Tensor, seed: int) -> None:

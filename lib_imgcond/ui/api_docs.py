@@ -54,7 +54,7 @@ DOCS: dict[str, dict[str, Doc]] = {
             "to that evaluation's level) and blend it in; `Batch`: consistent batch, no reference: inside one batch "
             "every image's self-attention also attends to a seeded random share `rate` of the other images' tokens, "
             "`out_i = (1−c)·Attn(Q_i,K_i,V_i) + c·Attn(Q_i,[K_i; S(K_others)],[V_i; S(V_others)])` (batch size ≥ 2; "
-            "SD1.5, SDXL)"
+            "on Flux and Chroma image tokens only)"
         ),
         "reference": Doc("the reference to record into or to use (not used by `Batch`)", "a file-safe name"),
         "coefficient": Doc("RFG coefficient c of `reference`; `Batch`: c of the shared-token attention"),

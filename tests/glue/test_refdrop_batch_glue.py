@@ -105,8 +105,6 @@ def test_plan_checks_batch_family_rate_lines_and_budget():
     p = fake_p("sd15", width=64, height=64, sampler_name="Euler a", batch_size=1)
     with pytest.raises(ArgumentError, match=r"refdrop\.mode='Batch'.*batch size of at least 2"):
         host.plan(p, dict(VALUES), 0, False)
-    with pytest.raises(ArgumentError, match=r"refdrop\.mode='Batch'.*consistent batch.*SD1\.5 and SDXL"):
-        host.plan(fake_p("flux", batch_size=2), dict(VALUES), 0, False)
     p = fake_p("sd15", width=64, height=64, sampler_name="Euler a", batch_size=2, n_iter=2)
     p.all_prompts = ["cat"] * 4
     p.all_hr_prompts = ["cat"] * 4
@@ -120,3 +118,31 @@ def test_plan_checks_batch_family_rate_lines_and_budget():
     assert host.infotext_skip(VALUES, 1) == ("reference", "more_references", "save", "batch_item", "batch_sets")
     assert "batch_sets" not in host.infotext_skip(VALUES, 2)
     assert host.infotext_skip({**VALUES, "mode": "Use"}, 2) == ("rate", "batch_sets")
+
+
+def test_dit_joint_call_shares_image_tokens_only_and_blends_image_outputs_only():
+    from lib_imgcond.hosts.refdrop_consistent import BatchRunner
+    from lib_imgcond.hosts.refdrop_patch import Joint
+
+    def packed(q, k, v, _rows=None):  # (B, heads, T, d) → (B, T, heads·d), as the DiT kernels return
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+    family = rd.dit_family("flux", 2, 2, 8)
+    key = ("double", 1, 0)
+    job = host.Job(dict(VALUES), family, frozenset({key}), batch_seed=3)
+    tracker = host.PassTracker("first", 3)
+    tracker.schedule = [3.0, 2.0, 1.0, 0.0]
+    runner = BatchRunner(job, tracker)
+    runner.on_eval(3.0)
+    g = torch.Generator().manual_seed(4)
+    n_txt, n_img = 3, 8
+    q, k, v = (torch.randn(2, HEADS, n_txt + n_img, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    out = runner.attend(key, q, k, v, [0], lambda: packed(q, k, v), packed, joint=Joint(n_txt))
+    plain = packed(q, k, v)
+    assert torch.equal(out[:, :n_txt], plain[:, :n_txt])  # text tokens keep their own attention
+    seed = cb.derive_seed(3, "first", 0, *key, 0, 0)
+    ks, vs = cb.others_shared(k[:, :, n_txt:], v[:, :, n_txt:], 0.5, seed)
+    assert ks.shape == (2, HEADS, 4, 4)  # half of the other image's 8 image tokens, no text token
+    shared_out = packed(q, torch.cat([k, ks], 2), torch.cat([v, vs], 2))
+    torch.testing.assert_close(out[:, n_txt:], 0.5 * plain[:, n_txt:] + 0.5 * shared_out[:, n_txt:])
