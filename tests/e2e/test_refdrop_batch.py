@@ -86,3 +86,13 @@ def test_hires_pass_too(server):
     assert all(forge.max_diff(a, b) > 0 for a, b in zip(both, first_only, strict=True))
     late = images(server.generate(batch(body, coefficient=0.5, rate=0.5, start=1.0, end=1.0)), shape)
     assert all(forge.max_diff(a, b) == 0 for a, b in zip(late, plain, strict=True))  # empty step window
+
+
+def test_layers_and_uncond_branch_select_where_it_applies(server, plain):
+    body = forge.payload(seed=10, batch_size=2)
+    everywhere = images(server.generate(batch(body, coefficient=0.5, rate=0.5)))
+    output = images(server.generate(batch(body, coefficient=0.5, rate=0.5, layers="output")))
+    uncond = images(server.generate(batch(body, coefficient=0.5, rate=0.5, uncond=True)))
+    for got in (output, uncond):
+        assert all(forge.max_diff(a, b) > 0 for a, b in zip(got, plain, strict=True))
+        assert all(forge.max_diff(a, b) > 0 for a, b in zip(got, everywhere, strict=True))
