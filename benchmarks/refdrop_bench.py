@@ -5,6 +5,8 @@ Modes:
   record  lib_imgcond.hosts.forge_refdrop.install with Job.record set: K/V of the cond row of all 70 blocks go into
           CPU (pinned) buffers every evaluation
   use     the same install with Job.uses = [(reference, c)]: every block blends attention over the recorded K/V
+  batch   (alone, not in "all") mode Batch, consistent batch, at batch --batch (default 4, so 8 rows: uncond + cond):
+          every block's cond rows attend to a share --rate of each other's tokens; timed against the plain batch
 
 Floors, in the same rounds: "floor use" is off plus, per self-attention layer, one extra SDPA of the cond row's queries
 over GPU-resident reference K/V and an in-place blend, nothing else (no store, no lookups): the cost any RefDrop Use
@@ -324,9 +326,73 @@ def bandwidth(device: torch.device) -> dict[str, float]:
     return out
 
 
+def batch_mode(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
+    """Mode Batch (consistent batch) at batch --batch (2·batch rows: uncond then cond), timed against the same plain
+    batch: per round one plain pass and one consistent pass, the ratio the median of the per-round ratios."""
+    b, device = args.batch, bench.device
+    g = torch.Generator(device="cpu").manual_seed(3)
+    x0 = torch.randn(b, 4, args.height // 8, args.width // 8, generator=g).to(device)
+    context = torch.cat([bench.context[0:1].expand(b, -1, -1), bench.context[1:2].expand(b, -1, -1)])
+    y = torch.cat([bench.y[0:1].expand(b, -1), bench.y[1:2].expand(b, -1)])
+    values = {**make_values("Batch", args.coefficient), "image": None, "rate": args.rate, "prompt_lines": ""}
+    values["batch_sets"] = "each batch its own set"
+
+    def one(on: bool) -> float:
+        patcher = None
+        if on:
+            job = host.Job(values, "sdxl", bench.layers, batch_seed=1)
+            patcher = FakeUnetPatcher(bench.keys)
+            host.install(patcher, job, host.PassTracker("first", args.steps), attention)
+        opts = patcher.model_options if patcher else {"transformer_options": {}}
+        sigmas = torch.linspace(14.6, 0.03, args.steps + 1).to(device)
+        bench.sync()
+        t0 = time.perf_counter()
+        x = x0.clone()
+        for i in range(args.steps):
+            sigma = sigmas[i : i + 1]
+            float(sigma)
+            for fn in opts.get("conditioning_modifiers", []):
+                fn(None, x, sigma, None, None, 7.0, {}, 0)
+            topts = dict(opts["transformer_options"], cond_or_uncond=[1, 0], sigmas=sigma.expand(2 * b))
+            uncond, cond = bench.model(torch.cat([x, x]), sigma.expand(2 * b) * 70.0, context, y, topts).chunk(2)
+            x = x + (uncond + 7.0 * (cond - uncond) - x) * (sigmas[i + 1] - sigma) / sigma
+        bench.sync()
+        last[on] = x
+        return time.perf_counter() - t0
+
+    last: dict[bool, torch.Tensor] = {}
+    one(False), one(True)  # warm-up
+    rounds = [(one(False), one(True)) for _ in range(args.repeats)]
+    ratios = [on / off for off, on in rounds]
+    return {
+        "batch": b,
+        "rate": args.rate,
+        "coefficient": args.coefficient,
+        "steps": args.steps,
+        "off_s": statistics.median(off for off, _ in rounds),
+        "batch_s": statistics.median(on for _, on in rounds),
+        "ratio": statistics.median(ratios),
+        "ratio_spread": [min(ratios), max(ratios)],
+        "latent_max_diff_vs_off": float((last[True].float() - last[False].float()).abs().max()),  # > 0: it ran
+    }
+
+
+def report_batch(res: dict[str, Any], out_dir: str | None, results: dict[str, Any]) -> None:
+    steps = res["steps"]
+    print(
+        f"consistent batch (mode Batch) at batch {res['batch']}, rate {res['rate']}, c {res['coefficient']}: "
+        f"off {1e3 * res['off_s'] / steps:.2f} ms/step, Batch {1e3 * res['batch_s'] / steps:.2f} ms/step, "
+        f"x{res['ratio']:.3f} [{res['ratio_spread'][0]:.3f}-{res['ratio_spread'][1]:.3f}]; "
+        f"latent max diff vs off {res['latent_max_diff_vs_off']:.3g}"
+    )
+    if out_dir:
+        with open(os.path.join(out_dir, "results.json"), "w") as f:
+            json.dump({**results, "batch_mode": res}, f, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=("off", "record", "use", "all"), default="all")
+    parser.add_argument("--mode", choices=("off", "record", "use", "all", "batch"), default="all")
     parser.add_argument("--steps", type=int, default=20, help="steps per timed sampling pass")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per mode (medians reported)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
@@ -345,6 +411,8 @@ def main() -> None:
     parser.add_argument(
         "--fuse-below", type=int, default=None, help="set refdrop_patch.FUSE_BELOW_TOKENS (default: the library's)"
     )
+    parser.add_argument("--batch", type=int, default=4, help="mode batch: images per batch (default 4)")
+    parser.add_argument("--rate", type=float, default=0.5, help="mode batch: shared token rate r (default 0.5)")
     parser.add_argument("--lib", default=ROOT, help="folder holding the lib_imgcond to measure (default: this repo)")
     args = parser.parse_args()
     lib = load_lib(args.lib)
@@ -367,6 +435,9 @@ def main() -> None:
         print(f"model: {sum(p.numel() for p in bench.model.parameters()) / 1e9:.2f} B params, ", end="")
         print(f"{flops / 1e12:.1f} TFLOP per step (matmul/conv/attention)", flush=True)
         results: dict[str, Any] = {"device": name, "torch": torch.__version__, "args": vars(args)}
+        if args.mode == "batch":
+            report_batch(batch_mode(bench, args), args.out, results)
+            return
         if cuda:
             results["copy_GBps"] = bandwidth(bench.device)
             print("pinned copy GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in results["copy_GBps"].items()))

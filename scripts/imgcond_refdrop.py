@@ -70,12 +70,23 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
             rows = [
                 ("mode",), ("reference", buttons), ("coefficient",), ("save",), ("image",),
                 ("more_references",), ("layers",), ("start", "end"), ("hires",), ("uncond",), ("batch_item",),
-                ("record_every",),
+                ("record_every",), ("rate",), ("prompt_lines",), ("batch_sets",),
             ]  # fmt: skip
             image_on_demand = {"visible": p["mode"].default == "Image"}  # shown in mode Image only
+            batch_on_demand = {"visible": p["mode"].default == host.consistent.MODE}  # shown in mode Batch only
             custom = {
                 "reference": reference,
                 "image": lambda param, elem_id: panel.component(param, elem_id, **image_on_demand),
+                "rate": lambda param, elem_id: panel.component(param, elem_id, **batch_on_demand),
+                "prompt_lines": lambda param, elem_id: gr.Textbox(
+                    label=param.label,
+                    value=param.default,
+                    lines=3,
+                    info=param.info,
+                    elem_id=elem_id,
+                    **batch_on_demand,
+                ),
+                "batch_sets": lambda param, elem_id: panel.component(param, elem_id, **batch_on_demand),
             }
             panel.layout(SPEC, comps, rows, eid, custom)
             with gr.Row(equal_height=False):
@@ -131,10 +142,15 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
             show_progress=panel.NO_PROGRESS,
         )  # fmt: skip
         tools["delete"].click(delete_fn, inputs=[comps["reference"]], outputs=[comps["reference"], library])
+        batch_comps = [comps["rate"], comps["prompt_lines"], comps["batch_sets"]]
+
+        def mode_fn(mode):
+            batch = gr.update(visible=mode == host.consistent.MODE)
+            return gr.update(visible=mode == "Image"), *([batch] * len(batch_comps))
+
         comps["mode"].change(
-            lambda mode: gr.update(visible=mode == "Image"), inputs=[comps["mode"]], outputs=[comps["image"]],
-            show_progress=panel.NO_PROGRESS,
-        )  # fmt: skip
+            mode_fn, inputs=[comps["mode"]], outputs=[comps["image"], *batch_comps], show_progress=panel.NO_PROGRESS
+        )
         return self.finish_ui(enabled, comps)
 
     def process(self, p, *args):
@@ -163,12 +179,15 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
         if pass_name == "hires" and not job.values["hires"]:
             return
         steps = int(getattr(p, "hr_second_pass_steps", 0) or p.steps) if pass_name == "hires" else int(p.steps)
+        job.iteration = int(getattr(p, "iteration", 0) or 0)
+        job.batch_seed = int((getattr(p, "seeds", None) or [getattr(p, "seed", 0) or 0])[0])
         tracker = host.PassTracker(pass_name, steps)
         state["trackers"][pass_name] = tracker  # a repeated hires call replaces the discarded one
         host.capture_schedule(p, tracker)
         attn = forge.attention_kernel()
         forge.patch_unet(p, lambda unet: host.install(unet, job, tracker, attn))
-        skip = () if job.record_every > 1 else ("record_every",)  # only a Record keeps a subset
+        skip = host.infotext_skip(job.values, int(getattr(p, "n_iter", 1) or 1))
+        skip += () if job.record_every > 1 else ("record_every",)  # only a Record keeps a subset
         p.extra_generation_params.update(SPEC.infotext(job.values, skip))  # written once the patch is installed
 
     def postprocess(self, p, processed, *args):

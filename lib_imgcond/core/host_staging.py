@@ -83,9 +83,17 @@ class StagingRing:
                     self._idle.notify_all()
 
     def _submit(self, job: Callable[[], None]) -> None:
+        """Queue `job` for a worker, under the caller's inference mode (thread-local in torch: a worker must update an
+        inference tensor the caller made inside it)."""
+        inference = torch.is_inference_mode_enabled()
+
+        def run():
+            with torch.inference_mode(inference):
+                job()
+
         with self._lock:
             self._pending += 1
-        self._jobs.put(job)
+        self._jobs.put(run)
 
     def _take(self) -> int:
         """A free slot, once its previous device copy (if any) is done."""
@@ -199,5 +207,12 @@ def ring() -> StagingRing:
     global _RING
     with _RING_LOCK:
         if _RING is None:
-            _RING = StagingRing()
+            import os
+
+            shape = os.environ.get("IMGCOND_STAGING", "")  # "slots,MiB per slot,workers" (benchmarks)
+            if shape:
+                slots, mib, workers = (int(x) for x in shape.split(","))
+                _RING = StagingRing(slots, mib << 20, workers)
+            else:
+                _RING = StagingRing()
         return _RING

@@ -13,11 +13,13 @@ from typing import Any
 import torch
 
 from lib_imgcond.core import refdrop as rd
+from lib_imgcond.core import refdrop_batch as cb
 from lib_imgcond.core import refdrop_precision as prec
 from lib_imgcond.core import refdrop_store as store
 from lib_imgcond.core.errors import ArgumentError, ImgcondError
 from lib_imgcond.hosts import forge
 from lib_imgcond.hosts import forge_samplers as samplers
+from lib_imgcond.hosts import refdrop_consistent as consistent
 from lib_imgcond.hosts import refdrop_library as library
 from lib_imgcond.hosts.refdrop_library import (  # noqa: F401  (re-exported: the script uses them from here)
     REFERENCES,
@@ -42,7 +44,7 @@ from lib_imgcond.hosts.refdrop_patch import (  # noqa: F401  (re-exported for th
 )
 from lib_imgcond.log import logger
 
-MODES = ("Record", "Use", "Image")
+MODES = ("Record", "Use", "Image", consistent.MODE)
 PRECISIONS = prec.PRECISIONS
 precision_from_settings = prec.from_settings
 FAMILIES = ("sd15", "sdxl", "flux", "chroma")  # the families RefDrop was tested on; others are refused by name
@@ -58,6 +60,7 @@ def release(job: Job) -> None:
     job.sources.clear()
     job.record, job.image_latent = None, None
     job.flushers.clear()
+    job.pool.clear()
     store.trim_host_memory()
 
 
@@ -94,6 +97,10 @@ class Job:
     captured_eval: tuple = ()
     flushers: list = field(default_factory=list)  # per pass: move the last evaluation's recorded K/V to the host
     sources: list = field(default_factory=list)  # per pass: its _ReferenceSource (released after the job)
+    iteration: int = 0  # mode Batch: which batch of the job is sampling (p.iteration)
+    batch_seed: int = 0  # mode Batch: that batch's first seed (seeds the shared-token subsets)
+    pool: dict = field(default_factory=dict)  # mode Batch, first batch as reference: site -> kept (k, v) on the host
+    pool_bytes: int = 0
 
     @property
     def record_every(self) -> int:
@@ -116,9 +123,11 @@ def plan(p: Any, values: dict, budget_bytes: int, precision: str | bool = prec.A
     batch = int(getattr(p, "batch_size", 1))
     if values["batch_item"] >= batch:
         raise ArgumentError("refdrop.batch_item", values["batch_item"], f"an index below the batch size {batch}")
+    hires = bool(getattr(p, "enable_hr", False)) and values["hires"]
+    if values["mode"] == consistent.MODE:
+        return _plan_batch(p, values, family, layers, hires, budget_bytes)
     name = check_name(values["reference"])
     job = Job(values, family, layers, budget=budget_bytes)
-    hires = bool(getattr(p, "enable_hr", False)) and values["hires"]
     if values["mode"] in ("Record", "Image"):
         record = values["mode"] == "Record"
         rows = 2 if values["uncond"] and record else 1
@@ -169,6 +178,32 @@ def estimate_record(p: Any, values: dict, precision: str) -> int:
     return _estimate(p, family, layers, hires, rows, prec.BYTES[prec.check_precision(precision)], every)
 
 
+def _plan_batch(p: Any, values: dict, family: str, layers: frozenset, hires: bool, budget_bytes: int) -> Job:
+    """Mode Batch: check the batch and the pool's budget, then write the prompt lines into the job's prompts (before
+    any conditioning is computed, so each image's infotext shows its real prompt)."""
+    batch = int(getattr(p, "batch_size", 1))
+    cb.check_batch(batch)
+    cb.check_rate(values["rate"])
+    if consistent.pool_mode(values) and int(getattr(p, "n_iter", 1)) > 1:
+        branches = 2 if values["uncond"] else 1
+        store.check_budget(consistent.estimate(p, family, layers, hires, values["rate"], branches, 4), budget_bytes)
+    if values["prompt_lines"].strip() and not getattr(p, "_imgcond_prompt_lines", False):
+        p.all_prompts = cb.prompts_with_lines(p.all_prompts, batch, values["prompt_lines"])
+        hr = getattr(p, "all_hr_prompts", None)
+        if isinstance(hr, list) and len(hr) == len(p.all_prompts):
+            p.all_hr_prompts = cb.prompts_with_lines(hr, batch, values["prompt_lines"])
+        p._imgcond_prompt_lines = True  # once per job
+    return Job(values, family, layers, budget=budget_bytes)
+
+
+def infotext_skip(values: dict, n_iter: int) -> tuple[str, ...]:
+    """Parameters whose effect a run does not have: the reference ones in mode Batch, the batch ones elsewhere."""
+    if values["mode"] != consistent.MODE:
+        return ("rate", "batch_sets")
+    skip = ("reference", "more_references", "save", "batch_item")
+    return skip if n_iter > 1 else (*skip, "batch_sets")
+
+
 def _estimate(p: Any, family: str, layers: frozenset, hires: bool, rows: int, dtype_bytes: int, every: int = 1) -> int:
     """Bytes a recording will take: one K/V set per recorded model evaluation (every `every`-th), counted as the
     host counts them (its sampler configuration: twice per step for the samplers it marks second order). The
@@ -202,7 +237,7 @@ def encode_image(p: Any, image: Any) -> torch.Tensor:
 def install(unet: Any, job: Job, tracker: PassTracker, attn) -> None:
     """Install RefDrop on `unet` by the model's attention sites: an attn1 replace (every UNet transformer block), or
     on Flux the per-call attention of its double/single blocks (`refdrop_dit`); plus the per-evaluation bookkeeping."""
-    runner = Runner(job, tracker)
+    runner = consistent.BatchRunner(job, tracker) if job.values["mode"] == consistent.MODE else Runner(job, tracker)
 
     def on_eval(model, x, timestep, uncond, cond, cond_scale, model_options, seed):
         runner.on_eval(float(timestep.flatten()[0]))

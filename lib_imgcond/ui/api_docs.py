@@ -51,21 +51,38 @@ DOCS: dict[str, dict[str, Doc]] = {
         "mode": Doc(
             "`Record`: store this generation's self-attention K/V as `reference`; `Use`: blend references into it; "
             "`Image`: take the reference from `image` (the UNet runs once more per evaluation, on the image noised "
-            "to that evaluation's level) and blend it in"
+            "to that evaluation's level) and blend it in; `Batch`: consistent batch, no reference: inside one batch "
+            "every image's self-attention also attends to a seeded random share `rate` of the other images' tokens, "
+            "`out_i = (1−c)·Attn(Q_i,K_i,V_i) + c·Attn(Q_i,[K_i; S(K_others)],[V_i; S(V_others)])` (batch size ≥ 2; "
+            "on Flux and Chroma image tokens only)"
         ),
-        "reference": Doc("the reference to record into or to use", "a file-safe name"),
-        "coefficient": Doc("RFG coefficient c of `reference`"),
+        "reference": Doc("the reference to record into or to use (not used by `Batch`)", "a file-safe name"),
+        "coefficient": Doc("RFG coefficient c of `reference`; `Batch`: c of the shared-token attention"),
         "more_references": Doc(
             "Use / Image: further references, each with its own c: `Σ c_j·Attn_j + (1−Σ c_j)·Attn`", "`name:c, name:c`"
         ),
         "layers": Doc("Record: which layers to store; Use: which layers to blend", LAYERS),
-        "start": Doc("Use / Image: start of the step window, as a fraction of the sampling steps"),
-        "end": Doc("Use / Image: end of the step window"),
+        "start": Doc("Use / Image / Batch: start of the step window, as a fraction of the sampling steps"),
+        "end": Doc("Use / Image / Batch: end of the step window"),
         "hires": Doc("record / use the hires-fix pass too"),
         "uncond": Doc("record / blend the negative-prompt branch too (cond only by default)"),
         "save": Doc("Record / Image: also write `models/imgcond/refdrop/<reference>.safetensors`"),
         "batch_item": Doc("Record: which image of the batch becomes the reference", note=", below the batch size"),
         "image": Doc("mode Image: the reference image (VAE-encoded at the generation's size)", "base64 image or null"),
+        "rate": Doc(
+            "Batch: the share r of the other images' tokens each image attends to (the same random subset for K and "
+            "V, seeded by the batch's seed, new per layer and evaluation); 0: no effect"
+        ),
+        "prompt_lines": Doc(
+            "Batch: line j is appended (after `, `) to the prompt of image j of every batch, before conditioning; "
+            "the infotext shows each image's real prompt; blank lines leave a prompt alone",
+            "text, at most one line per batch image",
+        ),
+        "batch_sets": Doc(
+            "Batch, batch count > 1: each batch shares tokens within itself, or the first batch keeps a pooled "
+            "share `rate` of its tokens per layer and evaluation (host RAM, within the RAM budget) and the images of "
+            "later batches attend to those instead"
+        ),
     },
     "hrmix": {
         "blend": Doc(

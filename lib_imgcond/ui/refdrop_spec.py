@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lib_imgcond.core.refdrop_batch import SETS
 from lib_imgcond.ui.spec import Param, Spec
 
 SPEC = Spec(
@@ -13,9 +14,10 @@ SPEC = Spec(
             "Mode",
             "choice",
             "Record",
-            choices=("Record", "Use", "Image"),
+            choices=("Record", "Use", "Image", "Batch"),
             info="Record: store this generation's self-attention as the reference. Use: blend it in. "
-            "Image: take the reference from the uploaded image (one extra UNet pass per step) and blend it in.",
+            "Image: take the reference from the uploaded image (one extra UNet pass per step) and blend it in. "
+            "Batch: consistent batch, the images of one batch attend to each other's tokens (no recording).",
         ),
         Param("reference", "Reference", "str", "reference", xyz=True),
         Param(
@@ -76,6 +78,35 @@ SPEC = Spec(
             xyz=True,
             info="Record: keep the K/V of every k-th model evaluation only (about 1/k of the size); Use maps each "
             "evaluation to the recorded one nearest in progress. 1 = all",
+            advanced=True,
+        ),
+        Param(
+            "rate",
+            "Shared token rate r (mode Batch)",
+            "float",
+            0.5,
+            0.0,
+            1.0,
+            0.01,
+            info="the share of the other images' tokens each image also attends to (a seeded random subset)",
+            advanced=True,
+        ),
+        Param(
+            "prompt_lines",
+            "Prompt lines (mode Batch)",
+            "str",
+            "",
+            info="optional: line j is added to the prompt of batch image j (one character, different scenes)",
+            infotext=False,
+            advanced=True,
+        ),
+        Param(
+            "batch_sets",
+            "Batches (mode Batch)",
+            "choice",
+            SETS[0],
+            choices=SETS,
+            info="with batch count > 1: the later batches attend to the first batch's tokens",
             advanced=True,
         ),
     ],

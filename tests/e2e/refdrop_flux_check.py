@@ -161,6 +161,14 @@ def main() -> None:
     run(unet, values(mode="Record", reference="b2", batch_item=1), batch=2)
     out["batch_c0_vs_plain"] = diff(run(unet, values(reference="b2", coefficient=0.0), batch=2)[0], plain_b2)
     out["batch_c05_vs_plain"] = diff(run(unet, values(reference="b2", coefficient=0.5), batch=2)[0], plain_b2)
+    # consistent batch (mode Batch) at batch 2: c = 0 and r = 0 exact, c = 0.5 changes both images; batch 1 refused
+    batch_v = {"mode": "Batch", "coefficient": 0.5, "rate": 0.5}
+    out["consistent_c0_vs_plain"] = diff(run(unet, values(**{**batch_v, "coefficient": 0.0}), batch=2)[0], plain_b2)
+    out["consistent_r0_vs_plain"] = diff(run(unet, values(**{**batch_v, "rate": 0.0}), batch=2)[0], plain_b2)
+    consistent, _ = run(unet, values(**batch_v), batch=2)
+    out["consistent_rows_vs_plain"] = [diff(consistent[i], plain_b2[i]) for i in range(2)]
+    out["consistent_again"] = diff(run(unet, values(**batch_v), batch=2)[0], consistent)
+    out["err_consistent_batch1"] = error_of(lambda: host.plan(p, values(mode="Batch"), 0, False))
     # Image mode: reference from a latent (flow noising); c = 0 exact, c = 0.5 differs
     latent = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3)).to(tiny.DTYPE)
     out["image_c0_vs_plain"] = diff(

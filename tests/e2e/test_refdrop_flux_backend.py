@@ -113,3 +113,10 @@ def test_redux_and_refdrop_together(result):
 def test_the_attention_function_is_restored(result):
     assert result["attention_restored"]
     assert not result["cuda_initialized"]
+
+
+def test_consistent_batch_mode_shares_image_tokens_between_the_batch(result):
+    assert result["consistent_c0_vs_plain"] == 0.0 and result["consistent_r0_vs_plain"] == 0.0
+    assert min(result["consistent_rows_vs_plain"]) > 1e-4  # every image of the batch changes
+    assert result["consistent_again"] == 0.0  # seeded: reproducible
+    assert "refdrop.mode='Batch'" in result["err_consistent_batch1"]

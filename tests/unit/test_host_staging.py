@@ -56,3 +56,13 @@ def test_a_worker_error_reaches_the_caller(ring):
     ring.to_host(torch.ones(5), dst)
     ring.drain()
     assert torch.equal(dst, torch.ones(5))
+
+
+def test_inference_tensors_made_by_the_caller_can_be_filled(ring):
+    with torch.inference_mode():
+        dst = torch.zeros(300)
+        ring.to_device(torch.ones(300), dst).wait()
+        host = torch.empty(300)
+        ring.to_host(torch.full((300,), 2.0), host)
+        ring.drain()
+    assert torch.equal(dst, torch.ones(300)) and torch.equal(host, torch.full((300,), 2.0))
