@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-SLOT_BYTES = 32 << 20
+SLOT_BYTES = 128 << 20
 SLOTS = 4
 WORKERS = 2
 

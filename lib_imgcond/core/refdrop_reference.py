@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from lib_imgcond.core import host_staging
 from lib_imgcond.core import refdrop_precision as prec
 from lib_imgcond.core.errors import ArgumentError, ImgcondError
 from lib_imgcond.core.refdrop import _lookup, check_family, layer_table
@@ -77,6 +78,7 @@ class Reference:
         self._channels: dict[Layer, int] = {}
         self._pending: list[Any] = []
         self._unsynced = False  # CUDA copies queued by put(..., record_event=False)
+        self._staged = False  # copies queued on the staging ring by put_many
         self._arena = HostArena()
 
     def __deepcopy__(self, memo: dict) -> Reference:
@@ -188,8 +190,13 @@ class Reference:
                 flat = torch.cat([t.reshape(-1) for t in tensors])
                 if flat.dtype != dtype:
                     flat = flat.to(dtype)
-            block = self._arena.empty((total,), dtype)
-            block.copy_(flat, non_blocking=flat.is_cuda)
+            if flat.is_cuda:  # pageable memory through the staging ring: no page-locking on the sampling path
+                block = torch.empty((total,), dtype=dtype)
+                host_staging.ring().to_host(flat, block)
+                self._staged = True
+            else:
+                block = self._arena.empty((total,), dtype)
+                block.copy_(flat)
         entries = []
         offset = 0
         for row, ((key, k, _v), n) in enumerate(zip(items, sizes, strict=True)):
@@ -226,6 +233,9 @@ class Reference:
         if self._unsynced:
             torch.cuda.synchronize()
             self._unsynced = False
+        if self._staged:
+            host_staging.ring().drain()
+            self._staged = False
         if self._kv:
             first = next(iter(self._kv.values()))[0]
             self.meta["dtype"] = str(first.dtype).replace("torch.", "")

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from lib_imgcond.core import host_staging
 from lib_imgcond.core import refdrop as rd
 from lib_imgcond.core import refdrop_joint as joint_kv
 from lib_imgcond.core import refdrop_precision as prec
@@ -228,7 +229,8 @@ class _ReferenceSource:
         self.recording = recording  # Image mode: the reference being captured in this very pass
         self.live: dict = {}  # RefKey -> device (k, v) captured for the current evaluation
         self.resident: dict[tuple, dict] = {}  # (i, name) -> {(e, layer): (k, v)}
-        self.events: dict[tuple, Any] = {}  # (i, name, e) -> upload event still to wait for
+        self.events: dict[tuple, list] = {}  # (i, name, e, layer) -> uploads to wait for before reading it
+        self.waited: set = set()  # the uploads already waited for
         self.prefetchers: dict[int, store.Prefetcher] = {}
         self.current: dict[tuple, tuple] = {}  # (i, name, e, layer) -> (k, v), this evaluation (CPU and fallbacks)
         self.stream = None
@@ -236,6 +238,7 @@ class _ReferenceSource:
 
     def release(self) -> None:
         self.recording = None
+        self.waited.clear()
         for table in (self.live, self.resident, self.events, self.prefetchers, self.current):
             table.clear()
 
@@ -257,8 +260,8 @@ class _ReferenceSource:
                 pf.fetch([(name, e, *layer) for layer in self.order])
 
     def _upload(self, i: int, ref, name: str, device, dtype) -> bool:
-        """Copy a reference pass to the GPU storage by storage (a few large pinned slabs, not thousands of tensors),
-        then take views; each evaluation waits only for the slabs that hold its K/V."""
+        """Copy a reference pass to the GPU storage by storage (a few large host blocks, not thousands of tensors),
+        then take views; each evaluation waits only for the blocks that hold its K/V."""
         wanted = set(self.order)
         keys = sorted((key for key in ref if key.pass_name == name and key.layer in wanted), key=lambda x: x.step)
         need = sum(2 * ref.get(key)[0].numel() for key in keys) * torch.empty(0, dtype=dtype).element_size()
@@ -275,17 +278,23 @@ class _ReferenceSource:
                 if st.data_ptr() not in storages:
                     storages[st.data_ptr()] = (st, len(storages))
                 layout.append((key, st.data_ptr(), t.storage_offset() * t.element_size(), t.shape, t.dtype, s))
+        # pageable storage (a recording's, through the staging ring) goes up through the ring on a worker, unless
+        # its tensors are cast on the device after the upload (those casts must queue after the copies)
+        cast = {ptr for _key, ptr, _o, _shape, t_dtype, s in layout if s is not None or t_dtype != dtype}
         self.stream.wait_stream(torch.cuda.current_stream(device))
-        uploaded, events = {}, []
+        uploaded, handles = {}, {}
         with torch.cuda.stream(self.stream):
             for ptr, (st, _order) in storages.items():
                 host = torch.empty(0, dtype=torch.uint8).set_(st)
-                uploaded[ptr] = host.to(device, non_blocking=host.is_pinned())
-                event = torch.cuda.Event()
-                event.record(self.stream)
-                events.append(event)
+                if host.is_pinned() or ptr in cast:
+                    uploaded[ptr] = host.to(device, non_blocking=host.is_pinned())
+                    handles[ptr] = torch.cuda.Event()
+                    handles[ptr].record(self.stream)
+                else:
+                    uploaded[ptr] = torch.empty(host.shape, dtype=torch.uint8, device=device)
+                    handles[ptr] = host_staging.ring().to_device(host, uploaded[ptr], self.stream)
             table: dict = {}
-            last_slab: dict[int, int] = {}
+            waits: dict[tuple, dict] = {}  # (step, layer) -> the uploads holding its K/V
             for key, ptr, offset, shape, t_dtype, s in layout:
                 n = t_dtype.itemsize * math.prod(shape)
                 t = uploaded[ptr][offset : offset + n].view(t_dtype).view(shape)
@@ -294,10 +303,10 @@ class _ReferenceSource:
                 elif t.dtype != dtype:
                     t = t.to(dtype)
                 table.setdefault((key.step, key.layer), []).append(t)
-                last_slab[key.step] = max(last_slab.get(key.step, 0), storages[ptr][1])
+                waits.setdefault((key.step, key.layer), {})[ptr] = handles[ptr]
         self.resident[(i, name)] = {k: tuple(v) for k, v in table.items()}
-        for e, slab in last_slab.items():
-            self.events[(i, name, e)] = events[slab]
+        for (e, layer), held in waits.items():
+            self.events[(i, name, e, layer)] = list(held.values())
         return True
 
     def get(self, i: int, name: str, e: int, layer: tuple) -> tuple:
@@ -307,9 +316,13 @@ class _ReferenceSource:
                 return hit
         table = self.resident.get((i, name))
         if table is not None:
-            event = self.events.pop((i, name, e), None)
-            if event is not None:
-                torch.cuda.current_stream().wait_event(event)
+            for handle in self.events.pop((i, name, e, layer), ()):
+                if handle not in self.waited:  # each block once per pass, when its first layer is read
+                    self.waited.add(handle)
+                    if isinstance(handle, host_staging.Upload):
+                        handle.wait()
+                    else:
+                        torch.cuda.current_stream().wait_event(handle)
             return table[(e, layer)]
         ck = (i, name, e, layer)
         hit = self.current.get(ck)
