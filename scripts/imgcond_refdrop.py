@@ -47,7 +47,7 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
                 tools["delete"] = panel.tool_button("clear_prompt", eid("delete"), "Delete this reference")
 
             rows = [
-                ("mode",), ("reference", buttons), ("coefficient",), ("save",), ("image",),
+                ("mode",), ("reference", buttons), ("coefficient",), ("save",), ("storage",), ("image",),
                 ("more_references",), ("layers",), ("start", "end"), ("hires",), ("uncond",), ("batch_item",),
             ]  # fmt: skip
             image_on_demand = {"visible": p["mode"].default == "Image"}  # shown in mode Image only
@@ -108,14 +108,16 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
         host.capture_schedule(p, tracker)
         attn = forge.attention_kernel()
         forge.patch_unet(p, lambda unet: host.install(unet, job, tracker, attn))
-        p.extra_generation_params.update(SPEC.infotext(job.values))  # written once the patch is really installed
+        skip = () if job.values["mode"] == "Record" else ("storage",)  # a Record choice: Use reads the file's kind
+        p.extra_generation_params.update(SPEC.infotext(job.values, skip))  # written once the patch is installed
 
     def postprocess(self, p, processed, *args):
         state = getattr(p, "_imgcond_state", {}).pop("refdrop", None)
         if not state:
             return
         try:
-            if state["job"].record is not None and state["trackers"]:
+            job = state["job"]
+            if (job.record is not None or job.trajectory is not None) and state["trackers"]:
                 with progress.status(f"RefDrop: keeping the reference '{state['job'].values['reference']}'"):
                     host.finish_record(
                         state["job"], state["trackers"], state["job"].values["save"], forge.interrupted()
@@ -134,14 +136,17 @@ def _library_text() -> str:
         return f"⚠️ {e}"
     if not rows:
         return "No references yet."
-    lines = ["| reference | model | size | steps | image | where |", "|---|---|---|---|---|---|"]
+    lines = ["| reference | model | storage | size | steps | image | where |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("broken"):
-            lines.append(f"| {r['name']} | ⚠️ unreadable: {r['broken']} | | | | file |")
+            lines.append(f"| {r['name']} | ⚠️ unreadable: {r['broken']} | | | | | file |")
             continue
         where = " + ".join(w for w, on in (("RAM", r["in_ram"]), ("file", r["saved"])) if on)
         steps = ", ".join(f"{k}: {v}" for k, v in (r.get("steps") or {}).items() if not k.endswith("_uncond"))
-        lines.append(f"| {r['name']} | {r['family']} | {r['size']} | {steps} | {r['width']}×{r['height']} | {where} |")
+        kind = "trajectory" if r.get("storage") == "trajectory" else "K/V"
+        lines.append(
+            f"| {r['name']} | {r['family']} | {kind} | {r['size']} | {steps} | {r['width']}×{r['height']} | {where} |"
+        )
     return "\n".join(lines)
 
 

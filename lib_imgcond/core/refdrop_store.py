@@ -369,6 +369,7 @@ def _header_meta(ref: Reference, keys: list[RefKey]) -> dict[str, str]:
     return {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
+        "storage": "kv",  # the other kind, "trajectory", is refdrop_trajectory's
         "name": str(ref.name),
         "family": ref.family,
         "steps": json.dumps({p: ref.steps(p) for p in PASSES if ref.has_pass(p)}),

@@ -14,10 +14,12 @@ import torch
 
 from lib_imgcond.core import refdrop as rd
 from lib_imgcond.core import refdrop_store as store
+from lib_imgcond.core import refdrop_trajectory as rtraj
 from lib_imgcond.core.errors import ArgumentError, ImgcondError
 from lib_imgcond.hosts import forge
 from lib_imgcond.hosts import forge_samplers as samplers
 from lib_imgcond.hosts import refdrop_library as library
+from lib_imgcond.hosts import refdrop_replay as replay
 from lib_imgcond.hosts.refdrop_library import (  # noqa: F401  (re-exported: the script uses them from here)
     REFERENCES,
     all_names,
@@ -50,7 +52,7 @@ def release(job: Job) -> None:
     for source in job.sources:
         source.release()
     job.sources.clear()
-    job.record, job.image_latent = None, None
+    job.record, job.image_latent, job.trajectory, job.capture_target = None, None, None, None
     job.flushers.clear()
     store.trim_host_memory()
 
@@ -88,11 +90,16 @@ class Job:
     captured_eval: tuple = ()
     flushers: list = field(default_factory=list)  # per pass: move the last evaluation's recorded K/V to the host
     sources: list = field(default_factory=list)  # per pass: its _ReferenceSource (released after the job)
+    trajectory: rtraj.Trajectory | None = None  # Record with trajectory storage: the model calls' inputs
+    capture_target: Any = None  # while a trajectory replays: that reference (its K/V go to the live table only)
+    capture_branches: tuple = (0,)
+    capture_eval: int = 0
 
     @property
     def recording(self) -> bool:
-        """True while K/V must be stored: the whole pass in Record mode, the reference forward in Image mode."""
-        return self.record is not None and (self.values["mode"] == "Record" or self.capturing)
+        """True while K/V must be stored: the whole pass in Record mode (K/V storage), the reference forward in
+        Image mode, a trajectory's replay in Use."""
+        return self.capturing or (self.record is not None and self.values["mode"] == "Record")
 
 
 def plan(p: Any, values: dict, budget_bytes: int, store_fp16: bool) -> Job:
@@ -111,6 +118,15 @@ def plan(p: Any, values: dict, budget_bytes: int, store_fp16: bool) -> Job:
     name = check_name(values["reference"])
     job = Job(values, family, layers, budget=budget_bytes)
     hires = bool(getattr(p, "enable_hr", False)) and values["hires"]
+    if values.get("storage") == "Trajectory" and values["mode"] != "Use":
+        if values["mode"] != "Record":
+            raise ArgumentError("refdrop.storage", "Trajectory", "'K/V' in mode Image (it keeps the K/V it captures)")
+        if rd.dit_shape(family) is not None:
+            raise ArgumentError("refdrop.storage", "Trajectory", f"'K/V' on {rd.family_label(family)} (trajectory "
+                                "references are recorded on SD1.5 and SDXL)")  # fmt: skip
+        meta = {"width": int(p.width), "height": int(p.height), "source": "generation"}
+        job.trajectory = rtraj.Trajectory(name, family, meta)
+        return job
     if values["mode"] in ("Record", "Image"):
         rows = 2 if values["uncond"] and values["mode"] == "Record" else 1
         store.check_budget(_estimate(p, family, layers, hires, rows, 2 if store_fp16 else 4), budget_bytes)
@@ -175,10 +191,15 @@ def install(unet: Any, job: Job, tracker: PassTracker, attn) -> None:
         return model, x, timestep, uncond, cond, cond_scale, model_options, seed
 
     unet.add_conditioning_modifier(on_eval)
+    if job.trajectory is not None:  # nothing blends: only the model calls' inputs are kept
+        replay.install_record(unet, job, tracker)
+        return
     if job.image_latent is not None:
         # filled live: Use reads the evaluation just captured
         job.record.meta["trace"][tracker.pass_name] = tracker.trace
         install_image_capture(unet, job, tracker, runner.flush)
+    if any(getattr(ref, "replayed", False) for ref, _c in job.uses):  # its replay runs before Image mode's capture
+        replay.install_replay(unet, job, tracker)
     if rd.dit_shape(job.family) is not None:  # after the capture wrapper: its reference call runs inside ours
         from lib_imgcond.hosts import refdrop_dit
 
@@ -288,6 +309,8 @@ def finish_record(
     """Keep the recording as a reference (and save it), or, when the job was interrupted or a pass stopped short of
     its last step, discard it and raise the message that says so: a partial reference would blend steps that were
     never recorded as if they were."""
+    if job.trajectory is not None:
+        return replay.finish(job, trackers, save_file, interrupted)
     for flush in job.flushers:
         flush()
     ref = job.record

@@ -11,11 +11,12 @@ import threading
 from typing import Any
 
 from lib_imgcond.core import refdrop_store as store
+from lib_imgcond.core import refdrop_trajectory as rtraj
 from lib_imgcond.core.errors import ArgumentError, ImgcondError
 from lib_imgcond.hosts import forge
 
 _LOCK = threading.Lock()
-REFERENCES: dict[str, store.Reference] = {}  # RAM references by name, for this WebUI process
+REFERENCES: dict[str, store.Reference | rtraj.Trajectory] = {}  # RAM references by name, for this WebUI process
 
 
 def references_dir() -> str:
@@ -53,7 +54,7 @@ def lookup(name: str) -> store.Reference:
                 raise ImgcondError(
                     f"RefDrop reference '{name}' does not exist (known: {known}). Record it first: mode Record."
                 )
-            ref = store.load_reference(path)
+            ref = rtraj.load(path)
             REFERENCES[name] = ref
         return ref
 
@@ -61,7 +62,7 @@ def lookup(name: str) -> store.Reference:
 def save(name: str) -> str:
     ref = lookup(name)
     path = _file(name)
-    store.save_reference(ref, path)
+    rtraj.save(ref, path)
     return path
 
 
@@ -77,7 +78,7 @@ def delete(name: str) -> bool:
     return found
 
 
-_INFO_KEYS = ("family", "bytes", "steps", "width", "height", "layers")
+_INFO_KEYS = ("family", "bytes", "steps", "width", "height", "layers", "storage")
 
 
 def describe() -> list[dict[str, Any]]:
@@ -92,9 +93,11 @@ def describe() -> list[dict[str, Any]]:
         if ref is not None:
             info = {"family": ref.family, "bytes": ref.nbytes, "steps": dict(ref.meta.get("steps", {}))}
             info.update(width=ref.meta.get("width"), height=ref.meta.get("height"), layers=ref.meta.get("layers"))
+            info["storage"] = rtraj.storage(ref)
         else:
             try:
-                info = store.reference_info(_file(name))
+                info = rtraj.info(_file(name))
+                info["bytes"] = info.get("size_bytes")
             except (ImgcondError, OSError) as e:
                 info, broken = {}, str(e)
             info = {k: info.get(k) for k in _INFO_KEYS}

@@ -66,6 +66,11 @@ DOCS: dict[str, dict[str, Doc]] = {
         "save": Doc("Record / Image: also write `models/imgcond/refdrop/<reference>.safetensors`"),
         "batch_item": Doc("Record: which image of the batch becomes the reference", note=", below the batch size"),
         "image": Doc("mode Image: the reference image (VAE-encoded at the generation's size)", "base64 image or null"),
+        "storage": Doc(
+            "Record: `K/V` stores every self-attention K/V (GiBs; Use reads them); `Trajectory` stores the model "
+            "inputs of the recorded image (latent, sigma and conditioning per evaluation; SDXL 1024² 20 steps: "
+            "6.5 MB) and Use replays them through the model, one extra model pass per step (SD1.5, SDXL)"
+        ),
     },
     "hrmix": {
         "blend": Doc(

@@ -65,5 +65,15 @@ SPEC = Spec(
         ),
         Param("batch_item", "Batch item to record", "int", 0, 0, 63, 1, advanced=True),
         Param("image", "Reference image (mode Image)", "image", None),
+        Param(
+            "storage",
+            "Reference storage",
+            "choice",
+            "K/V",
+            choices=("K/V", "Trajectory"),
+            info="Record: 'K/V' keeps every self-attention K/V (GiBs, fastest Use); 'Trajectory' keeps only the model "
+            "inputs (a few MB: latents, sigmas, conditioning) and Use replays them, one extra model pass per step",
+            advanced=True,
+        ),
     ],
 )
