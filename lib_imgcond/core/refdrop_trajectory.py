@@ -108,10 +108,11 @@ class Trajectory:
 
     def _cond_index(self, pass_name: str, cond: Mapping[str, torch.Tensor]) -> int:
         table = self.conds.setdefault(pass_name, [])
+        cond = {k: _host(v) for k, v in cond.items()}  # compared on the host (the table lives there)
         for i in range(len(table) - 1, -1, -1):
             if _same(table[i], cond):
                 return i
-        table.append({k: _host(v) for k, v in cond.items()})
+        table.append(cond)
         return len(table) - 1
 
     def finalize(self, steps: Mapping[str, int], trace: Mapping[str, Sequence[float]], uncond: bool) -> None:

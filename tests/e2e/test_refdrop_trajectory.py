@@ -89,3 +89,20 @@ def test_saved_trajectory_survives_restart(server, recorded):
     assert refs["traj"]["storage"] == "trajectory" and not refs["traj"]["in_ram"]
     out = server.generate(refdrop(forge.payload(seed=2), mode="Use", reference="traj", coefficient=0.5))
     assert forge.max_diff(out.image, pytest.traj_pos) == 0
+
+
+@pytest.mark.sdxl
+def test_sdxl_trajectory_record_use(sdxl_server):
+    """SDXL: the conditioning has `y` besides the context; same seed ⇒ the plain image, another seed ⇒ changed."""
+    body = forge.payload(seed=1, steps=2)
+    plain = sdxl_server.generate(body)
+    rec = sdxl_server.generate(refdrop(body, mode="Record", reference="xl-traj", storage="Trajectory", save=True))
+    assert forge.max_diff(rec.image, plain.image) == 0
+    refs = {r["name"]: r for r in sdxl_server.get("/imgcond/v1/refdrop/references")}
+    assert refs["xl-traj"]["family"] == "sdxl" and refs["xl-traj"]["storage"] == "trajectory"
+    print(f"\nSDXL trajectory (64², 2 steps): {refs['xl-traj']['bytes']} bytes")
+    same = sdxl_server.generate(refdrop(body, mode="Use", reference="xl-traj", coefficient=0.7))
+    assert forge.max_diff(same.image, plain.image) == 0
+    other = forge.payload(seed=2, steps=2)
+    used = sdxl_server.generate(refdrop(other, mode="Use", reference="xl-traj", coefficient=0.5))
+    assert forge.max_diff(used.image, sdxl_server.generate(other).image) > 0
