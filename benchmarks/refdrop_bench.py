@@ -5,6 +5,8 @@ Modes:
   record  lib_imgcond.hosts.forge_refdrop.install with Job.record set: K/V of the cond row of all 70 blocks go into
           CPU (pinned) buffers every evaluation
   use     the same install with Job.uses = [(reference, c)]: every block blends attention over the recorded K/V
+  trajectory  a trajectory reference (Reference storage: Trajectory) recorded, then Use timed against off
+          (refdrop_bench_trajectory.py; alone, not part of `all`)
 
 Floors, in the same rounds: "floor use" is off plus, per self-attention layer, one extra SDPA of the cond row's queries
 over GPU-resident reference K/V and an in-place blend, nothing else (no store, no lookups): the cost any RefDrop Use
@@ -322,7 +324,7 @@ def bandwidth(device: torch.device) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=("off", "record", "use", "all"), default="all")
+    parser.add_argument("--mode", choices=("off", "record", "use", "all", "trajectory"), default="all")
     parser.add_argument("--steps", type=int, default=20, help="steps per timed sampling pass")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per mode (medians reported)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
@@ -362,6 +364,11 @@ def main() -> None:
             results["copy_GBps"] = bandwidth(bench.device)
             print("pinned copy GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in results["copy_GBps"].items()))
 
+        if args.mode == "trajectory":  # record a trajectory reference, then time its Use against off
+            import refdrop_bench_trajectory
+
+            refdrop_bench_trajectory.run(bench, args, sys.modules[__name__])
+            return
         modes = ("off", "record", "use") if args.mode == "all" else (args.mode,)
         warm = max(2, args.steps // 10)
         bench.run_once("off", warm)  # cuDNN/cuBLAS handles, kernel selection
