@@ -109,6 +109,8 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
         attn = forge.attention_kernel()
         forge.patch_unet(p, lambda unet: host.install(unet, job, tracker, attn))
         skip = () if job.values["mode"] == "Record" else ("storage",)  # a Record choice: Use reads the file's kind
+        if job.trajectory is not None:
+            skip = ("layers",)  # a trajectory serves every layer: the selection is made at Use
         p.extra_generation_params.update(SPEC.infotext(job.values, skip))  # written once the patch is installed
 
     def postprocess(self, p, processed, *args):

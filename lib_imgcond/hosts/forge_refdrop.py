@@ -122,8 +122,8 @@ def plan(p: Any, values: dict, budget_bytes: int, store_fp16: bool) -> Job:
         if values["mode"] != "Record":
             raise ArgumentError("refdrop.storage", "Trajectory", "'K/V' in mode Image (it keeps the K/V it captures)")
         if rd.dit_shape(family) is not None:
-            raise ArgumentError("refdrop.storage", "Trajectory", f"'K/V' on {rd.family_label(family)} (trajectory "
-                                "references are recorded on SD1.5 and SDXL)")  # fmt: skip
+            allowed = f"'K/V' on {rd.family_label(family)} (trajectory references are recorded on SD1.5 and SDXL)"
+            raise ArgumentError("refdrop.storage", "Trajectory", allowed)
         meta = {"width": int(p.width), "height": int(p.height), "source": "generation"}
         job.trajectory = rtraj.Trajectory(name, family, meta)
         return job

@@ -122,8 +122,8 @@ def finish(job: Any, trackers: dict[str, PassTracker], save_file: bool, interrup
             f"RefDrop: the recording of '{ref.name}' was interrupted ({where}) and was discarded; nothing was kept "
             "or saved. Record it again."
         )
-    ref.finalize({n: t.n_steps for n, t in trackers.items()}, {n: t.trace for n, t in trackers.items()},
-                 uncond=bool(job.values.get("uncond")))  # fmt: skip
+    steps = {name: t.n_steps for name, t in trackers.items()}
+    ref.finalize(steps, {name: t.trace for name, t in trackers.items()}, uncond=bool(job.values.get("uncond")))
     with library._LOCK:
         replaced = library.REFERENCES.pop(ref.name, None)
         library.REFERENCES[ref.name] = ref
