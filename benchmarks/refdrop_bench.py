@@ -7,6 +7,8 @@ Modes:
   use     the same install with Job.uses = [(reference, c)]: every block blends attention over the recorded K/V
   batch   (alone, not in "all") mode Batch, consistent batch, at batch --batch (default 4, so 8 rows: uncond + cond):
           every block's cond rows attend to a share --rate of each other's tokens; timed against the plain batch
+  trajectory  a trajectory reference (Reference storage: Trajectory) recorded, then Use timed against off
+          (refdrop_bench_trajectory.py; alone, not part of `all`)
 
 Floors, in the same rounds: "floor use" is off plus, per self-attention layer, one extra SDPA of the cond row's queries
 over GPU-resident reference K/V and an in-place blend, nothing else (no store, no lookups): the cost any RefDrop Use
@@ -392,7 +394,7 @@ def report_batch(res: dict[str, Any], out_dir: str | None, results: dict[str, An
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=("off", "record", "use", "all", "batch"), default="all")
+    parser.add_argument("--mode", choices=("off", "record", "use", "all", "batch", "trajectory"), default="all")
     parser.add_argument("--steps", type=int, default=20, help="steps per timed sampling pass")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per mode (medians reported)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
@@ -442,6 +444,11 @@ def main() -> None:
             results["copy_GBps"] = bandwidth(bench.device)
             print("pinned copy GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in results["copy_GBps"].items()))
 
+        if args.mode == "trajectory":  # record a trajectory reference, then time its Use against off
+            import refdrop_bench_trajectory
+
+            refdrop_bench_trajectory.run(bench, args, sys.modules[__name__])
+            return
         modes = ("off", "record", "use") if args.mode == "all" else (args.mode,)
         warm = max(2, args.steps // 10)
         bench.run_once("off", warm)  # cuDNN/cuBLAS handles, kernel selection

@@ -68,7 +68,7 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
                 tools["delete"] = panel.tool_button("clear_prompt", eid("delete"), "Delete this reference")
 
             rows = [
-                ("mode",), ("reference", buttons), ("coefficient",), ("save",), ("image",),
+                ("mode",), ("reference", buttons), ("coefficient",), ("save",), ("storage",), ("image",),
                 ("more_references",), ("layers",), ("start", "end"), ("hires",), ("uncond",), ("batch_item",),
                 ("record_every",), ("rate",), ("prompt_lines",), ("batch_sets",),
             ]  # fmt: skip
@@ -188,6 +188,9 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
         forge.patch_unet(p, lambda unet: host.install(unet, job, tracker, attn))
         skip = host.infotext_skip(job.values, int(getattr(p, "n_iter", 1) or 1))
         skip += () if job.record_every > 1 else ("record_every",)  # only a Record keeps a subset
+        skip += () if job.values["mode"] == "Record" else ("storage",)  # a Record choice: Use reads the file's kind
+        if job.trajectory is not None:
+            skip += ("layers", "record_every")  # a trajectory serves every layer: the selection is made at Use
         p.extra_generation_params.update(SPEC.infotext(job.values, skip))  # written once the patch is installed
 
     def postprocess(self, p, processed, *args):
@@ -195,7 +198,8 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
         if not state:
             return
         try:
-            if state["job"].record is not None and state["trackers"]:
+            job = state["job"]
+            if (job.record is not None or job.trajectory is not None) and state["trackers"]:
                 with progress.status(f"RefDrop: keeping the reference '{state['job'].values['reference']}'"):
                     job = state["job"]
                     if job.values["mode"] == "Image":  # the reference is the uploaded image
@@ -236,14 +240,18 @@ def _library_text() -> str:
         return f"⚠️ {e}"
     if not rows:
         return "No references yet."
-    lines = ["| reference | model | size | steps | image | stored | where |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| reference | model | storage | size | steps | image | stored | where |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r.get("broken"):
             lines.append(f"| {r['name']} | ⚠️ unreadable: {r['broken']} | | | | | file |")
             continue
         steps = ", ".join(f"{k}: {v}" for k, v in (r.get("steps") or {}).items() if not k.endswith("_uncond"))
-        stored = r["precision"] + (f", every {r['record_every']}" if r["record_every"] > 1 else "")
-        cells = (r["name"], r["family"], r["size"], steps, r["resolution"], stored, r["storage"])
+        kind = "trajectory" if r.get("storage") == "trajectory" else "K/V"
+        stored = (r["precision"] or "") + (f", every {r['record_every']}" if (r["record_every"] or 1) > 1 else "")
+        cells = (r["name"], r["family"], kind, r["size"], steps, r["resolution"], stored, r["kept"])
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 

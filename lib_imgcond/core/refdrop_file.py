@@ -35,6 +35,7 @@ def _header_meta(ref: Reference, keys: list[RefKey]) -> dict[str, str]:
     return {
         "format": FORMAT,
         "format_version": str(2 if ref.precision == prec.FP8 else 1),  # version 1 readers still read the others
+        "storage": "kv",  # the other kind, "trajectory", is refdrop_trajectory's
         "name": str(ref.name),
         "family": ref.family,
         "steps": json.dumps({p: ref.steps(p) for p in PASSES if ref.has_pass(p)}),
@@ -137,6 +138,9 @@ def _check_header(path: str, meta: Mapping[str, str] | None) -> dict[str, Any]:
             f"{path} uses RefDrop file format {version}, but this imgcond reads format {FORMAT_VERSION}; "
             "update sd-webui-imgcond or record the reference again"
         )
+    kind = meta.get("storage", "kv")  # files before trajectories have no kind: K/V
+    if kind != "kv":
+        raise ImgcondError(f"{path} holds a '{kind}' RefDrop reference, not K/V (read it with refdrop_trajectory.load)")
     check_family(info["family"])
     return info
 

@@ -16,11 +16,13 @@ from lib_imgcond.core import refdrop as rd
 from lib_imgcond.core import refdrop_batch as cb
 from lib_imgcond.core import refdrop_precision as prec
 from lib_imgcond.core import refdrop_store as store
+from lib_imgcond.core import refdrop_trajectory as rtraj
 from lib_imgcond.core.errors import ArgumentError, ImgcondError
 from lib_imgcond.hosts import forge
 from lib_imgcond.hosts import forge_samplers as samplers
 from lib_imgcond.hosts import refdrop_consistent as consistent
 from lib_imgcond.hosts import refdrop_library as library
+from lib_imgcond.hosts import refdrop_replay as replay
 from lib_imgcond.hosts.refdrop_library import (  # noqa: F401  (re-exported: the script uses them from here)
     REFERENCES,
     all_names,
@@ -58,7 +60,7 @@ def release(job: Job) -> None:
     for source in job.sources:
         source.release()
     job.sources.clear()
-    job.record, job.image_latent = None, None
+    job.record, job.image_latent, job.trajectory, job.capture_target = None, None, None, None
     job.flushers.clear()
     job.pool.clear()
     store.trim_host_memory()
@@ -107,10 +109,16 @@ class Job:
         """Record mode: keep every k-th model evaluation (Image mode captures each one it blends)."""
         return int(self.values.get("record_every") or 1) if self.values["mode"] == "Record" else 1
 
+    trajectory: rtraj.Trajectory | None = None  # Record with trajectory storage: the model calls' inputs
+    capture_target: Any = None  # while a trajectory replays: that reference (its K/V go to the live table only)
+    capture_branches: tuple = (0,)
+    capture_eval: int = 0
+
     @property
     def recording(self) -> bool:
-        """True while K/V must be stored: the whole pass in Record mode, the reference forward in Image mode."""
-        return self.record is not None and (self.values["mode"] == "Record" or self.capturing)
+        """True while K/V must be stored: the whole pass in Record mode (K/V storage), the reference forward in
+        Image mode, a trajectory's replay in Use."""
+        return self.capturing or (self.record is not None and self.values["mode"] == "Record")
 
 
 def plan(p: Any, values: dict, budget_bytes: int, precision: str | bool = prec.AS_COMPUTED) -> Job:
@@ -128,6 +136,15 @@ def plan(p: Any, values: dict, budget_bytes: int, precision: str | bool = prec.A
         return _plan_batch(p, values, family, layers, hires, budget_bytes)
     name = check_name(values["reference"])
     job = Job(values, family, layers, budget=budget_bytes)
+    if values.get("storage") == "Trajectory" and values["mode"] != "Use":
+        if values["mode"] != "Record":
+            raise ArgumentError("refdrop.storage", "Trajectory", "'K/V' in mode Image (it keeps the K/V it captures)")
+        if rd.dit_shape(family) is not None:
+            allowed = f"'K/V' on {rd.family_label(family)} (trajectory references are recorded on SD1.5 and SDXL)"
+            raise ArgumentError("refdrop.storage", "Trajectory", allowed)
+        meta = {"width": int(p.width), "height": int(p.height), "source": "generation"}
+        job.trajectory = rtraj.Trajectory(name, family, meta)
+        return job
     if values["mode"] in ("Record", "Image"):
         record = values["mode"] == "Record"
         rows = 2 if values["uncond"] and record else 1
@@ -244,10 +261,15 @@ def install(unet: Any, job: Job, tracker: PassTracker, attn) -> None:
         return model, x, timestep, uncond, cond, cond_scale, model_options, seed
 
     unet.add_conditioning_modifier(on_eval)
+    if job.trajectory is not None:  # nothing blends: only the model calls' inputs are kept
+        replay.install_record(unet, job, tracker)
+        return
     if job.image_latent is not None:
         # filled live: Use reads the evaluation just captured
         job.record.meta["trace"][tracker.pass_name] = tracker.trace
         install_image_capture(unet, job, tracker, runner.flush)
+    if any(getattr(ref, "replayed", False) for ref, _c in job.uses):  # its replay runs before Image mode's capture
+        replay.install_replay(unet, job, tracker)
     if rd.dit_shape(job.family) is not None:  # after the capture wrapper: its reference call runs inside ours
         from lib_imgcond.hosts import refdrop_dit
 
@@ -357,6 +379,8 @@ def finish_record(
     """Keep the recording as a reference (and save it), or, when the job was interrupted or a pass stopped short of
     its last step, discard it and raise the message that says so: a partial reference would blend steps that were
     never recorded as if they were."""
+    if job.trajectory is not None:
+        return replay.finish(job, trackers, save_file, interrupted)
     for flush in job.flushers:
         flush()
     ref = job.record

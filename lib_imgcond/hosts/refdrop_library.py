@@ -11,11 +11,12 @@ import threading
 from typing import Any
 
 from lib_imgcond.core import refdrop_store as store
+from lib_imgcond.core import refdrop_trajectory as rtraj
 from lib_imgcond.core.errors import ArgumentError, ImgcondError
 from lib_imgcond.hosts import forge
 
 _LOCK = threading.Lock()
-REFERENCES: dict[str, store.Reference] = {}  # RAM references by name, for this WebUI process
+REFERENCES: dict[str, store.Reference | rtraj.Trajectory] = {}  # RAM references by name, for this WebUI process
 
 
 def references_dir() -> str:
@@ -53,7 +54,7 @@ def lookup(name: str) -> store.Reference:
                 raise ImgcondError(
                     f"RefDrop reference '{name}' does not exist (known: {known}). Record it first: mode Record."
                 )
-            ref = store.load_reference(path, name=name)  # known by its file's name (renamed or copied files)
+            ref = rtraj.load(path, name=name)  # known by its file's name (renamed or copied files)
             REFERENCES[name] = ref
         return ref
 
@@ -61,7 +62,7 @@ def lookup(name: str) -> store.Reference:
 def save(name: str) -> str:
     ref = lookup(name)
     path = _file(name)
-    store.save_reference(ref, path)
+    rtraj.save(ref, path)
     return path
 
 
@@ -99,7 +100,7 @@ def rename(old: str, new: str) -> dict[str, Any]:
     return {"renamed": True, "name": new}
 
 
-_INFO_KEYS = ("family", "steps", "width", "height", "layers", "precision", "record_every", "thumbnail")
+_INFO_KEYS = ("family", "steps", "width", "height", "layers", "precision", "record_every", "thumbnail", "storage")
 
 
 def describe() -> list[dict[str, Any]]:
@@ -116,16 +117,17 @@ def describe() -> list[dict[str, Any]]:
         if ref is not None:
             m = ref.meta
             info = {k: m.get(k) for k in ("width", "height", "layers", "thumbnail")}
-            info.update(family=ref.family, bytes=ref.nbytes, steps=dict(m.get("steps", {})), precision=ref.precision)
+            info.update(family=ref.family, bytes=ref.nbytes, steps=dict(m.get("steps", {})))
+            info.update(precision=getattr(ref, "precision", None), storage=rtraj.storage(ref))
             info["record_every"] = int(m.get("record_every") or 1)
         else:
             try:
-                info = store.reference_info(_file(name))
+                info = rtraj.info(_file(name))
             except (ImgcondError, OSError) as e:
                 info, broken = {}, str(e)
             info = {k: info.get(k) for k in _INFO_KEYS} | {"bytes": info.get("size_bytes")}
         info.update(name=name, in_ram=ref is not None, saved=name in saved, broken=broken)
-        info["storage"] = " + ".join(w for w, on in (("RAM", info["in_ram"]), ("file", info["saved"])) if on)
+        info["kept"] = " + ".join(w for w, on in (("RAM", info["in_ram"]), ("file", info["saved"])) if on)
         info["size"] = store.format_bytes(int(info.get("bytes") or 0))
         info["resolution"] = f"{info['width']}×{info['height']}" if info.get("width") else ""
         info["thumbnail"] = info.get("thumbnail") or ""

@@ -165,18 +165,25 @@ class Runner:
         self.source.prepare(tasks, device, dtype)
 
     def _record(self, k, v, key, chunks, b: int, joint: Joint | None) -> None:
-        capturing = self.job.capturing
-        for branch in (0, 1) if self.use_uncond and not capturing else (0,):
+        job = self.job
+        capturing, target = job.capturing, job.capture_target
+        if target is not None:  # a trajectory's replay: its own branches, at the evaluation it replays
+            branches, step, keep = job.capture_branches, job.capture_eval, False
+        else:  # Record, or Image mode's reference forward (cond only); both kept on the host
+            branches = (0, 1) if self.use_uncond and not capturing else (0,)
+            step, keep, target = self.tracker.eval // self.every, True, job.record
+        for branch in branches:
             if branch in chunks:
                 row = chunks.index(branch) * b + (0 if capturing else self.item)
                 name = self.tracker.pass_name if branch == 0 else f"{self.tracker.pass_name}_uncond"
-                full = store.RefKey(name, self.tracker.eval // self.every, *key)
+                full = store.RefKey(name, step, *key)
                 kv = (k[row : row + 1], v[row : row + 1])
                 if joint is not None:
                     kv = tuple(joint_kv.pack(t[:, :, joint.n_txt :]) for t in kv)
-                self.pending.append((full, *kv))
-                if capturing:
-                    self.source.live[full] = kv  # Image mode: the real call reads them straight from the device
+                if keep:
+                    self.pending.append((full, *kv))
+                if capturing:  # the real call reads them straight from the device
+                    self.source.live[(id(target), full)] = kv
         if len(self.pending) >= FLUSH_EVERY:
             self.flush()
 
@@ -227,7 +234,7 @@ class _ReferenceSource:
     def __init__(self, uses: list, order: list, recording: store.Reference | None = None):
         self.uses, self.order = uses, order
         self.recording = recording  # Image mode: the reference being captured in this very pass
-        self.live: dict = {}  # RefKey -> device (k, v) captured for the current evaluation
+        self.live: dict = {}  # (id(reference), RefKey) -> device (k, v) captured for the current evaluation
         self.resident: dict[tuple, dict] = {}  # (i, name) -> {(e, layer): (k, v)}
         self.events: dict[tuple, list] = {}  # (i, name, e, layer) -> uploads to wait for before reading it
         self.waited: set = set()  # the uploads already waited for
@@ -249,7 +256,7 @@ class _ReferenceSource:
             return
         for i, name, _branch, e, _c in tasks:
             ref = self.uses[i][0]
-            if ref is self.recording:
+            if ref is self.recording or getattr(ref, "replayed", False):
                 continue  # read from `live`
             if (i, name) not in self.resident and not self._upload(i, ref, name, device, dtype):
                 self.resident[(i, name)] = None  # too large: prefetch per evaluation instead
@@ -310,10 +317,14 @@ class _ReferenceSource:
         return True
 
     def get(self, i: int, name: str, e: int, layer: tuple) -> tuple:
-        if self.live and self.uses[i][0] is self.recording:
-            hit = self.live.get(store.RefKey(name, e, *layer))
+        ref = self.uses[i][0]
+        replayed = getattr(ref, "replayed", False)
+        if self.live and (ref is self.recording or replayed):
+            hit = self.live.get((id(ref), store.RefKey(name, e, *layer)))
             if hit is not None:
                 return hit
+        if replayed:
+            raise ImgcondError(f"RefDrop: the replay of '{ref.name}' gave no K/V for {layer} at evaluation {e}")
         table = self.resident.get((i, name))
         if table is not None:
             for handle in self.events.pop((i, name, e, layer), ()):

@@ -83,6 +83,11 @@ DOCS: dict[str, dict[str, Doc]] = {
             "share `rate` of its tokens per layer and evaluation (host RAM, within the RAM budget) and the images of "
             "later batches attend to those instead"
         ),
+        "storage": Doc(
+            "Record: `K/V` stores every self-attention K/V (GiBs; Use reads them); `Trajectory` stores the model "
+            "inputs of the recorded image (latent, sigma and conditioning per evaluation; SDXL 1024² 20 steps: "
+            "6.5 MB) and Use replays them through the model, one extra model pass per step (SD1.5, SDXL)"
+        ),
     },
     "hrmix": {
         "blend": Doc(

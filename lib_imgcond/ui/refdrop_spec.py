@@ -109,5 +109,15 @@ SPEC = Spec(
             info="with batch count > 1: the later batches attend to the first batch's tokens",
             advanced=True,
         ),
+        Param(
+            "storage",
+            "Reference storage",
+            "choice",
+            "K/V",
+            choices=("K/V", "Trajectory"),
+            info="Record: 'K/V' keeps every self-attention K/V (GiBs, fastest Use); 'Trajectory' keeps only the model "
+            "inputs (a few MB: latents, sigmas, conditioning) and Use replays them, one extra model pass per step",
+            advanced=True,
+        ),
     ],
 )

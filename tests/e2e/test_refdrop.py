@@ -305,7 +305,7 @@ def test_the_listing_shows_the_library_fields(server, recorded):
 
     cat = listing(server)["cat"]
     assert cat["family"] == "sd15" and cat["size"].endswith(("KiB", "MiB")) and cat["steps"] == {"first": 3}
-    assert cat["resolution"] == "64×64" and cat["storage"] in ("RAM + file", "file")
+    assert cat["resolution"] == "64×64" and cat["kept"] in ("RAM + file", "file") and cat["storage"] == "kv"
     assert cat["precision"] == "as computed" and cat["record_every"] == 1
     head, data = cat["thumbnail"].split(",", 1)
     assert head == "data:image/jpeg;base64"

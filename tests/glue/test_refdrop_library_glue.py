@@ -64,8 +64,8 @@ def test_listing_fields_in_ram_and_from_file(library):
     host.store.save_reference(reference("b", "fp16"), os.path.join(library, "b.safetensors"))
     rows = {r["name"]: r for r in host.describe()}
     a, b = rows["a"], rows["b"]
-    assert (a["storage"], a["precision"], a["bytes"], a["resolution"]) == ("RAM", "fp8", 2 * 4 * 320, "64×48")
-    assert (b["storage"], b["precision"], b["record_every"]) == ("file", "fp16", 1)
+    assert (a["kept"], a["precision"], a["bytes"], a["resolution"]) == ("RAM", "fp8", 2 * 4 * 320, "64×48")
+    assert (b["kept"], b["precision"], b["record_every"]) == ("file", "fp16", 1)
     assert b["bytes"] == os.path.getsize(os.path.join(library, "b.safetensors")) and b["size"].endswith("KiB")
     assert a["thumbnail"] == b["thumbnail"] == ""
 
