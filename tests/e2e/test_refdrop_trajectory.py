@@ -5,12 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.e2e import forge
-
-TITLE = "refdrop"
-
-
-def refdrop(body: dict, **args) -> dict:
-    return forge.with_script(body, TITLE, [args])
+from tests.e2e.test_refdrop import refdrop
 
 
 @pytest.fixture(scope="module")
