@@ -95,6 +95,10 @@ def run(bench: Any, args: argparse.Namespace, main: Any) -> dict[str, Any]:
     print(f"| trajectory record | {1e3 * record_s / args.steps:.2f} | {record_s / statistics.median(off):.3f} |")
     print(f"| trajectory use | {per_step[1]:.2f} | {ratio:.3f} |")
     results = {"reference_bytes": ref.nbytes, "off_s": off, "use_s": use, "record_s": record_s, "use_ratio": ratio}
+    plain = sample_wrapped(bench, None, args.steps, bench.x0)  # the recorded seed: Use must give it back
+    same = sample_wrapped(bench, patched("Use", ref)[2], args.steps, bench.x0)
+    results["same_seed_max_diff"] = (same.float() - plain.float()).abs().max().item()
+    print(f"same-seed Record -> Use vs off, final latent: max abs difference {results['same_seed_max_diff']:.3e}")
     if args.out:
         with open(os.path.join(args.out, "results_trajectory.json"), "w") as f:
             json.dump({"args": vars(args), **results}, f, indent=2)
