@@ -88,6 +88,7 @@ SPEC = Spec(
             0.0,
             1.0,
             0.01,
+            xyz=True,
             info="the share of the other images' tokens each image also attends to (a seeded random subset)",
             advanced=True,
         ),
@@ -115,6 +116,7 @@ SPEC = Spec(
             "choice",
             "K/V",
             choices=("K/V", "Trajectory"),
+            xyz=True,
             info="Record: 'K/V' keeps every self-attention K/V (GiBs, fastest Use); 'Trajectory' keeps only the model "
             "inputs (a few MB: latents, sigmas, conditioning) and Use replays them, one extra model pass per step",
             advanced=True,

@@ -33,7 +33,7 @@ def fake_xyz(monkeypatch):
 
 
 def test_axes_registered_once_with_choices(fake_xyz):
-    assert xyz.register_axes(SPEC, "RefDrop", {"reference": lambda: ["cat", "dog"]}) == 3
+    assert xyz.register_axes(SPEC, "RefDrop", {"reference": lambda: ["cat", "dog"]}) == 5
     assert xyz.register_axes(SPEC, "RefDrop") == 0  # idempotent across UI reloads
     labels = {o.label: o for o in fake_xyz.axis_options}
     assert labels["[RefDrop] RFG coefficient c"].type is float
