@@ -16,15 +16,11 @@ from lib_imgcond.ui.flex_spec import AUTO, SPEC, split_images
 registry.register(SPEC)
 
 STATE_KEY = "flexdiffuse"
-EXTRA_DIR_OPTION = "imgcond_flexdiffuse_extra_dir"
+EXTRA_DIR_OPTION = host.EXTRA_DIR_OPTION
 
 
 def _opt(name: str, default):
     return getattr(shared.opts, name, default) if hasattr(shared, "opts") else default
-
-
-def _extra_dir() -> str:
-    return str(_opt(EXTRA_DIR_OPTION, "") or "")
 
 
 class ClipGuidanceScript(script.TechniqueScript, scripts.Script):
@@ -41,7 +37,7 @@ class ClipGuidanceScript(script.TechniqueScript, scripts.Script):
                 "encoders (`models/imgcond/clip_vision`, `models/clip_vision` or `models/ControlNetPreprocessor`): "
                 "ViT-L/14 for SD1.5; ViT-L/14 and ViT-bigG/14 for SDXL."
             )
-            choices = panel.file_choices(AUTO, lambda: host.list_encoders(_extra_dir()), "CLIP vision encoders")
+            choices = panel.file_choices(AUTO, host.configured_encoders, "CLIP vision encoders")
             tools = {}
 
             def encoder(param, elem_id):
@@ -65,7 +61,7 @@ class ClipGuidanceScript(script.TechniqueScript, scripts.Script):
             panel.layout(SPEC, comps, rows, eid, {"encoder": encoder, "encoder_g": encoder})
 
         def refresh_fn(current_l, current_g):
-            choices = panel.file_choices(AUTO, lambda: host.list_encoders(_extra_dir()), "CLIP vision encoders")
+            choices = panel.file_choices(AUTO, host.configured_encoders, "CLIP vision encoders")
             return gr.update(choices=choices, value=current_l), gr.update(choices=choices, value=current_g)
 
         tools["refresh"].click(
@@ -85,7 +81,7 @@ class ClipGuidanceScript(script.TechniqueScript, scripts.Script):
             return
         try:
             with progress.status("CLIP image guidance: loading the encoders and encoding the images"):
-                job = host.plan(p, values, extra, _extra_dir())
+                job = host.plan(p, values, extra, host.extra_encoder_dir())
         except ImgcondError as e:
             script.stop(p, e)
             return
@@ -125,7 +121,7 @@ def add_routes(_demo, app):
     @app.get("/imgcond/v1/flexdiffuse/encoders")
     @forge.http_route
     def encoders():
-        return {"folders": host.searched_dirs(_extra_dir()), "files": host.list_encoders(_extra_dir())}
+        return {"folders": host.searched_dirs(host.extra_encoder_dir()), "files": host.configured_encoders()}
 
 
 script_callbacks.on_ui_settings(on_ui_settings)

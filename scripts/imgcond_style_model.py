@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gradio as gr
-from modules import script_callbacks, scripts, shared
+from modules import script_callbacks, scripts
 from modules.ui_components import InputAccordion
 
 from lib_imgcond.hosts import forge
@@ -15,11 +15,6 @@ from lib_imgcond.ui.style_spec import AUTO, SLOTS, SPEC
 registry.register(SPEC)
 
 STATE_KEY = "style_model"
-CLIP_EXTRA_DIR_OPTION = "imgcond_flexdiffuse_extra_dir"  # the encoders are CLIP image guidance's
-
-
-def _extra_dir() -> str:
-    return str(getattr(shared.opts, CLIP_EXTRA_DIR_OPTION, "") or "") if hasattr(shared, "opts") else ""
 
 
 def _files(lister, what: str) -> list[str]:
@@ -27,7 +22,7 @@ def _files(lister, what: str) -> list[str]:
 
 
 def _encoders() -> list[str]:
-    return _files(lambda: clip_files.list_encoders(_extra_dir()), "encoder")
+    return _files(clip_files.configured_encoders, "encoder")
 
 
 class StyleModelScript(script.TechniqueScript, scripts.Script):
@@ -46,7 +41,10 @@ class StyleModelScript(script.TechniqueScript, scripts.Script):
                 "`models/ControlNet/` (t2iadapter_style_sd14v1)."
             )
             with gr.Row():
-                listers = {"encoder": lambda: clip_files.list_encoders(_extra_dir()), "adapter": host.list_adapters}
+                listers = {
+                    "encoder": clip_files.configured_encoders,
+                    "adapter": host.list_adapters,
+                }
                 for name, lister in listers.items():
                     comps[name] = gr.Dropdown(
                         label=p[name].label, choices=_files(lister, name), value=AUTO, allow_custom_value=True,
@@ -79,7 +77,7 @@ class StyleModelScript(script.TechniqueScript, scripts.Script):
             p,
             args,
             STATE_KEY,
-            lambda values: host.plan(p, values, _extra_dir()),
+            lambda values: host.plan(p, values, clip_files.extra_encoder_dir()),
             "Style model: loading the models and encoding the images",
         )
 
@@ -101,8 +99,8 @@ def add_routes(_demo, app):
         return {
             "adapter_folders": host.adapter_dirs(),
             "adapters": host.list_adapters(),
-            "encoder_folders": clip_files.searched_dirs(_extra_dir()),
-            "encoders": clip_files.list_encoders(_extra_dir()),
+            "encoder_folders": clip_files.searched_dirs(clip_files.extra_encoder_dir()),
+            "encoders": clip_files.configured_encoders(),
         }
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gradio as gr
-from modules import scripts, shared
+from modules import scripts
 from modules.ui_components import InputAccordion
 
 from lib_imgcond.hosts import forge
@@ -15,15 +15,10 @@ from lib_imgcond.ui.unclip_spec import AUTO, SLOTS, SPEC
 registry.register(SPEC)
 
 STATE_KEY = "unclip"
-CLIP_EXTRA_DIR_OPTION = "imgcond_flexdiffuse_extra_dir"  # the encoders are CLIP image guidance's
-
-
-def _extra_dir() -> str:
-    return str(getattr(shared.opts, CLIP_EXTRA_DIR_OPTION, "") or "") if hasattr(shared, "opts") else ""
 
 
 def _encoders() -> list[str]:
-    return panel.file_choices(AUTO, lambda: clip_files.list_encoders(_extra_dir()), "CLIP vision encoders")
+    return panel.file_choices(AUTO, clip_files.configured_encoders, "CLIP vision encoders")
 
 
 class UnclipScript(script.TechniqueScript, scripts.Script):
@@ -69,7 +64,7 @@ class UnclipScript(script.TechniqueScript, scripts.Script):
             p,
             args,
             STATE_KEY,
-            lambda values: host.plan(p, values, _extra_dir()),
+            lambda values: host.plan(p, values, clip_files.extra_encoder_dir()),
             "unCLIP: loading the encoder and encoding the images",
         )
 

@@ -69,6 +69,24 @@ def entries(extra_dir: str = "") -> list[encoders.Entry]:
     return encoders.catalogue(encoder_dirs(extra_dir), "clip")
 
 
+EXTRA_DIR_OPTION = "imgcond_flexdiffuse_extra_dir"  # CLIP image guidance's setting; Style model and unCLIP share it
+
+
+def extra_encoder_dir() -> str:
+    """The extra CLIP vision encoder folder of the settings ('' outside a WebUI)."""
+    try:
+        from modules import shared
+
+        return str(getattr(shared.opts, EXTRA_DIR_OPTION, "") or "")
+    except Exception:  # no WebUI (tests)
+        return ""
+
+
+def configured_encoders() -> list[str]:
+    """The encoder files in the standard folders and the settings' extra folder."""
+    return list_encoders(extra_encoder_dir())
+
+
 def list_encoders(extra_dir: str = "") -> list[str]:
     """The dropdown choices: encoder files of every searched folder (a name in two folders shows its folder)."""
     return [e.label for e in entries(extra_dir)]

@@ -22,6 +22,7 @@ from lib_imgcond.core.errors import ArgumentError, ImgcondError
 from lib_imgcond.hosts import encoders, forge
 from lib_imgcond.hosts.flex_encoders import (  # noqa: F401  (re-exported: the script and other techniques use them)
     EXTENSIONS,
+    EXTRA_DIR_OPTION,
     FOLDER,
     HALVES,
     STANDARD_NAMES,
@@ -30,9 +31,11 @@ from lib_imgcond.hosts.flex_encoders import (  # noqa: F401  (re-exported: the s
     check_role,
     choice_label,
     compat_pixels,
+    configured_encoders,
     default_dir,
     encode_images,
     encoder_dirs,
+    extra_encoder_dir,
     find_file,
     flex_image,
     image_tensor,
