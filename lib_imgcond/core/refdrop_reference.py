@@ -21,6 +21,23 @@ SOURCES = ("generation", "image")
 Layer = tuple[str, int, int]
 
 
+def base_meta(format_version: int, meta: Mapping[str, Any] | None = None, **defaults: Any) -> dict[str, Any]:
+    """A new reference's metadata (of either storage kind): the common defaults, then `defaults`, then `meta`."""
+    out: dict[str, Any] = {
+        "steps": {},
+        "width": 0,
+        "height": 0,
+        "dtype": "",
+        "layers": [],
+        "format_version": format_version,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "source": "generation",
+        **defaults,
+    }
+    out.update(meta or {})
+    return out
+
+
 class RefKey(NamedTuple):
     """Address of one recorded K/V pair."""
 
@@ -57,17 +74,7 @@ class Reference:
         self.name = name
         self.family = check_family(family)
         self.precision = prec.check_precision(precision) if precision else prec.FP16 if store_fp16 else prec.AS_COMPUTED
-        self.meta: dict[str, Any] = {
-            "steps": {},
-            "width": 0,
-            "height": 0,
-            "dtype": "",
-            "layers": [],
-            "format_version": FORMAT_VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "source": "generation",
-        }
-        self.meta.update(meta or {})
+        self.meta = base_meta(FORMAT_VERSION, meta)
         self.meta["steps"] = dict(self.meta["steps"])
         if self.meta["source"] not in SOURCES:
             raise ArgumentError("source", self.meta["source"], " or ".join(SOURCES))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,6 +23,7 @@ from safetensors import safe_open
 from lib_imgcond.core import refdrop_store as store
 from lib_imgcond.core.errors import ImgcondError
 from lib_imgcond.core.refdrop import check_family, layer_table
+from lib_imgcond.core.refdrop_reference import base_meta
 
 FORMAT_VERSION = 2
 STORAGE = "trajectory"
@@ -50,19 +50,7 @@ class Trajectory:
     def __init__(self, name: str, family: str, meta: Mapping[str, Any] | None = None):
         self.name = name
         self.family = check_family(family)
-        self.meta: dict[str, Any] = {
-            "steps": {},
-            "width": 0,
-            "height": 0,
-            "dtype": "",
-            "layers": [],
-            "format_version": FORMAT_VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "source": "generation",
-            "storage": STORAGE,
-            "trace": {},
-        }
-        self.meta.update(meta or {})
+        self.meta = base_meta(FORMAT_VERSION, meta, storage=STORAGE, trace={})
         self.meta["steps"] = dict(self.meta["steps"])
         # pass -> evaluations: {"sigma": (1,), "xs": [(1, C, h, w)], "calls": [[(branch, x index, cond index)]]}
         self.evals: dict[str, list[dict[str, Any]]] = {}
