@@ -106,25 +106,32 @@ def _corrupt(path: str, why: object) -> ImgcondError:
     return ImgcondError(f"RefDrop reference {path} is truncated or corrupt ({why}); record it again")
 
 
+def common_fields(path: str, meta: Mapping[str, str]) -> dict[str, Any]:
+    """The metadata fields every reference file has (K/V and trajectory), decoded; ValueError/TypeError if bad."""
+    return {
+        "name": meta.get("name") or os.path.splitext(os.path.basename(path))[0],
+        "family": meta.get("family", ""),
+        "steps": {str(p): int(n) for p, n in json.loads(meta.get("steps", "{}")).items()},
+        "width": int(meta.get("width", 0)),
+        "height": int(meta.get("height", 0)),
+        "dtype": meta.get("dtype", ""),
+        "layers": json.loads(meta.get("layers", "[]")),
+        "created": meta.get("created", ""),
+        "source": meta.get("source", "generation"),
+        "format_version": int(meta.get("format_version", "")),
+        "trace": json.loads(meta.get("trace", "{}")),
+    }
+
+
 def _check_header(path: str, meta: Mapping[str, str] | None) -> dict[str, Any]:
     """Validate the metadata block and decode its JSON/int fields."""
     if not meta or meta.get("format") != FORMAT:
         raise ImgcondError(f"{path} is not an imgcond RefDrop reference (no '{FORMAT}' metadata)")
     try:
-        version = int(meta.get("format_version", ""))
-        info = {
-            "name": meta.get("name") or os.path.splitext(os.path.basename(path))[0],
-            "family": meta.get("family", ""),
-            "steps": {str(p): int(n) for p, n in json.loads(meta.get("steps", "{}")).items()},
-            "width": int(meta.get("width", 0)),
-            "height": int(meta.get("height", 0)),
-            "dtype": meta.get("dtype", ""),
-            "layers": json.loads(meta.get("layers", "[]")),
-            "created": meta.get("created", ""),
-            "source": meta.get("source", "generation"),
-            "format_version": version,
+        info = common_fields(path, meta)
+        version = info["format_version"]
+        info |= {
             "keys": json.loads(meta.get("keys", "[]")),
-            "trace": json.loads(meta.get("trace", "{}")),
             "precision": prec.check_precision(meta.get("precision") or _precision_of(meta.get("dtype", ""))),
             "record_every": int(meta.get("record_every", 1)),
             "thumbnail": meta.get("thumbnail", ""),

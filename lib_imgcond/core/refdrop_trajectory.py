@@ -23,6 +23,7 @@ from safetensors import safe_open
 from lib_imgcond.core import refdrop_store as store
 from lib_imgcond.core.errors import ImgcondError
 from lib_imgcond.core.refdrop import check_family, layer_table
+from lib_imgcond.core.refdrop_file import common_fields
 from lib_imgcond.core.refdrop_reference import base_meta
 
 FORMAT_VERSION = 2
@@ -257,22 +258,9 @@ def storage_of(meta: Mapping[str, str], path: str) -> str:
 
 def _check(path: str, meta: Mapping[str, str]) -> dict[str, Any]:
     try:
-        version = int(meta.get("format_version", ""))
-        info = {
-            "name": meta.get("name") or os.path.splitext(os.path.basename(path))[0],
-            "family": meta.get("family", ""),
-            "steps": {str(p): int(n) for p, n in json.loads(meta.get("steps", "{}")).items()},
-            "width": int(meta.get("width", 0)),
-            "height": int(meta.get("height", 0)),
-            "dtype": meta.get("dtype", ""),
-            "layers": json.loads(meta.get("layers", "[]")),
-            "created": meta.get("created", ""),
-            "source": meta.get("source", "generation"),
-            "format_version": version,
-            "storage": STORAGE,
-            "trace": json.loads(meta.get("trace", "{}")),
-            "evaluations": json.loads(meta.get("evaluations", "{}")),
-        }
+        info = common_fields(path, meta)
+        version = info["format_version"]
+        info |= {"storage": STORAGE, "evaluations": json.loads(meta.get("evaluations", "{}"))}
     except (ValueError, TypeError, AttributeError) as e:
         raise store._corrupt(path, f"bad metadata: {e}") from e
     if version != FORMAT_VERSION:
