@@ -59,9 +59,12 @@ def _takes_mask(fn: Callable) -> bool:
         return False
 
 
-def _host_call(module: Any, original: Callable, q, k, v, pe, mask, options, extra: dict) -> torch.Tensor:
-    """The host's own attention: as its blocks call it where it can take the arguments, else its parts."""
-    if _takes_mask(original):  # Neo: attention(q, k, v, pe, mask=None, transformer_options={})
+def _host_call(
+    module: Any, original: Callable, takes_mask: bool, q, k, v, pe, mask, options, extra: dict
+) -> torch.Tensor:
+    """The host's own attention: as its blocks call it where it can take the arguments, else its parts.
+    `takes_mask`: `_takes_mask(original)`, probed once per `handling`, not per block call."""
+    if takes_mask:  # Neo: attention(q, k, v, pe, mask=None, transformer_options={})
         kw = dict(extra)
         if options is not None:
             kw["transformer_options"] = options
@@ -83,12 +86,13 @@ def handling(model: Any, handler: Callable) -> Iterator[None]:
     module = module_of(model)
     previous = module.attention
     nested = getattr(previous, _OURS, False)
+    takes_mask = not nested and _takes_mask(previous)
 
     def attention(q, k, v, pe=None, mask=None, transformer_options=None, **extra):
         def call_next(q2, k2, v2, pe2, mask2):
             if nested:
                 return previous(q2, k2, v2, pe=pe2, mask=mask2, transformer_options=transformer_options, **extra)
-            return _host_call(module, previous, q2, k2, v2, pe2, mask2, transformer_options, extra)
+            return _host_call(module, previous, takes_mask, q2, k2, v2, pe2, mask2, transformer_options, extra)
 
         call_next.direct = not nested  # the host's own function follows: its kernel may be called directly
         return handler(q, k, v, pe, mask, transformer_options, call_next)
