@@ -47,11 +47,12 @@ from sdxl_shaped import SDXLShapedUNet, attention, estimate_flops, transformer_k
 rd: Any = None  # lib_imgcond.core.refdrop, .refdrop_store and .hosts.forge_refdrop, imported by load_lib()
 store: Any = None
 host: Any = None
+blocks: Any = None  # lib_imgcond.core.host_blocks where the measured copy has it
 
 
 def load_lib(folder: str) -> str:
     """Import lib_imgcond from ``folder`` (the repository root by default, or another copy to compare versions)."""
-    global rd, store, host
+    global rd, store, host, blocks
     import importlib
     import logging
 
@@ -59,6 +60,7 @@ def load_lib(folder: str) -> str:
     rd = importlib.import_module("lib_imgcond.core.refdrop")
     store = importlib.import_module("lib_imgcond.core.refdrop_store")
     host = importlib.import_module("lib_imgcond.hosts.forge_refdrop")
+    blocks = sys.modules.get("lib_imgcond.core.host_blocks")
     logging.getLogger("sd_webui_imgcond").setLevel(logging.WARNING)
     return os.path.dirname(os.path.dirname(os.path.abspath(host.__file__)))
 
@@ -143,6 +145,7 @@ class Bench:
         self.context = torch.randn(2, 77, 2048, generator=g).to(self.device, self.dtype)
         self.y = torch.randn(2, 2816, generator=g).to(self.device, self.dtype)
         self.bufs: dict[str, dict] = {}
+        self.register_s: list[float] = []  # per record pass: its background page-locking, after the pass
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -208,12 +211,22 @@ class Bench:
         if mode == "record":
             recorded = host.finish_record(job, {"first": tracker}, save_file=False)
         self.sync()
-        return Run(time.perf_counter() - t0, self.last_issue, recorded)
+        seconds = time.perf_counter() - t0
+        if mode == "record" and blocks is not None:  # the background page-locking of the recording, not timed
+            blocks.idle()
+            self.register_s.append(time.perf_counter() - t0 - seconds)
+        return Run(seconds, self.last_issue, recorded)
+
+
+DROP_S: list[float] = []  # seconds each drop of the recorded references took (unregistering and unmapping them)
 
 
 def drop_references() -> None:
+    """Drop the recorded references the library holds (callers let go of theirs first), timed."""
+    t0 = time.perf_counter()
     host.REFERENCES.clear()
     gc.collect()
+    DROP_S.append(time.perf_counter() - t0)
 
 
 def empty_host_cache() -> bool:
@@ -267,12 +280,18 @@ def labelled_store_calls():
             setattr(cls, name, fn)
         patched.append((cls, name, orig))
 
+    patch = sys.modules["lib_imgcond.hosts.refdrop_patch"]
     for cls, name in [
         (store.Reference, "put"),
+        (store.Reference, "put_many"),
         (store.Reference, "get"),
         (store.Reference, "nbytes"),
         (store.Prefetcher, "fetch"),
         (store.Prefetcher, "get"),
+        (patch.Runner, "attend"),  # the whole per-layer work of the patch (the host's attention included)
+        (patch.Runner, "flush"),
+        (patch._ReferenceSource, "get"),
+        (patch._ReferenceSource, "prepare"),
     ]:
         wrap(cls, name)
     try:
@@ -305,7 +324,7 @@ def profile(bench: Bench, mode: str, ref: Any, steps: int, out_dir: str | None) 
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:6]:
         per_step = e.self_cpu_time_total / 1e3 / steps
         lines.append(f"  {e.key[:40]:40s} calls {e.count:6d}  self CPU {per_step:8.2f} ms/step")
-    labels = [e for e in events if e.key.startswith(("Reference.", "Prefetcher."))]
+    labels = [e for e in events if e.key.startswith(("Reference.", "Prefetcher.", "Runner.", "_ReferenceSource."))]
     for e in labels:
         lines.append(f"  [{e.key}] calls {e.count:6d}  CPU total {e.cpu_time_total / 1e3 / steps:8.2f} ms/step")
     return "\n".join(lines)
@@ -473,8 +492,8 @@ def main() -> None:
             # the first record pass in the process allocates fresh pinned buffers ("cold"), and so does each one
             # after the host allocator's cache is emptied (where torch allows it)
             for i in range(args.repeats if "record" in modes else 1):
-                drop_references()
                 ref = None
+                drop_references()
                 emptied = empty_host_cache() if (cuda and i > 0) else (i == 0)
                 run = bench.run_once("record", args.steps)
                 ref = run.recorded
@@ -500,8 +519,8 @@ def main() -> None:
                 by_mode["use"].append(bench.run_once("use", args.steps, ref))
                 checks["use latent"] = checksum(bench.last_x)
             if "record" in modes:
-                drop_references()
                 ref = None
+                drop_references()
                 run = bench.run_once("record", args.steps)
                 ref = run.recorded
                 by_mode["record (warm)"].append(run._replace(recorded=None))
@@ -521,11 +540,13 @@ def main() -> None:
         if args.profile_steps:
             for mode in ("off", "use", "record"):
                 if mode in modes:
-                    if mode == "record":  # warm: the kept reference's pinned blocks go back to the host cache
-                        drop_references()
+                    if mode == "record":
                         ref = None
+                        drop_references()
                     profiles[mode] = profile(bench, mode, ref, args.profile_steps, args.out)
 
+    results["register_s"] = bench.register_s
+    results["drop_s"] = DROP_S
     results["rows"] = [
         {"mode": m, "ms_per_step": med, "runs_ms": ms, "ratio": ratio, "ratio_spread": sp, "host_issue_ms_per_step": i}
         for m, med, ms, i, ratio, sp in rows
@@ -542,6 +563,12 @@ def main() -> None:
         shown = {k: v for k, v in hs.items() if "bytes.current" in k or ("alloc" in k.lower() and "time" in k.lower())}
         for k, v in shown.items():
             print(f"  host allocator {k}: {store.format_bytes(v) if 'bytes' in k else v}")
+    if bench.register_s:
+        reg = bench.register_s
+        print(f"background page-locking after each record pass: {min(reg):.3f}-{max(reg):.3f} s", end="")
+        print(f" ({blocks.locked_bytes() / 2**30:.2f} GiB locked now)")
+    if DROP_S:
+        print(f"dropping the recorded reference (not timed): {min(DROP_S):.3f}-{max(DROP_S):.3f} s")
     for k, v in checks.items():
         print(f"checksum {k}: {v}")
     print(

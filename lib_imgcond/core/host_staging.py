@@ -78,6 +78,7 @@ class StagingRing:
             except BaseException as e:  # kept for the caller: drain() raises it
                 self._error = self._error or e
             finally:
+                job = None  # an idle worker must not keep the last job's blocks alive
                 with self._idle:
                     self._pending -= 1
                     self._idle.notify_all()

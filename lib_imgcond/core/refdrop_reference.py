@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from lib_imgcond.core import host_staging
+from lib_imgcond.core import host_blocks, host_staging
 from lib_imgcond.core import refdrop_precision as prec
 from lib_imgcond.core.errors import ArgumentError, ImgcondError
 from lib_imgcond.core.refdrop import _lookup, check_family, layer_table
@@ -86,6 +86,7 @@ class Reference:
         self._pending: list[Any] = []
         self._unsynced = False  # CUDA copies queued by put(..., record_event=False)
         self._staged = False  # copies queued on the staging ring by put_many
+        self._mappings: list = []  # put_many's host blocks on CUDA, page-locked in the background once written
         self._arena = HostArena()
 
     def __deepcopy__(self, memo: dict) -> Reference:
@@ -198,7 +199,9 @@ class Reference:
                 if flat.dtype != dtype:
                     flat = flat.to(dtype)
             if flat.is_cuda:  # pageable memory through the staging ring: no page-locking on the sampling path
-                block = torch.empty((total,), dtype=dtype)
+                block, mapping = host_blocks.empty(total, dtype)
+                if mapping is not None:
+                    self._mappings.append(mapping)
                 host_staging.ring().to_host(flat, block)
                 self._staged = True
             else:
@@ -243,6 +246,8 @@ class Reference:
         if self._staged:
             host_staging.ring().drain()
             self._staged = False
+        host_blocks.register_later(self._mappings)  # for Use: pinned uploads, off the sampling path
+        self._mappings.clear()
         if self._kv:
             first = next(iter(self._kv.values()))[0]
             self.meta["dtype"] = str(first.dtype).replace("torch.", "")

@@ -111,6 +111,7 @@ class Runner:
         self.source = _ReferenceSource(job.uses, order, recording=job.record)
         job.sources.append(self.source)
         self.tasks: list = []  # this evaluation's (reference index, pass name, branch, recorded evaluation, c)
+        self.layouts: dict[tuple, list] = {}  # chunk order -> [(reference index, pass name, evaluation, chunks)]
         self.planned: int | None = None
         self.recorded = job.record.nbytes if job.record is not None else 0
         self.pending: list = []  # (key, k row, v row) recorded during this evaluation, still on the device
@@ -155,6 +156,7 @@ class Runner:
         """Once per evaluation: which recorded evaluation each reference contributes, and start moving it."""
         tracker, tasks = self.tracker, self.tasks
         tasks.clear()
+        self.layouts.clear()
         self.planned = tracker.eval
         if not rd.step_in_window(tracker.step, tracker.n_steps, self.start, self.end):
             return
@@ -200,17 +202,22 @@ class Runner:
             return plain()
         if self.planned != self.tracker.eval:
             self._plan(q.device, q.dtype)
+        order = tuple(chunks)
+        layout = self.layouts.get(order)
+        if layout is None:  # once per evaluation and chunk order: which batch chunks each task blends
+            layout = [(i, name, e, js) for i, name, branch, e, _c in self.tasks if (js := _chunks_of(order, branch))]
+            self.layouts[order] = layout
         plan: dict[int, list] = {}  # reference index -> [(chunk, k_ref, v_ref)]
-        for i, name, branch, e, _c in self.tasks:
-            kr, vr = self.source.get(i, name, e, key)
-            for j, chunk_branch in enumerate(chunks):
-                if chunk_branch == branch:
-                    if joint is not None:
-                        rows = slice(j * b, (j + 1) * b)
-                        kv = [joint_kv.with_text(t[rows], r, joint.n_txt) for t, r in ((k, kr), (v, vr))]
-                        plan.setdefault(i, []).append((j, *kv))
-                    else:
-                        plan.setdefault(i, []).append((j, kr, vr))
+        get = self.source.get
+        for i, name, e, js in layout:
+            kr, vr = get(i, name, e, key)
+            entries = plan.setdefault(i, [])
+            if joint is None:
+                entries.extend((j, kr, vr) for j in js)
+            else:
+                for j in js:
+                    rows = slice(j * b, (j + 1) * b)
+                    entries.append((j, *(joint_kv.with_text(t[rows], r, joint.n_txt) for t, r in ((k, kr), (v, vr)))))
         if not plan:
             return plain()
         if joint is not None:  # on CUDA only the image-token queries attend the reference (no fused call)
@@ -346,6 +353,10 @@ class _ReferenceSource:
                 hit = ref.get((name, e, *layer), device=self.device, dtype=self.dtype)
             self.current[ck] = hit
         return hit
+
+
+def _chunks_of(chunks, branch: int) -> tuple[int, ...]:
+    return tuple(j for j, chunk_branch in enumerate(chunks) if chunk_branch == branch)
 
 
 def _rows(t: torch.Tensor, b: int) -> torch.Tensor:

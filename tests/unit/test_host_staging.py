@@ -66,3 +66,21 @@ def test_inference_tensors_made_by_the_caller_can_be_filled(ring):
         ring.to_host(torch.full((300,), 2.0), host)
         ring.drain()
     assert torch.equal(dst, torch.ones(300)) and torch.equal(host, torch.full((300,), 2.0))
+
+
+def test_idle_workers_keep_no_block_alive():
+    import gc
+    import weakref
+
+    from lib_imgcond.core import host_blocks
+
+    src = torch.randn(host_blocks.MIN_MAPPED // 4)
+    dst, mapping = host_blocks.empty(src.numel(), torch.float32)
+    ring = StagingRing(slots=2, slot_bytes=1 << 20, workers=2, pin=False)
+    ring.to_host(src, dst)
+    ring.drain()
+    assert torch.equal(dst, src)
+    alive = weakref.ref(mapping)
+    del dst, mapping
+    gc.collect()
+    assert alive() is None  # dropped with its reference, not held by the last job a worker ran

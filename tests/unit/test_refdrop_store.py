@@ -376,6 +376,26 @@ def test_cuda_put_prefetch_round_trip():
     assert torch.equal(gv, (k * 2).half())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_put_many_is_page_locked_after_the_recording():
+    import gc
+
+    from lib_imgcond.core import host_blocks
+
+    ref = Reference("g", "sdxl")
+    key = RefKey("first", 0, "input", 4, 0)
+    k = torch.randn(1, 4096, 640, device="cuda")  # 2 × 10 MiB in fp32: a mapped block
+    ref.put_many([(key, k, k * 2)])
+    ref.finalize()
+    host_blocks.idle()
+    kr, vr = ref.get(key)
+    assert kr.is_pinned() and torch.equal(kr, k.cpu()) and torch.equal(vr, (k * 2).cpu())
+    locked = host_blocks.locked_bytes()
+    del ref, kr, vr
+    gc.collect()
+    assert host_blocks.locked_bytes() <= locked - 2 * k.numel() * 4
+
+
 def test_put_many_matches_put_exactly():
     import torch as t
 
