@@ -290,8 +290,8 @@ def labelled_store_calls():
         (store.Prefetcher, "get"),
         (patch.Runner, "attend"),  # the whole per-layer work of the patch (the host's attention included)
         (patch.Runner, "flush"),
-        (patch._ReferenceSource, "get"),
-        (patch._ReferenceSource, "prepare"),
+        (patch.ReferenceSource, "get"),
+        (patch.ReferenceSource, "prepare"),
     ]:
         wrap(cls, name)
     try:
@@ -324,7 +324,7 @@ def profile(bench: Bench, mode: str, ref: Any, steps: int, out_dir: str | None) 
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:6]:
         per_step = e.self_cpu_time_total / 1e3 / steps
         lines.append(f"  {e.key[:40]:40s} calls {e.count:6d}  self CPU {per_step:8.2f} ms/step")
-    labels = [e for e in events if e.key.startswith(("Reference.", "Prefetcher.", "Runner.", "_ReferenceSource."))]
+    labels = [e for e in events if e.key.startswith(("Reference.", "Prefetcher.", "Runner.", "ReferenceSource."))]
     for e in labels:
         lines.append(f"  [{e.key}] calls {e.count:6d}  CPU total {e.cpu_time_total / 1e3 / steps:8.2f} ms/step")
     return "\n".join(lines)

@@ -38,11 +38,11 @@ from lib_imgcond.hosts.refdrop_library import (  # noqa: F401  (re-exported: the
 from lib_imgcond.hosts.refdrop_patch import (  # noqa: F401  (re-exported for the benchmarks and tests)
     FLUSH_EVERY,
     PassTracker,
+    ReferenceSource,
     Runner,
     _blend,
     _fused,
     _recorded_eval,
-    _ReferenceSource,
 )
 from lib_imgcond.log import logger
 
@@ -98,7 +98,7 @@ class Job:
     capturing: bool = False
     captured_eval: tuple = ()
     flushers: list = field(default_factory=list)  # per pass: move the last evaluation's recorded K/V to the host
-    sources: list = field(default_factory=list)  # per pass: its _ReferenceSource (released after the job)
+    sources: list = field(default_factory=list)  # per pass: its ReferenceSource (released after the job)
     iteration: int = 0  # mode Batch: which batch of the job is sampling (p.iteration)
     batch_seed: int = 0  # mode Batch: that batch's first seed (seeds the shared-token subsets)
     pool: dict = field(default_factory=dict)  # mode Batch, first batch as reference: site -> kept (k, v) on the host
