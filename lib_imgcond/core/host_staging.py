@@ -2,11 +2,13 @@
 
 Page-locking host memory is slow (cudaHostAlloc ran at 1.6–2.8 GB/s on an H200 host) while a recording streams K/V
 at about 9 GB/s, so a recording that pins its storage as it goes runs several times slower than sampling. Here a
-recording's storage is plain pageable memory: each block is copied on the device stream into one of a few fixed
-pinned slots (device → pinned at ~55 GB/s) and a worker copies the slot into the pageable block (torch's copy runs
-on its intra-op threads, which also take the first-touch page faults in parallel). Uploading such a reference for
-Use runs the other way: a worker copies a chunk into a slot and queues the slot's host → device copy on the caller's
-stream. The only pinned memory is the ring itself, SLOTS × SLOT_BYTES, allocated once per process on first use.
+recording's storage is plain pageable memory: a dispatcher thread copies each block, on its own stream after the
+caller's queued work, into one of a few fixed pinned slots (device → pinned at ~55 GB/s), and a worker copies the
+slot into the pageable block (torch's copy runs on its intra-op threads, which also take the first-touch page faults
+in parallel); the sampling thread only records an event, so it never waits for a free slot. Uploading such a
+reference for Use runs the other way: a worker copies a chunk into a slot and queues the slot's host → device copy on
+the caller's stream. The only pinned memory of its own is the ring, SLOTS × SLOT_BYTES, allocated once per process
+on first use (a finished recording is page-locked in place afterwards: `host_blocks`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ class Upload:
 
 
 class StagingRing:
-    """A fixed set of pinned slots and worker threads; see the module docstring."""
+    """A fixed set of pinned slots, a dispatcher thread and worker threads; see the module docstring."""
+
+    BACKLOG = 512 << 20  # device bytes to_host() may hold in flight before the caller waits
 
     def __init__(
         self, slots: int = SLOTS, slot_bytes: int = SLOT_BYTES, workers: int = WORKERS, pin: bool | None = None
@@ -53,6 +57,9 @@ class StagingRing:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._pending = 0
+        self._backlog = 0  # bytes of device sources handed to the dispatcher and not yet copied out
+        self._dispatch: queue.Queue = queue.Queue()
+        self._streams: dict = {}  # device -> the dispatcher's copy stream
         self._error: BaseException | None = None
 
     @property
@@ -64,11 +71,13 @@ class StagingRing:
             if self._slots:
                 return
             for i in range(self.n_slots):
-                self._slots.append(torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=self.pin))
+                with torch.inference_mode(False):  # plain tensors: every thread may write them
+                    self._slots.append(torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=self.pin))
                 self._slot_events.append(None)
                 self._free.put(i)
             for n in range(self.n_workers):
                 threading.Thread(target=self._work, name=f"imgcond-staging-{n}", daemon=True).start()
+            threading.Thread(target=self._dispatcher, name="imgcond-staging-dispatch", daemon=True).start()
 
     def _work(self) -> None:
         while True:
@@ -106,32 +115,64 @@ class StagingRing:
         return i
 
     def to_host(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy `src` (contiguous, any device) into `dst` (host memory of the same size in bytes) asynchronously: on
-        the current stream into slots, then by a worker into `dst`. Keep `src` valid in the current stream's order
-        (as for any non-blocking copy) and call drain() before reading `dst`."""
+        """Copy `src` (contiguous, any device) into `dst` (host memory of the same size in bytes) asynchronously and
+        without blocking the caller (beyond BACKLOG bytes of device sources in flight): the dispatcher thread copies
+        it into slots, after the work queued so far on the current stream, and a worker copies each slot into `dst`.
+        Do not change `src` afterwards; call drain() before reading `dst`."""
         self.raise_error()
         s, d = _bytes(src), _bytes(dst)
         if s.numel() != d.numel():
             raise ValueError(f"staging copy of {s.numel()} bytes into {d.numel()}")
         self._start()
-        for start in range(0, s.numel(), self.slot_bytes):
-            n = min(self.slot_bytes, s.numel() - start)
-            i = self._take()  # waits while every slot is in flight: the ring bounds the extra memory
-            self._slots[i][:n].copy_(s[start : start + n], non_blocking=s.is_cuda)
-            event = None
-            if s.is_cuda:
-                event = torch.cuda.Event()
-                event.record()
+        ready = stream = None
+        if s.is_cuda:
+            stream = self._streams.get(s.device)
+            if stream is None:
+                stream = self._streams[s.device] = torch.cuda.Stream(device=s.device)
+            ready = torch.cuda.Event()
+            ready.record()
+            s.record_stream(stream)  # its memory is not reused before the dispatcher's copies out of it are done
+        with self._idle:
+            self._idle.wait_for(lambda: self._backlog <= self.BACKLOG)  # bounds the device memory held
+            self._backlog += s.numel() if s.is_cuda else 0
+            self._pending += 1
+        self._dispatch.put((s, d, ready, stream, torch.is_inference_mode_enabled()))
 
-            def job(i=i, n=n, event=event, out=d[start : start + n]):
-                try:
-                    if event is not None:
-                        event.synchronize()
-                    out.copy_(self._slots[i][:n])
-                finally:
-                    self._free.put(i)
+    def _dispatcher(self) -> None:
+        """Issue the device → slot copies of to_host() in order, each slot's host copy on a worker."""
+        while True:
+            s, d, ready, stream, inference = self._dispatch.get()
+            try:
+                if stream is not None:
+                    stream.wait_event(ready)
+                for start in range(0, s.numel(), self.slot_bytes):
+                    n = min(self.slot_bytes, s.numel() - start)
+                    i = self._take()  # waits while every slot is in flight: the ring bounds the extra memory
+                    event = None
+                    with torch.cuda.stream(stream) if stream is not None else _null():
+                        self._slots[i][:n].copy_(s[start : start + n], non_blocking=stream is not None)
+                        if stream is not None:
+                            event = torch.cuda.Event()
+                            event.record()
 
-            self._submit(job)
+                    def job(i=i, n=n, event=event, out=d[start : start + n]):
+                        try:
+                            if event is not None:
+                                event.synchronize()
+                            out.copy_(self._slots[i][:n])
+                        finally:
+                            self._free.put(i)
+
+                    with torch.inference_mode(inference):  # the caller's mode (see _submit)
+                        self._submit(job)
+            except BaseException as e:  # kept for the caller: drain() raises it
+                self._error = self._error or e
+            finally:
+                with self._idle:
+                    self._backlog -= s.numel() if s.is_cuda else 0
+                    self._pending -= 1
+                    self._idle.notify_all()
+                s = d = job = None  # the source's memory goes back once its copies are issued (see record_stream)
 
     def to_device(self, src: torch.Tensor, dst: torch.Tensor, stream=None) -> Upload:
         """Queue the copy of host `src` into `dst` (same size in bytes) on a worker; the device copies go on `stream`
