@@ -3,7 +3,8 @@
 Modes:
   off     no patch installed
   record  lib_imgcond.hosts.forge_refdrop.install with Job.record set: K/V of the cond row of all 70 blocks go into
-          CPU (pinned) buffers every evaluation
+          host memory every evaluation (through the staging ring; page-locked in the background after the pass,
+          which is waited for outside the timing and reported)
   use     the same install with Job.uses = [(reference, c)]: every block blends attention over the recorded K/V
   batch   (alone, not in "all") mode Batch, consistent batch, at batch --batch (default 4, so 8 rows: uncond + cond):
           every block's cond rows attend to a share --rate of each other's tokens; timed against the plain batch
@@ -17,8 +18,8 @@ must pay. "floor record" is off plus one device copy of each layer's cond-row K/
 The patch is installed through a minimal fake of Forge's UnetPatcher (model_options, set_model_replace_all,
 add_conditioning_modifier); each step calls the conditioning modifiers once, then the model, like Forge's
 sampling_function, then an Euler update. Each timed run is a whole sampling pass of --steps steps (record: a fresh
-Reference, finalized inside the timing). Record passes with fresh pinned memory ("cold") are timed first; then
---repeats rounds of off, use and record ("warm": reusing the pinned blocks of the reference dropped before it) run
+Reference, finalized inside the timing). The first record passes in the process ("cold": the staging ring and the
+CUDA handles are new) are timed first; then --repeats rounds of off, floors, use and record ("warm") run
 interleaved, and each ratio is the median of the per-round ratios to the round's off pass. "host issue" is the host
 time spent issuing the steps' work: when it is close to the wall time the run is host-bound.
 
@@ -489,7 +490,7 @@ def main() -> None:
         checks: dict[str, str] = {}
         cold: list[Run] = []
         if "record" in modes or "use" in modes:
-            # the first record pass in the process allocates fresh pinned buffers ("cold"), and so does each one
+            # the first record pass in the process sets up the staging ring ("cold"); later ones count as cold too
             # after the host allocator's cache is emptied (where torch allows it)
             for i in range(args.repeats if "record" in modes else 1):
                 ref = None
@@ -508,7 +509,7 @@ def main() -> None:
             if "use" in modes:
                 bench.run_once("use", warm, ref)
         # interleaved rounds (off, use, record), so that drift in the host's speed hits every mode alike; ratios are
-        # taken within a round. A "warm" record pass reuses the pinned blocks of the reference dropped before it.
+        # taken within a round.
         by_mode: dict[str, list[Run]] = {"off": [], "use": [], "record (warm)": [], **{m: [] for m in floors}}
         for _ in range(args.repeats):
             by_mode["off"].append(bench.run_once("off", args.steps))
