@@ -25,6 +25,12 @@ def recorded(server):
     return out
 
 
+@pytest.fixture(scope="module")
+def use_half(server, recorded):
+    """Use of "cat" at c = 0.5 on seed 2, made before any test restarts the server."""
+    return server.generate(refdrop(forge.payload(seed=2), mode="Use", reference="cat", coefficient=0.5))
+
+
 def test_record_leaves_the_image_unchanged(recorded, plain):
     assert forge.max_diff(recorded.image, plain[1]) == 0
 
@@ -44,8 +50,8 @@ def test_c_zero_is_identical_to_disabled(server, recorded, plain):
     assert forge.max_diff(out.image, plain[2]) == 0
 
 
-def test_positive_and_negative_c_change_the_image(server, recorded, plain):
-    pos = server.generate(refdrop(forge.payload(seed=2), mode="Use", reference="cat", coefficient=0.5))
+def test_positive_and_negative_c_change_the_image(server, recorded, plain, use_half):
+    pos = use_half
     neg = server.generate(refdrop(forge.payload(seed=2), mode="Use", reference="cat", coefficient=-0.3))
     assert forge.max_diff(pos.image, plain[2]) > 0
     assert forge.max_diff(neg.image, plain[2]) > 0
@@ -53,7 +59,6 @@ def test_positive_and_negative_c_change_the_image(server, recorded, plain):
     assert "refdrop_coefficient: 0.5" in pos.infotext and "refdrop_reference: cat" in pos.infotext
     again = server.generate(forge.payload(seed=2))
     assert forge.max_diff(again.image, plain[2]) == 0  # no leak into a plain run
-    pytest.refdrop_pos = pos.image
 
 
 def test_positional_args_match_named_args(server, recorded):
@@ -62,11 +67,11 @@ def test_positional_args_match_named_args(server, recorded):
     assert forge.max_diff(named.image, positional.image) == 0
 
 
-def test_layers_window_and_multi_reference(server, recorded, plain):
+def test_layers_window_and_multi_reference(server, recorded, plain, use_half):
     body = refdrop(forge.payload(seed=2), mode="Use", reference="cat", coefficient=0.5, layers="output", start=0.3)
     out = server.generate(body)
     assert forge.max_diff(out.image, plain[2]) > 0
-    assert forge.max_diff(out.image, pytest.refdrop_pos) > 0
+    assert forge.max_diff(out.image, use_half.image) > 0
     server.generate(refdrop(forge.payload(seed=3), mode="Record", reference="dog"))
     multi = server.generate(
         refdrop(forge.payload(seed=2), mode="Use", reference="cat", coefficient=0.3, more_references="dog:-0.2")
@@ -105,10 +110,10 @@ def test_clear_errors_before_sampling(server, recorded):
     assert "refdrop.layerz" in err
 
 
-def test_saved_reference_survives_restart(server, recorded):
+def test_saved_reference_survives_restart(server, recorded, use_half):
     server.restart()
     out = server.generate(refdrop(forge.payload(seed=2), mode="Use", reference="cat", coefficient=0.5))
-    assert forge.max_diff(out.image, pytest.refdrop_pos) == 0
+    assert forge.max_diff(out.image, use_half.image) == 0
 
 
 def test_image_mode_takes_the_reference_from_an_upload(server, baseline, plain):
