@@ -29,25 +29,36 @@ _ST_DTYPES = {
 SCALES = "fp8_scales"  # fp8 files: one (keys, 2) F32 tensor, the K and V scales of each key in `keys` order
 
 
+def common_header(
+    storage: str, format_version: int, name: str, family: str, steps: Mapping[str, int], meta: Mapping[str, Any]
+) -> dict[str, str]:
+    """The metadata fields every reference file writes (K/V and trajectory); `common_fields` reads them back."""
+    return {
+        "format": FORMAT,
+        "format_version": str(format_version),
+        "storage": storage,
+        "name": str(name),
+        "family": family,
+        "steps": json.dumps(dict(steps)),
+        "width": str(int(meta.get("width") or 0)),
+        "height": str(int(meta.get("height") or 0)),
+        "dtype": str(meta.get("dtype", "")),
+        "layer_count": str(len(meta["layers"])),
+        "layers": json.dumps(meta["layers"]),
+        "created": str(meta.get("created", "")),
+        "source": str(meta.get("source", "generation")),
+        "trace": json.dumps(meta.get("trace", {})),
+    }
+
+
 def _header_meta(ref: Reference, keys: list[RefKey]) -> dict[str, str]:
     m = ref.meta
     extra = {"thumbnail": str(m["thumbnail"])} if m.get("thumbnail") else {}
+    steps = {p: ref.steps(p) for p in PASSES if ref.has_pass(p)}
+    version = 2 if ref.precision == prec.FP8 else 1  # version 1 readers still read the others
     return {
-        "format": FORMAT,
-        "format_version": str(2 if ref.precision == prec.FP8 else 1),  # version 1 readers still read the others
-        "storage": "kv",  # the other kind, "trajectory", is refdrop_trajectory's
-        "name": str(ref.name),
-        "family": ref.family,
-        "steps": json.dumps({p: ref.steps(p) for p in PASSES if ref.has_pass(p)}),
-        "width": str(int(m.get("width") or 0)),
-        "height": str(int(m.get("height") or 0)),
-        "dtype": str(m.get("dtype", "")),
-        "layer_count": str(len(m["layers"])),
-        "layers": json.dumps(m["layers"]),
-        "created": str(m.get("created", "")),
-        "source": str(m.get("source", "generation")),
+        **common_header("kv", version, ref.name, ref.family, steps, m),  # "trajectory" is refdrop_trajectory's
         "keys": json.dumps([list(k) for k in keys]),
-        "trace": json.dumps(m.get("trace", {})),
         "precision": ref.precision,
         "record_every": str(int(m.get("record_every") or 1)),
         **extra,

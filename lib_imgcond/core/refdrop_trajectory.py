@@ -23,7 +23,7 @@ from safetensors import safe_open
 from lib_imgcond.core import refdrop_store as store
 from lib_imgcond.core.errors import ImgcondError
 from lib_imgcond.core.refdrop import check_family, layer_table
-from lib_imgcond.core.refdrop_file import common_fields
+from lib_imgcond.core.refdrop_file import common_fields, common_header
 from lib_imgcond.core.refdrop_reference import base_meta
 
 FORMAT_VERSION = 2
@@ -205,20 +205,7 @@ def save_trajectory(traj: Trajectory, path: str | os.PathLike) -> None:
     tensors, layout = _tensors(traj)
     m = traj.meta
     meta = {
-        "format": store.FORMAT,
-        "format_version": str(FORMAT_VERSION),
-        "storage": STORAGE,
-        "name": str(traj.name),
-        "family": traj.family,
-        "steps": json.dumps(m["steps"]),
-        "width": str(int(m.get("width") or 0)),
-        "height": str(int(m.get("height") or 0)),
-        "dtype": str(m.get("dtype", "")),
-        "layer_count": str(len(m["layers"])),
-        "layers": json.dumps(m["layers"]),
-        "created": str(m.get("created", "")),
-        "source": str(m.get("source", "generation")),
-        "trace": json.dumps(m.get("trace", {})),
+        **common_header(STORAGE, FORMAT_VERSION, traj.name, traj.family, m["steps"], m),
         "evaluations": json.dumps(layout),
     }
     tmp = f"{path}.tmp{os.getpid()}"
