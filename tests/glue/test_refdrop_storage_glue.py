@@ -8,17 +8,10 @@ import torch
 from lib_imgcond.core import refdrop as rd
 from lib_imgcond.hosts import forge_refdrop as host
 from tests.glue.fakes import FakeUnetPatcher, fake_p
-from tests.glue.test_refdrop_glue import HEADS, VALUES, attn, qkv, run_pass
+from tests.glue.test_refdrop_glue import HEADS, VALUES, _clean_library, attn, qkv, run_pass  # noqa: F401 (autouse)
 
 SIGMAS = [4.0, 3.0, 2.0, 1.0, 0.0]  # 4 steps
 LAYER = ("output", 3, 0)
-
-
-@pytest.fixture(autouse=True)
-def _clean_library():
-    host.REFERENCES.clear()
-    yield
-    host.REFERENCES.clear()
 
 
 def tracker():

@@ -70,12 +70,18 @@ def test_fp8_all_zero_tensor_keeps_scale_one_and_comes_back_zero():
     assert gk.dtype == torch.float16 and torch.equal(gk, torch.zeros(1, 3, 8, dtype=torch.float16))
 
 
-def test_fp8_file_keeps_precision_and_scales(tmp_path):
+def saved_fp8(tmp_path):
+    """An fp8 reference and the file it was saved to."""
     ref = Reference("cat", "sd15", {"steps": {"first": 2}}, precision="fp8")
     ref.put_many(kv_items())
     ref.finalize()
     path = tmp_path / "cat.safetensors"
     save_reference(ref, path)
+    return ref, path
+
+
+def test_fp8_file_keeps_precision_and_scales(tmp_path):
+    ref, path = saved_fp8(tmp_path)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         assert f.get_tensor("fp8_scales").shape == (len(ref), 2)
@@ -91,11 +97,7 @@ def test_fp8_file_keeps_precision_and_scales(tmp_path):
 
 
 def test_fp8_file_without_scales_is_refused(tmp_path):
-    ref = Reference("cat", "sd15", {"steps": {"first": 2}}, precision="fp8")
-    ref.put_many(kv_items())
-    ref.finalize()
-    path = tmp_path / "cat.safetensors"
-    save_reference(ref, path)
+    _ref, path = saved_fp8(tmp_path)
     # the same file with the scales tensor renamed away
     raw = path.read_bytes().replace(b'"fp8_scales"', b'"xx8_scales"')
     path.write_bytes(raw)
