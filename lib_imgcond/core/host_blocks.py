@@ -22,6 +22,8 @@ import weakref
 
 import torch
 
+from lib_imgcond.core import native
+
 log = logging.getLogger("lib_imgcond.core.refdrop_store")
 
 HUGE_PAGE = 2 << 20
@@ -80,6 +82,18 @@ def register_later(mappings: list[Mapping]) -> None:
         _jobs.put(weakref.ref(m))
 
 
+def register_now(m: Mapping) -> bool:
+    """Page-lock `m` on the calling thread (which the call blocks; it releases the GIL) unless it is already locked,
+    over the cap or registration has failed before; returns whether `m` is page-locked."""
+    if not m.registered and not _state["failed"] and torch.cuda.is_available():
+        try:
+            _register(m)
+        except Exception as e:  # an optimisation: log once and stop trying
+            _state["failed"] = True
+            log.warning("RefDrop: page-locking recorded K/V failed (%s); uploading them unpinned from now on", e)
+    return m.registered
+
+
 def idle() -> None:
     """Wait until every queued registration is done (tests and benchmarks)."""
     _jobs.join()
@@ -94,12 +108,9 @@ def _work() -> None:
         job = _jobs.get()
         try:
             m = job()
-            if m is not None and not m.registered and not _state["failed"]:
-                _register(m)
+            if m is not None:
+                register_now(m)
             del m
-        except Exception as e:  # registration is an optimisation: log once and stop trying
-            _state["failed"] = True
-            log.warning("RefDrop: page-locking recorded K/V failed (%s); uploading them unpinned from now on", e)
         finally:
             _jobs.task_done()
 
@@ -129,13 +140,7 @@ def _api():
     """(register, unregister): libcudart through ctypes where the process has loaded it (the call releases the GIL),
     else torch's bindings."""
     if _state["api"] is None:
-        lib = None
-        with contextlib.suppress(OSError), open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "libcudart.so" in line}
-            for path in sorted(paths):
-                with contextlib.suppress(OSError):
-                    lib = ctypes.CDLL(path)
-                    break
+        lib = native.loaded("libcudart.so")
         if lib is not None:
             lib.cudaHostRegister.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint)
             lib.cudaHostUnregister.argtypes = (ctypes.c_void_p,)

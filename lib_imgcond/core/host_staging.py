@@ -4,8 +4,9 @@ Page-locking host memory is slow (cudaHostAlloc ran at 1.6–2.8 GB/s on an H200
 at about 9 GB/s, so a recording that pins its storage as it goes runs several times slower than sampling. Here a
 recording's storage is plain pageable memory: a dispatcher thread copies each block, on its own stream after the
 caller's queued work, into one of a few fixed pinned slots (device → pinned at ~55 GB/s), and a worker copies the
-slot into the pageable block (torch's copy runs on its intra-op threads, which also take the first-touch page faults
-in parallel); the sampling thread only records an event, so it never waits for a free slot. Uploading such a
+slot into the pageable block (torch's copy runs on up to THREADS intra-op threads per worker, which also take the
+first-touch page faults in parallel; uncapped, the workers' teams outnumber the cores and slow the sampling thread);
+the sampling thread only records an event, so it never waits for a free slot. Uploading such a
 reference for Use runs the other way: a worker copies a chunk into a slot and queues the slot's host → device copy on
 the caller's stream. The only pinned memory of its own is the ring, SLOTS × SLOT_BYTES, allocated once per process
 on first use (a finished recording is page-locked in place afterwards: `host_blocks`).
@@ -13,15 +14,19 @@ on first use (a finished recording is page-locked in place afterwards: `host_blo
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable
 
 import torch
 
+from lib_imgcond.core import native
+
 SLOT_BYTES = 128 << 20
 SLOTS = 4
 WORKERS = 2
+THREADS = 4  # intra-op threads per worker's copies
 
 
 class Upload:
@@ -46,9 +51,14 @@ class StagingRing:
     BACKLOG = 512 << 20  # device bytes to_host() may hold in flight before the caller waits
 
     def __init__(
-        self, slots: int = SLOTS, slot_bytes: int = SLOT_BYTES, workers: int = WORKERS, pin: bool | None = None
+        self,
+        slots: int = SLOTS,
+        slot_bytes: int = SLOT_BYTES,
+        workers: int = WORKERS,
+        pin: bool | None = None,
+        threads: int | None = THREADS,
     ):
-        self.slot_bytes, self.n_slots, self.n_workers = slot_bytes, slots, workers
+        self.slot_bytes, self.n_slots, self.n_workers, self.threads = slot_bytes, slots, workers, threads
         self.pin = torch.cuda.is_available() if pin is None else pin
         self._slots: list[torch.Tensor] = []
         self._slot_events: list = []  # per slot: the CUDA event its last device copy recorded (reuse waits for it)
@@ -80,6 +90,8 @@ class StagingRing:
             threading.Thread(target=self._dispatcher, name="imgcond-staging-dispatch", daemon=True).start()
 
     def _work(self) -> None:
+        if self.threads:
+            native.limit_threads(self.threads)
         while True:
             job = self._jobs.get()
             try:
@@ -249,12 +261,10 @@ def ring() -> StagingRing:
     global _RING
     with _RING_LOCK:
         if _RING is None:
-            import os
-
-            shape = os.environ.get("IMGCOND_STAGING", "")  # "slots,MiB per slot,workers" (benchmarks)
+            shape = os.environ.get("IMGCOND_STAGING", "")  # "slots,MiB per slot,workers[,threads]" (benchmarks)
             if shape:
-                slots, mib, workers = (int(x) for x in shape.split(","))
-                _RING = StagingRing(slots, mib << 20, workers)
+                slots, mib, workers, *threads = (int(x) for x in shape.split(","))
+                _RING = StagingRing(slots, mib << 20, workers, threads=threads[0] if threads else THREADS)
             else:
                 _RING = StagingRing()
         return _RING

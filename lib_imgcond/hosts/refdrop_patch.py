@@ -104,7 +104,8 @@ class Runner:
         self.start, self.end = values["start"], values["end"]
         self.every = job.record_every
         name = tracker.pass_name
-        self.names = (name, f"{name}_uncond") if self.use_uncond else (name,)
+        self.branch_names = (name, f"{name}_uncond")
+        self.names = self.branch_names if self.use_uncond else self.branch_names[:1]
         order = [tuple(x[:3]) for x in rd.layer_table(job.family) if tuple(x[:3]) in job.layers]  # execution order
         self.source = ReferenceSource(job.uses, order, recording=job.record)
         job.sources.append(self.source)
@@ -175,8 +176,7 @@ class Runner:
         for branch in branches:
             if branch in chunks:
                 row = chunks.index(branch) * b + (0 if capturing else self.item)
-                name = self.tracker.pass_name if branch == 0 else f"{self.tracker.pass_name}_uncond"
-                full = store.RefKey(name, step, *key)
+                full = store.RefKey(self.branch_names[branch], step, *key)
                 kv = (k[row : row + 1], v[row : row + 1])
                 if joint is not None:
                     kv = tuple(joint_kv.pack(t[:, :, joint.n_txt :]) for t in kv)

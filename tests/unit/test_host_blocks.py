@@ -6,30 +6,9 @@ import gc
 import logging
 import weakref
 
-import pytest
 import torch
 
 from lib_imgcond.core import host_blocks as hb
-
-
-@pytest.fixture
-def fake_cuda(monkeypatch):
-    calls: list[tuple] = []
-
-    def register(ptr, size, flags):
-        calls.append(("register", ptr, size, flags))
-        return 0
-
-    def unregister(ptr):
-        calls.append(("unregister", ptr))
-        return 0
-
-    monkeypatch.setitem(hb._state, "api", (register, unregister))
-    monkeypatch.setitem(hb._state, "failed", False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    yield calls
-    hb.idle()
-    gc.collect()
 
 
 def test_small_blocks_are_plain_allocations():
