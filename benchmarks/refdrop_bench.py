@@ -325,7 +325,8 @@ def profile(bench: Bench, mode: str, ref: Any, steps: int, out_dir: str | None) 
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:6]:
         per_step = e.self_cpu_time_total / 1e3 / steps
         lines.append(f"  {e.key[:40]:40s} calls {e.count:6d}  self CPU {per_step:8.2f} ms/step")
-    labels = [e for e in events if e.key.startswith(("Reference.", "Prefetcher.", "Runner.", "ReferenceSource."))]
+    prefixes = ("Reference.", "Prefetcher.", "Runner.", "ReferenceSource.")
+    labels = [e for e in events if e.key.startswith(prefixes) and e.cpu_time_total > 0]  # not the CUDA-side copies
     for e in labels:
         lines.append(f"  [{e.key}] calls {e.count:6d}  CPU total {e.cpu_time_total / 1e3 / steps:8.2f} ms/step")
     return "\n".join(lines)

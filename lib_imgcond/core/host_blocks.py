@@ -82,18 +82,6 @@ def register_later(mappings: list[Mapping]) -> None:
         _jobs.put(weakref.ref(m))
 
 
-def register_now(m: Mapping) -> bool:
-    """Page-lock `m` on the calling thread (which the call blocks; it releases the GIL) unless it is already locked,
-    over the cap or registration has failed before; returns whether `m` is page-locked."""
-    if not m.registered and not _state["failed"] and torch.cuda.is_available():
-        try:
-            _register(m)
-        except Exception as e:  # an optimisation: log once and stop trying
-            _state["failed"] = True
-            log.warning("RefDrop: page-locking recorded K/V failed (%s); uploading them unpinned from now on", e)
-    return m.registered
-
-
 def idle() -> None:
     """Wait until every queued registration is done (tests and benchmarks)."""
     _jobs.join()
@@ -108,9 +96,12 @@ def _work() -> None:
         job = _jobs.get()
         try:
             m = job()
-            if m is not None:
-                register_now(m)
+            if m is not None and not m.registered and not _state["failed"]:
+                _register(m)
             del m
+        except Exception as e:  # registration is an optimisation: log once and stop trying
+            _state["failed"] = True
+            log.warning("RefDrop: page-locking recorded K/V failed (%s); uploading them unpinned from now on", e)
         finally:
             _jobs.task_done()
 

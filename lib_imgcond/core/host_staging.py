@@ -18,6 +18,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 
@@ -161,7 +162,7 @@ class StagingRing:
                     n = min(self.slot_bytes, s.numel() - start)
                     i = self._take()  # waits while every slot is in flight: the ring bounds the extra memory
                     event = None
-                    with torch.cuda.stream(stream) if stream is not None else _null():
+                    with torch.cuda.stream(stream) if stream is not None else nullcontext():
                         self._slots[i][:n].copy_(s[start : start + n], non_blocking=stream is not None)
                         if stream is not None:
                             event = torch.cuda.Event()
@@ -205,7 +206,7 @@ class StagingRing:
                         slot = self._slots[i][:n]
                         slot.copy_(s[start : start + n])
                         if d.is_cuda:
-                            with torch.cuda.stream(stream) if stream is not None else _null():
+                            with torch.cuda.stream(stream) if stream is not None else nullcontext():
                                 d[start : start + n].copy_(slot, non_blocking=True)
                                 self._slot_events[i] = torch.cuda.Event()
                                 self._slot_events[i].record()
@@ -214,7 +215,7 @@ class StagingRing:
                     finally:
                         self._free.put(i)
                 if d.is_cuda:
-                    with torch.cuda.stream(stream) if stream is not None else _null():
+                    with torch.cuda.stream(stream) if stream is not None else nullcontext():
                         up.event = torch.cuda.Event()
                         up.event.record()
             except BaseException as e:
@@ -236,14 +237,6 @@ class StagingRing:
         error, self._error = self._error, None
         if error is not None:
             raise RuntimeError(f"RefDrop: a staged host copy failed: {error}") from error
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:

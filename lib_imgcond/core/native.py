@@ -27,11 +27,12 @@ def limit_threads(n: int) -> bool:
     """Cap the intra-op threads of torch's CPU ops issued from the calling thread at `n`, leaving every other thread
     and the process's settings as they are (OpenMP keeps the team size per thread; torch.set_num_threads would also
     change what new threads start with). Returns whether the cap holds."""
+    n = max(1, int(n))
     torch.get_num_threads()  # torch's once-per-thread set-up runs first, so it cannot undo the cap afterwards
     if "OpenMP" not in torch.__config__.parallel_info():
         return False
     lib = loaded("libgomp") or loaded("libiomp")
     if lib is None:
         return False
-    lib.omp_set_num_threads(ctypes.c_int(max(1, int(n))))
-    return torch.get_num_threads() == max(1, int(n))
+    lib.omp_set_num_threads(ctypes.c_int(n))
+    return torch.get_num_threads() == n
