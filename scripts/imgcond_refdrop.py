@@ -159,7 +159,8 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
             return
         try:
             budget = int(float(_opt("imgcond_refdrop_ram_budget_gb", 16.0)) * 2**30)
-            job = host.plan(p, values, budget, _precision())
+            share = float(_opt("imgcond_refdrop_gpu_share", 25.0)) / 100
+            job = host.plan(p, values, budget, _precision(), gpu_share=share)
             if values["mode"] == "Image":
                 with progress.status("RefDrop: preparing the reference from the image"):
                     job.image_latent = host.encode_image(p, values["image"].image)
@@ -265,6 +266,17 @@ def on_ui_settings():
             "RefDrop: RAM budget per recorded reference (GiB, 0 = unlimited)",
             gr.Number,
             {"minimum": 0},
+            section=section,
+        ),
+    )
+    shared.opts.add_option(
+        "imgcond_refdrop_gpu_share",
+        shared.OptionInfo(
+            25.0,
+            "RefDrop: keep recordings in GPU memory, all of them together within this share of it (%, 0 = always "
+            "in RAM); a recording that does not fit, or would leave less than a quarter of it free, goes to RAM",
+            gr.Slider,
+            {"minimum": 0, "maximum": 75, "step": 5},
             section=section,
         ),
     )

@@ -1,4 +1,5 @@
-"""RefDrop checks before sampling: the RAM budget, and whether a reference fits this model, these layers and passes."""
+"""RefDrop checks before sampling: the RAM budget, whether a recording may stay in GPU memory, and whether a
+reference fits this model, these layers and passes."""
 
 from __future__ import annotations
 
@@ -26,6 +27,19 @@ def check_budget(needed_bytes: int, budget_bytes: int) -> None:
             f"this reference needs {format_bytes(needed_bytes)} but the RAM budget is {format_bytes(budget_bytes)}; "
             "raise it in Settings → ImgCond or select fewer layers/steps"
         )
+
+
+FREE_AFTER = 0.25  # a recording kept in GPU memory must leave at least this share of it free
+
+
+def fits_on_device(needed: int, held: int, free: int, total: int, share: float) -> bool:
+    """Whether a recording of `needed` bytes may stay in GPU memory: the recordings kept there (`held` bytes, this
+    one added) within `share` of the GPU's `total` memory, and at least FREE_AFTER of it still `free` afterwards."""
+    if not 0.0 <= share <= 1.0:
+        raise ArgumentError("RefDrop GPU share", share, "a share between 0 and 1 (0: recordings stay in RAM)")
+    if share == 0 or needed <= 0:
+        return False
+    return held + needed <= share * total and free - needed >= FREE_AFTER * total
 
 
 def check_compatible(

@@ -60,7 +60,8 @@ def _layer(item: Sequence[Any]) -> Layer:
 
 
 class Reference:
-    """Recorded self-attention K/V of one reference image, held in CPU RAM."""
+    """Recorded self-attention K/V of one reference image, held in CPU RAM, or with `keep_on` a device: then what
+    `put_many` gathers on that device stays there (a recording kept in GPU memory; see `fits_on_device`)."""
 
     def __init__(
         self,
@@ -70,8 +71,10 @@ class Reference:
         *,
         store_fp16: bool = False,
         precision: str | None = None,
+        keep_on: torch.device | str | None = None,
     ):
         self.name = name
+        self.device = None if keep_on is None else torch.device(keep_on)
         self.family = check_family(family)
         self.precision = prec.check_precision(precision) if precision else prec.FP16 if store_fp16 else prec.AS_COMPUTED
         self.meta = base_meta(FORMAT_VERSION, meta)
@@ -198,7 +201,9 @@ class Reference:
                 flat = torch.cat([t.reshape(-1) for t in tensors])
                 if flat.dtype != dtype:
                     flat = flat.to(dtype)
-            if flat.is_cuda:  # pageable memory through the staging ring: no page-locking on the sampling path
+            if flat.device == self.device:  # kept where it was recorded: the gather is its only copy
+                block = flat
+            elif flat.is_cuda:  # pageable memory through the staging ring: no page-locking on the sampling path
                 block, mapping = host_blocks.empty(total, dtype)
                 if mapping is not None:
                     self._mappings.append(mapping)
@@ -220,7 +225,7 @@ class Reference:
                 self._seen_steps[key.pass_name] = key.step + 1
             self._channels[key.layer] = k.shape[-1]
         self._lazy.append((block, entries))
-        if flat.is_cuda:
+        if flat.is_cuda and block is not flat:
             self._unsynced = True
         return total * block.element_size()
 

@@ -2,14 +2,20 @@
 
 * `refdrop_host`: pinned host memory (HostArena), giving it back (trim_host_memory), format_bytes
 * `refdrop_reference`: RefKey and the in-RAM Reference
-* `refdrop_checks`: RAM budget and compatibility checks
+* `refdrop_checks`: RAM budget, GPU residency and compatibility checks
 * `refdrop_file`: the .safetensors file format (save, load, header-only info)
 * `refdrop_prefetch`: the Prefetcher
 """
 
 from __future__ import annotations
 
-from lib_imgcond.core.refdrop_checks import check_budget, check_compatible, check_shapes, estimate_bytes
+from lib_imgcond.core.refdrop_checks import (
+    check_budget,
+    check_compatible,
+    check_shapes,
+    estimate_bytes,
+    fits_on_device,
+)
 from lib_imgcond.core.refdrop_file import (
     _ST_DTYPES,
     FORMAT,
@@ -61,6 +67,7 @@ __all__ = [
     "check_compatible",
     "check_shapes",
     "estimate_bytes",
+    "fits_on_device",
     "format_bytes",
     "load_reference",
     "reference_info",

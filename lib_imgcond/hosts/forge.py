@@ -259,6 +259,12 @@ def attention_kernel() -> Callable:
     return attn
 
 
+def load_device(p: Any) -> Any:
+    """The device the loaded model samples on (its UNet patcher's `load_device`), None when unknown."""
+    unet = getattr(getattr(getattr(p, "sd_model", None), "forge_objects", None), "unet", None)
+    return getattr(unet, "load_device", None)
+
+
 def models_dir(*parts: str) -> str:
     """A folder under the WebUI's models folder (created if missing)."""
     import os

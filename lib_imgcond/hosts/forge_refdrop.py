@@ -121,9 +121,12 @@ class Job:
         return self.capturing or (self.record is not None and self.values["mode"] == "Record")
 
 
-def plan(p: Any, values: dict, budget_bytes: int, precision: str | bool = prec.AS_COMPUTED) -> Job:
+def plan(
+    p: Any, values: dict, budget_bytes: int, precision: str | bool = prec.AS_COMPUTED, gpu_share: float = 0.0
+) -> Job:
     """Validate everything a job needs before any sampling; raise a clear ImgcondError otherwise. `precision`: the
-    storage precision of a Record (`refdrop_precision.PRECISIONS`; a bool is the older fp16 switch)."""
+    storage precision of a Record (`refdrop_precision.PRECISIONS`; a bool is the older fp16 switch); `gpu_share`:
+    the share of GPU memory recordings may stay in (`library.gpu_for`)."""
     if isinstance(precision, bool):
         precision = prec.FP16 if precision else prec.AS_COMPUTED
     precision = prec.check_precision(precision)
@@ -149,11 +152,13 @@ def plan(p: Any, values: dict, budget_bytes: int, precision: str | bool = prec.A
         record = values["mode"] == "Record"
         rows = 2 if values["uncond"] and record else 1
         nbytes = prec.BYTES[precision] if record else 4
-        store.check_budget(_estimate(p, family, layers, hires, rows, nbytes, job.record_every), budget_bytes)
+        needed = _estimate(p, family, layers, hires, rows, nbytes, job.record_every)
+        store.check_budget(needed, budget_bytes)
     if values["mode"] == "Record":
         meta = {"width": int(p.width), "height": int(p.height), "source": "generation", "trace": {}, "sampler": {}}
         meta["record_every"] = job.record_every
-        job.record = store.Reference(name, family, meta, precision=precision)
+        keep_on = library.gpu_for(forge.load_device(p), needed, gpu_share, name)
+        job.record = store.Reference(name, family, meta, precision=precision, keep_on=keep_on)
         return job
     more = parse_more(values["more_references"])
     if values["mode"] == "Image":

@@ -10,6 +10,8 @@ import os
 import threading
 from typing import Any
 
+import torch
+
 from lib_imgcond.core import refdrop_store as store
 from lib_imgcond.core import refdrop_trajectory as rtraj
 from lib_imgcond.core.errors import ArgumentError, ImgcondError
@@ -59,6 +61,27 @@ def lookup(name: str) -> store.Reference:
         return ref
 
 
+def _on_gpu(ref: Any) -> bool:
+    device = getattr(ref, "device", None)
+    return device is not None and device.type == "cuda"
+
+
+def gpu_for(device: Any, needed: int, share: float, replacing: str) -> torch.device | None:
+    """The GPU (the sampling `device`, if one) a new recording of about `needed` bytes stays on, or None for RAM:
+    within `share` of its memory for every recording kept there (the one it replaces not counted), leaving a quarter
+    of it free."""
+    if share <= 0 or device is None or torch.device(device).type != "cuda":
+        return None
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    free, total = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached, reusable
+    with _LOCK:
+        held = sum(r.nbytes for n, r in REFERENCES.items() if n != replacing and _on_gpu(r) and r.device == device)
+    return device if store.fits_on_device(needed, held, free, total, share) else None
+
+
 def save(name: str) -> str:
     ref = lookup(name)
     path = _file(name)
@@ -104,11 +127,11 @@ _INFO_KEYS = ("family", "steps", "width", "height", "layers", "precision", "reco
 
 
 def describe() -> list[dict[str, Any]]:
-    """Every reference (for the UI and the API): name, model family, size (in RAM, else of its file), sampling
-    steps, resolution, where it is kept (`storage`: RAM, file or both), storage precision, the step subset it kept
-    (`record_every`), and a thumbnail of the recorded image (a `data:image/jpeg;base64,…` URI, "" when none). A file
-    that cannot be read is listed too, with `broken` saying why (None for readable ones), so one bad file never
-    hides the others; Use of it gives the same reason, and delete works on it."""
+    """Every reference (for the UI and the API): name, model family, size (in memory, else of its file), sampling
+    steps, resolution, where it is kept (`kept`: RAM or GPU memory, file, or both; `on_gpu`), storage precision, the
+    step subset it kept (`record_every`), and a thumbnail of the recorded image (a `data:image/jpeg;base64,…` URI,
+    "" when none). A file that cannot be read is listed too, with `broken` saying why (None for readable ones), so
+    one bad file never hides the others; Use of it gives the same reason, and delete works on it."""
     out = []
     saved = set(saved_names())
     for name in all_names():
@@ -126,8 +149,9 @@ def describe() -> list[dict[str, Any]]:
             except (ImgcondError, OSError) as e:
                 info, broken = {}, str(e)
             info = {k: info.get(k) for k in _INFO_KEYS} | {"bytes": info.get("size_bytes")}
-        info.update(name=name, in_ram=ref is not None, saved=name in saved, broken=broken)
-        info["kept"] = " + ".join(w for w, on in (("RAM", info["in_ram"]), ("file", info["saved"])) if on)
+        info.update(name=name, in_ram=ref is not None, on_gpu=_on_gpu(ref), saved=name in saved, broken=broken)
+        held = (("GPU" if info["on_gpu"] else "RAM", info["in_ram"]), ("file", info["saved"]))
+        info["kept"] = " + ".join(w for w, on in held if on)
         info["size"] = store.format_bytes(int(info.get("bytes") or 0))
         info["resolution"] = f"{info['width']}×{info['height']}" if info.get("width") else ""
         info["thumbnail"] = info.get("thumbnail") or ""

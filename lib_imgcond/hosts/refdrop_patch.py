@@ -119,13 +119,15 @@ class Runner:
             job.flushers.append(self.flush)
 
     def flush(self) -> None:
-        """Move this evaluation's recorded K/V to the host: one gather and one copy, on a side stream on CUDA."""
+        """Store this evaluation's recorded K/V: one gather, then (unless the recording stays in GPU memory) one copy
+        to the host, issued on a side stream on CUDA."""
         pending, job = self.pending, self.job
         if not pending:
             return
         device = pending[0][1].device
         side = None
-        if device.type == "cuda":
+        kept = device == job.record.device  # the recording stays in this GPU's memory: gathered on this stream
+        if device.type == "cuda" and not kept:
             side = self.streams.get(device)
             if side is None:
                 side = self.streams[device] = torch.cuda.Stream(device=device)
@@ -134,7 +136,7 @@ class Runner:
                 k.record_stream(side)  # the rows stay allocated until the side stream has copied them
                 v.record_stream(side)
         # the first copy of a recording allocates (on CUDA: pins) its host memory, the slow part of a first recording
-        first = self.recorded == 0
+        first = self.recorded == 0 and not kept
         shown = progress.status("RefDrop: allocating host memory for the recording") if first else nullcontext()
         with shown, torch.cuda.stream(side) if side is not None else nullcontext():
             self.recorded += job.record.put_many(pending)

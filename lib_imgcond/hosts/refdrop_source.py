@@ -15,9 +15,10 @@ from lib_imgcond.core.errors import ImgcondError
 class ReferenceSource:
     """Reference K/V on the sampling device, for one pass.
 
-    On CUDA a reference whose K/V for the pass fit comfortably in free VRAM (at most 40 %) is uploaded once, on a side
-    stream, each evaluation's tensors behind their own event; others are prefetched one evaluation ahead of use. On
-    the CPU the stored tensors are used as they are (cast once per evaluation if the dtype differs)."""
+    On CUDA a reference kept in GPU memory is read in place. Another whose K/V for the pass fit comfortably in free
+    VRAM (at most 40 %) is uploaded once, on a side stream, each evaluation's tensors behind their own event; others
+    are prefetched one evaluation ahead of use. On the CPU the stored tensors are used as they are (cast once per
+    evaluation if the dtype differs)."""
 
     RESIDENT_SHARE = 0.4
 
@@ -58,14 +59,10 @@ class ReferenceSource:
 
     def _upload(self, i: int, ref, name: str, device, dtype) -> bool:
         """Copy a reference pass to the GPU storage by storage (a few large host blocks, not thousands of tensors),
-        then take views; each evaluation waits only for the blocks that hold its K/V."""
+        then take views; each evaluation waits only for the blocks that hold its K/V. A recording kept in this GPU's
+        memory is read where it is (no upload; cast on the device if its dtype differs)."""
         wanted = set(self.order)
         keys = sorted((key for key in ref if key.pass_name == name and key.layer in wanted), key=lambda x: x.step)
-        need = sum(2 * ref.get(key)[0].numel() for key in keys) * torch.empty(0, dtype=dtype).element_size()
-        free, _total = torch.cuda.mem_get_info(device)
-        if need > free * self.RESIDENT_SHARE:
-            return False
-        self.stream = self.stream or torch.cuda.Stream(device=device)
         storages: dict[int, tuple] = {}  # data_ptr -> (storage, upload order)
         layout = []
         for key in keys:
@@ -76,14 +73,24 @@ class ReferenceSource:
                     storages[st.data_ptr()] = (st, len(storages))
                 layout.append((key, st.data_ptr(), t.storage_offset() * t.element_size(), t.shape, t.dtype, s))
         # pageable storage (a recording's, through the staging ring) goes up through the ring on a worker, unless
-        # its tensors are cast on the device after the upload (those casts must queue after the copies)
+        # its tensors are cast on the device after the upload (those casts must queue after the copies); storage
+        # already on this device (a recording kept in GPU memory) is read in place
         cast = {ptr for _key, ptr, _o, _shape, t_dtype, s in layout if s is not None or t_dtype != dtype}
+        here = {ptr for ptr, (st, _order) in storages.items() if st.device == device}
+        size = torch.empty(0, dtype=dtype).element_size()
+        need = sum(size * math.prod(shape) for _key, ptr, _o, shape, _d, _s in layout if ptr in cast or ptr not in here)
+        free, _total = torch.cuda.mem_get_info(device)
+        if need > free * self.RESIDENT_SHARE:
+            return False
+        self.stream = self.stream or torch.cuda.Stream(device=device)
         self.stream.wait_stream(torch.cuda.current_stream(device))
         uploaded, handles = {}, {}
         with torch.cuda.stream(self.stream):
             for ptr, (st, _order) in storages.items():
-                host = torch.empty(0, dtype=torch.uint8).set_(st)
-                if host.is_pinned() or ptr in cast:
+                host = torch.empty(0, dtype=torch.uint8, device=st.device).set_(st)
+                if ptr in here:
+                    uploaded[ptr] = host  # written on the sampling stream, which this one waits for
+                elif host.is_pinned() or ptr in cast:
                     uploaded[ptr] = host.to(device, non_blocking=host.is_pinned())
                     handles[ptr] = torch.cuda.Event()
                     handles[ptr].record(self.stream)
@@ -100,7 +107,9 @@ class ReferenceSource:
                 elif t.dtype != dtype:
                     t = t.to(dtype)
                 table.setdefault((key.step, key.layer), []).append(t)
-                waits.setdefault((key.step, key.layer), {})[ptr] = handles[ptr]
+                held = waits.setdefault((key.step, key.layer), {})
+                if ptr in handles:
+                    held[ptr] = handles[ptr]
         self.resident[(i, name)] = {k: tuple(v) for k, v in table.items()}
         for (e, layer), held in waits.items():
             self.events[(i, name, e, layer)] = list(held.values())

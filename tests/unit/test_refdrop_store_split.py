@@ -10,7 +10,7 @@ MOVED = {
     "refdrop_host": ("HostArena", "_cpu_tensor", "_to_host", "format_bytes", "trim_host_memory"),
     "refdrop_reference": ("FORMAT_VERSION", "PASSES", "SOURCES", "Layer", "Reference", "RefKey", "_key_order",
                           "_layer", "_positions"),
-    "refdrop_checks": ("check_budget", "check_compatible", "check_shapes", "estimate_bytes"),
+    "refdrop_checks": ("check_budget", "check_compatible", "check_shapes", "estimate_bytes", "fits_on_device"),
     "refdrop_file": ("FORMAT", "_ST_DTYPES", "_check_header", "_corrupt", "_header_meta", "_open_error",
                      "_write_safetensors", "load_reference", "reference_info", "save_reference"),
     "refdrop_prefetch": ("Prefetcher",),
