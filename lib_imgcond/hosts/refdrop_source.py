@@ -63,6 +63,11 @@ class ReferenceSource:
         memory is read where it is (no upload; cast on the device if its dtype differs)."""
         wanted = set(self.order)
         keys = sorted((key for key in ref if key.pass_name == name and key.layer in wanted), key=lambda x: x.step)
+        if getattr(ref, "device", None) == device:  # kept in this GPU's memory: its own views, unless cast
+            table = {(key.step, key.layer): ref.get(key) for key in keys}
+            if all(ref.scale(key) is None and table[(key.step, key.layer)][0].dtype == dtype for key in keys):
+                self.resident[(i, name)] = table
+                return True
         storages: dict[int, tuple] = {}  # data_ptr -> (storage, upload order)
         layout = []
         for key in keys:
