@@ -225,8 +225,8 @@ class Reference:
                 self._seen_steps[key.pass_name] = key.step + 1
             self._channels[key.layer] = k.shape[-1]
         self._lazy.append((block, entries))
-        if flat.is_cuda and block is not flat:
-            self._unsynced = True
+        if flat.is_cuda and (block is not flat or host_scales is not None):
+            self._unsynced = True  # finalize() waits for the copies to the host (of the K/V, or of fp8 scales)
         return total * block.element_size()
 
     def _materialize(self) -> None:

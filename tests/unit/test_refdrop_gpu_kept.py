@@ -107,3 +107,18 @@ def test_cuda_kept_recording_stays_on_the_gpu_and_use_reads_it_in_place(tmp_path
     loaded = load_reference(tmp_path / "g.safetensors")
     for key, k, v in recorded:
         assert torch.equal(loaded.get(key)[0], k.cpu()) and torch.equal(loaded.get(key)[1], v.cpu())
+
+
+@CUDA
+@pytest.mark.parametrize("precision", [prec.FP16, prec.FP8])
+def test_cuda_kept_recording_in_a_smaller_precision_equals_a_ram_one(precision):
+    recorded = items("cuda", seed=3)
+    kept = Reference("k", "sd15", precision=precision, keep_on="cuda:0")
+    host = Reference("h", "sd15", precision=precision)
+    for ref in (kept, host):
+        ref.put_many(recorded)
+        ref.finalize()
+    for key, _k, _v in recorded:
+        assert kept.scale(key) == host.scale(key)  # fp8: the scales reached the host before they are read
+        for a, b in zip(kept.get(key), host.get(key), strict=True):
+            assert a.is_cuda and a.dtype == b.dtype and torch.equal(a.cpu(), b)
