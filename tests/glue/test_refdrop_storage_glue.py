@@ -71,7 +71,8 @@ def test_fp8_record_then_use_blends_close_to_the_fp32_reference():
     plain = attn(q, k, v, HEADS)
     got, want = use(small, q, k, v), use(exact, q, k, v)
     assert not torch.equal(got, plain)
-    assert not torch.equal(got, want)  # quantised
+    # quantised: fp8 K/V move this output by ~3e-2 (outputs ~2); float32 rounding alone by ~1e-6
+    assert (got - want).abs().max() > 1e-3
     torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)
 
 

@@ -57,7 +57,9 @@ def test_fp8_round_trip_within_the_e4m3_bound_with_separate_k_and_v_scales(batch
         assert gk.dtype == torch.float32
         assert ((gk - k).abs() <= bound(k, sk)).all()
         assert ((gv - v).abs() <= bound(v, sv)).all()
-        assert (gk - k).abs().max() > 0  # really quantised
+        # really quantised: e4m3 keeps 3 mantissa bits (errors up to 1/16 relative, >= 3% here), while a float32
+        # round trip through the scale alone errs by ~1e-7 relative; 1e-3 separates the two
+        assert (gk - k).abs().max() > k.abs().max() * 1e-3
     assert ref.nbytes == sum(2 * k.numel() for _, k, _ in items)  # one byte per element
 
 

@@ -85,8 +85,13 @@ def test_matches_the_sequence_first_multihead_attention_formulation():
     got = model(x)
     assert got.shape == (2, 3, 12)
     assert torch.allclose(got, reference_forward(s, x, 3, 2), atol=1e-5)
-    other = model(x + 0.5)
-    assert not torch.allclose(other, got)  # the image tokens reach the style tokens through attention
+    # The image tokens reach the style tokens only through attention (the MLP and LayerNorms act per token). The
+    # perturbation must survive ln_pre, which removes a constant shift (or a scale) of a token, so it differs per
+    # channel. Permuting the image tokens would not work either (no position embedding: attention is order-blind).
+    # Rounding alone moves the output by ~1e-6 in float32; a real path moves it by tenths (0.41 / 0.32 here).
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    change = (model(x + noise) - got).abs().amax(dim=(1, 2))
+    assert (change > 1e-2).all(), change  # every batch item, far above rounding
 
 
 def test_strict_loading_errors_name_the_problem():
