@@ -14,7 +14,12 @@ embedder (`embedder.model.visual.*`) is left out: the extension reads the ViT-H/
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
+import resource
+import shutil
+import struct
 import sys
 
 _here = os.getcwd()
@@ -36,33 +41,53 @@ REPOS = {
 }
 
 
-def tame_init(module: torch.nn.Module, gen: torch.Generator) -> None:
-    """Small, stable random weights: Linear/Conv ~ N(0, 1/fan_in), norms 1/0, embeddings N(0, 0.02), biases 0."""
-    with torch.no_grad():
-        for name, t in module.state_dict(keep_vars=True).items():
-            if not t.is_floating_point():
-                continue
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf == "bias":
-                t.zero_()
-            elif t.ndim == 1:
-                t.fill_(1.0)
-            elif "embed" in name and t.ndim == 2 and "proj" not in name:
-                t.normal_(0.0, 0.02, generator=gen)
+def _norm_names(state: dict) -> set[str]:
+    """The affine parameters of norm layers: a 1-D `weight` and the `bias` beside it."""
+    out = set()
+    for name, t in state.items():
+        if name.endswith(".weight") and t.ndim == 1:
+            out |= {name, name[: -len("weight")] + "bias"}
+    return out
+
+
+def init_tensor(name: str, like: torch.Tensor, norm: bool, gen: torch.Generator) -> torch.Tensor:
+    """One parameter, drawn in fp32 then stored in fp16: Linear/Conv ~ N(0, 1/fan_in), biases 0, embeddings N(0, 0.02),
+    norms 1 + N(0, 0.1) and N(0, 0.1).
+
+    Norms are not left at 1/0: a LayerNorm with weight 1 and bias 0 gives every token a mean of exactly zero (up to
+    rounding), and the WebUIs' "Original" emphasis divides by the conditioning's mean (Neo's default, at Clip skip 2,
+    reads the final LayerNorm's output), so some prompts gave 0/0 = NaN conditionings and black images. A trained
+    checkpoint's norms are never at their initial values either."""
+    t = torch.empty(like.shape, dtype=torch.float32)
+    leaf = name.rsplit(".", 1)[-1]
+    if norm:
+        t.normal_(1.0 if leaf == "weight" else 0.0, 0.1, generator=gen)
+    elif leaf == "bias":
+        t.zero_()
+    elif "embed" in name and t.ndim == 2 and "proj" not in name:
+        t.normal_(0.0, 0.02, generator=gen)
+    else:
+        fan_in = t[0].numel() if t.ndim > 1 else t.numel()
+        t.normal_(0.0, fan_in**-0.5, generator=gen)
+    return t.to(torch.float16)
+
+
+def materialise(module: torch.nn.Module, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """The state of `module` (built on the meta device) drawn one tensor at a time, floating tensors in fp16: the
+    peak is one fp32 tensor, not the model in fp32."""
+    state = module.state_dict(keep_vars=True)
+    buffers = {name for name, _ in module.named_buffers()}
+    norms = _norm_names(state)
+    out = {}
+    for name, t in state.items():
+        if name in buffers or not t.is_floating_point():
+            if name.endswith("position_ids"):
+                out[name] = torch.arange(t.shape[-1]).expand(t.shape).to(t.dtype).contiguous()
             else:
-                fan_in = t[0].numel() if t.ndim > 1 else t.numel()
-                t.normal_(0.0, fan_in**-0.5, generator=gen)
-
-
-def materialise(module: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
-    module = module.to_empty(device="cpu")
-    for buf_name, buf in module.named_buffers():
-        if buf.is_floating_point():
-            buf.zero_()
+                out[name] = torch.zeros(t.shape, dtype=torch.float16 if t.is_floating_point() else t.dtype)
         else:
-            buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf)) if buf_name.endswith("position_ids") else buf.zero_()
-    tame_init(module, gen)
-    return module
+            out[name] = init_tensor(name, t, name in norms, gen)
+    return out
 
 
 def unet_state(arch: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -126,9 +151,8 @@ def unet_state(arch: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
     want = {"sd15": "SD15", "sdxl": "SDXL", "sd21unclip_h": "SD21UnclipH"}[arch]
     if type(guessed).__name__ != want:
         raise SystemExit(f"model detection saw {type(guessed).__name__}, expected {want}")
-    return {
-        k: v for k, v in (("model.diffusion_model." + k, v) for k, v in materialise(model, gen).state_dict().items())
-    }
+    del sd
+    return {"model.diffusion_model." + k: v for k, v in materialise(model, gen).items()}
 
 
 def vae_state(arch: str, gen: torch.Generator, root: str) -> dict[str, torch.Tensor]:
@@ -137,7 +161,7 @@ def vae_state(arch: str, gen: torch.Generator, root: str) -> dict[str, torch.Ten
     config = IntegratedAutoencoderKL.load_config(os.path.join(root, REPOS[arch], "vae"))
     with torch.device("meta"):
         model = IntegratedAutoencoderKL.from_config(config)
-    return {"first_stage_model." + k: v for k, v in materialise(model, gen).state_dict().items()}
+    return {"first_stage_model." + k: v for k, v in materialise(model, gen).items()}
 
 
 def clip_state(arch: str, gen: torch.Generator, root: str) -> dict[str, torch.Tensor]:
@@ -147,7 +171,7 @@ def clip_state(arch: str, gen: torch.Generator, root: str) -> dict[str, torch.Te
         cfg = CLIPTextConfig.from_pretrained(os.path.join(root, REPOS[arch], sub))
         with torch.device("meta"):
             model = cls(cfg)
-        return materialise(model, gen).state_dict()
+        return materialise(model, gen)
 
     position_ids = torch.arange(77).unsqueeze(0)
     if arch == "sd15":
@@ -168,7 +192,6 @@ def clip_state(arch: str, gen: torch.Generator, root: str) -> dict[str, torch.Te
 
 def noise_augmentor_state(gen: torch.Generator, dim: int = 1024) -> dict[str, torch.Tensor]:
     """The unCLIP noise augmentor's buffers: data statistics (random, std > 0) and the squaredcos_cap_v2 schedule."""
-    import math
 
     def alpha_bar(t: float) -> float:
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -182,29 +205,66 @@ def noise_augmentor_state(gen: torch.Generator, dim: int = 1024) -> dict[str, to
     }
 
 
+class StreamingWriter:
+    """Writes a safetensors file one part at a time: each part's tensors go to a data file as they come and are
+    dropped, then the header (sorted, byte-reproducible) and the data are joined into `path`. Peak memory is one
+    part, not the checkpoint."""
+
+    def __init__(self, path: str):
+        self.path, self.entries, self.offset = path, {}, 0
+        self.data = open(path + ".data", "wb")  # noqa: SIM115 - closed in finish()
+
+    def add(self, state: dict[str, torch.Tensor]) -> None:
+        dtypes = {torch.float16: "F16", torch.float32: "F32", torch.int64: "I64"}
+        for name in sorted(state):
+            t = state[name].contiguous()
+            raw = t.view(torch.uint8).numpy() if t.numel() else b""
+            size = t.numel() * t.element_size()
+            self.data.write(memoryview(raw))
+            self.entries[name] = {
+                "dtype": dtypes[t.dtype],
+                "shape": list(t.shape),
+                "data_offsets": [self.offset, self.offset + size],
+            }
+            self.offset += size
+
+    def finish(self, metadata: dict[str, str]) -> None:
+        self.data.close()
+        header = json.dumps({"__metadata__": metadata, **self.entries}, sort_keys=True, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+        with open(self.path + ".part", "wb") as out, open(self.path + ".data", "rb") as data:
+            out.write(struct.pack("<Q", len(header)) + header)
+            shutil.copyfileobj(data, out, 64 << 20)
+        os.remove(self.path + ".data")
+        os.replace(self.path + ".part", self.path)
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", choices=sorted(REPOS), default="sd15")
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
     args, _ = ap.parse_known_args()
-    from safetensors.torch import save_file
 
     root = os.path.join(os.getcwd(), "backend", "huggingface")
     gen = torch.Generator().manual_seed(args.seed)
-    sd: dict[str, torch.Tensor] = {}
-    parts = [unet_state(args.arch, gen), vae_state(args.arch, gen, root), clip_state(args.arch, gen, root)]
+    parts = [
+        lambda: unet_state(args.arch, gen),
+        lambda: vae_state(args.arch, gen, root),
+        lambda: clip_state(args.arch, gen, root),
+    ]
     if args.arch == "sd21unclip_h":
-        parts.append(noise_augmentor_state(gen))
-    for part in parts:
-        for k, v in part.items():
-            keep = k.startswith("noise_augmentor.")  # fp32 as in the released checkpoints
-            sd[k] = v.to(torch.float16).contiguous() if v.is_floating_point() and not keep else v.contiguous()
-        del part
-    tmp = args.out + ".part"
-    save_file(sd, tmp, metadata={"generator": "sd-webui-imgcond tests/e2e/make_checkpoint.py", "arch": args.arch})
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}: {sum(v.numel() for v in sd.values()):,} parameters")
+        parts.append(lambda: noise_augmentor_state(gen))  # fp32, as in the released checkpoints
+    writer = StreamingWriter(args.out)
+    for make in parts:  # one component in memory at a time, in fp16
+        writer.add(make())
+    writer.finish({"generator": "sd-webui-imgcond tests/e2e/make_checkpoint.py", "arch": args.arch})
+    count = sum(math.prod(e["shape"]) for e in writer.entries.values())
+    print(f"wrote {args.out}: {count:,} parameters, peak RSS {peak_rss_gib():.2f} GiB")
 
 
 if __name__ == "__main__":
