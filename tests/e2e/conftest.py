@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.e2e import forge
+from tests.e2e import forge, guard
 
 
 def pytest_collection_modifyitems(config, items):
@@ -25,6 +25,23 @@ def pytest_sessionfinish(session, exitstatus):
     forge.stop_all()  # whatever a failing fixture left behind
 
 
+def pytest_terminal_summary(terminalreporter):
+    if forge.forge_paths() is not None:
+        terminalreporter.write_line(guard.summary())
+
+
+@pytest.fixture(autouse=True)
+def _no_nan_in_server_logs(request):
+    """Fail a test during which a running server logged NaN (a degenerate generation proves nothing)."""
+    if "tests/e2e/" not in str(request.node.fspath).replace("\\", "/"):
+        yield
+        return
+    marks = {srv: srv.log_size() for srv in list(forge._LIVE)}
+    yield
+    found = [line for srv in list(forge._LIVE) for line in srv.nan_lines(marks.get(srv, 0))]
+    assert not found, "the server logged NaN during this test:\n" + "\n".join(found[:10])
+
+
 def _serve(srv: forge.ForgeServer):
     """Start `srv`, hand it to the tests, then fail if the extension logged an unexpected traceback; always stop it."""
     srv.start()
@@ -32,6 +49,8 @@ def _serve(srv: forge.ForgeServer):
     try:
         leaked = srv.extension_tracebacks()
         assert not leaked, "tracebacks mentioning the extension in the server log:\n" + "\n".join(leaked)
+        nans = srv.nan_lines()
+        assert not nans, "the server logged NaN:\n" + "\n".join(nans[:10])
     finally:
         srv.cleanup()
 
@@ -64,6 +83,8 @@ def baseline(sd15_ckpt):
         init = forge.encode(txt.image)
         img = srv.generate(forge.payload(init_images=[init], denoising_strength=0.6), mode="img2img")
         hires = srv.generate(forge.payload(enable_hr=True))
+        nans = srv.nan_lines()
+        assert not nans, "the baseline server logged NaN:\n" + "\n".join(nans[:10])
         return {"txt2img": txt.image, "img2img": img.image, "init": init, "hires": hires.image}
     finally:
         srv.cleanup()

@@ -20,6 +20,7 @@ import atexit
 import base64
 import contextlib
 import ctypes
+import hashlib
 import io
 import json
 import os
@@ -35,6 +36,8 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+from tests.e2e import guard
 
 REPO = Path(__file__).resolve().parents[2]
 EXT_NAME = "sd-webui-imgcond"
@@ -92,15 +95,17 @@ def cache_dir() -> Path:
 
 
 def checkpoint(arch: str) -> Path:
-    """The checkpoint for `arch` ('sd15' or 'sdxl'): from the environment, or generated once into the cache."""
+    """The checkpoint for `arch` ('sd15' or 'sdxl'): from the environment, or generated once into the cache. The
+    file name carries a digest of the generator, so a cache left by an older generator is never used."""
     given = os.environ.get(f"IMGCOND_{arch.upper()}_CKPT")
     if given:
         return Path(given).expanduser()
-    out = cache_dir() / f"imgcond-random-{arch}.safetensors"
+    generator = REPO / "tests" / "e2e" / "make_checkpoint.py"
+    out = cache_dir() / f"imgcond-random-{arch}-{hashlib.sha256(generator.read_bytes()).hexdigest()[:10]}.safetensors"
     if not out.exists():
         forge_dir, py = forge_paths()
         subprocess.run(
-            [str(py), str(REPO / "tests" / "e2e" / "make_checkpoint.py"), "--arch", arch, "--out", str(out)],
+            [str(py), str(generator), "--arch", arch, "--out", str(out)],
             cwd=forge_dir,
             env=offline_env(),
             check=True,
@@ -215,7 +220,7 @@ class ForgeServer:
             args = [*common, "--cpu", "--skip-python-version-check", "--ckpt-dirs", str(ckpts)]
         else:
             args = [*common, "--always-cpu", "--ckpt-dir", str(self.ckpt.parent), "--ckpt", str(self.ckpt)]
-            args += ["--no-download-sd-model", "--disable-nan-check"]
+            args.append("--no-download-sd-model")  # NaN check on, as users run it: a NaN generation fails loudly
         if self.ui:  # its own pages' scripts and styles live in the WebUI folder, outside the data folder
             args += ["--gradio-allowed-path", str(self.forge_dir)]
         if not self.with_extension:
@@ -332,6 +337,17 @@ class ForgeServer:
                 out.append(report[:4000])
         return out
 
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def nan_lines(self, since: int = 0) -> list[str]:
+        """Lines of the server log (from byte `since`) where the host reported NaN (guard.NAN_LOG)."""
+        if not self.log_path.exists():
+            return guard.nan_lines("")
+        with open(self.log_path, "rb") as f:
+            f.seek(since)
+            return guard.nan_lines(f.read().decode(errors="replace"))
+
     def startup_log(self) -> str:
         text = self.log_text()
         end = text.find("Startup time:")
@@ -348,7 +364,9 @@ class Result:
     def __init__(self, body: dict):
         self.body = body
         self.info = json.loads(body.get("info") or "{}")
-        self.images = [decode(b) for b in body.get("images", [])]
+        self.images = [
+            guard.check_image(decode(b), f"image {i} of the response") for i, b in enumerate(body.get("images", []))
+        ]
 
     @property
     def infotext(self) -> str:

@@ -64,6 +64,8 @@ def ui_server():
     try:
         leaked = srv.extension_tracebacks()
         assert not leaked, "tracebacks mentioning the extension in the server log:\n" + "\n".join(leaked)
+        nans = srv.nan_lines()
+        assert not nans, "the server logged NaN:\n" + "\n".join(nans[:10])
     finally:
         srv.cleanup()
 
