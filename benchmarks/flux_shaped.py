@@ -6,7 +6,7 @@ heads of 128, 19 double-stream blocks (image and text streams, each with modulat
 pooled-CLIP embeddings, 4096-wide T5 context; about 11.9 B parameters. Weights are random.
 
 Like the hosts' Flux modules, every block calls this module's `attention(q, k, v, pe)` by name (RoPE, then
-`attention_function`), so `lib_imgcond.hosts.flux_attention` swaps it exactly as it swaps a host's.
+`attention_function`), so `lib_imgcond.host.flux_attention` swaps it exactly as it swaps a host's.
 """
 
 from __future__ import annotations

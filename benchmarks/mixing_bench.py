@@ -2,7 +2,7 @@
 
 A k-diffusion-style Euler loop (CFG batch of 2) runs over the tail of a Karras schedule, as Forge's hires pass does
 (denoising strength 0.5). With mixing, the sampler's own latent is mixed in place before every model call by
-`lib_imgcond.core.mixing.HiresMixer`, the object the Forge glue hands the sampler. Usage:
+`lib_imgcond.mixing.mixer.HiresMixer`, the object the Forge glue hands the sampler. Usage:
 
     python benchmarks/mixing_bench.py --size 1536 --steps 20 --repeats 3
 """
@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.sdxl_shaped import SDXLShapedUNet
-from lib_imgcond.core.mixing import HiresMixer, MixParams
+from lib_imgcond.mixing.mixer import HiresMixer
+from lib_imgcond.mixing.schedules import MixParams
 
 
 def karras(n: int, sigma_min: float = 0.03, sigma_max: float = 14.6, rho: float = 7.0) -> torch.Tensor:

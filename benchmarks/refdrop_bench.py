@@ -2,7 +2,7 @@
 
 Modes:
   off     no patch installed
-  record  lib_imgcond.hosts.forge_refdrop.install with Job.record set: K/V of the cond row of all 70 blocks stay in
+  record  lib_imgcond.refdrop.forge_refdrop.install with Job.record set: K/V of the cond row of all 70 blocks stay in
           GPU memory when they fit within --gpu-share of it (as the setting; the default), else go into host memory
           every evaluation (through the staging ring; page-locked in the background after the pass, which is
           waited for outside the timing and reported)
@@ -46,23 +46,33 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from sdxl_shaped import SDXLShapedUNet, attention, estimate_flops, transformer_keys  # noqa: E402
 
-rd: Any = None  # lib_imgcond.core.refdrop, .refdrop_store and .hosts.forge_refdrop, imported by load_lib()
-store: Any = None
+rd: Any = None  # lib_imgcond.refdrop.layers, its store modules and its Forge adapter, imported by load_lib()
+reference: Any = None
+prefetch: Any = None
+checks: Any = None
+arena: Any = None
 host: Any = None
-blocks: Any = None  # lib_imgcond.core.host_blocks where the measured copy has it
+patch: Any = None
+library: Any = None
+blocks: Any = None  # lib_imgcond.memory.host_blocks where the measured copy has it
 
 
 def load_lib(folder: str) -> str:
     """Import lib_imgcond from ``folder`` (the repository root by default, or another copy to compare versions)."""
-    global rd, store, host, blocks
+    global rd, reference, prefetch, checks, arena, host, patch, library, blocks
     import importlib
     import logging
 
     sys.path.insert(0, os.path.abspath(folder))
-    rd = importlib.import_module("lib_imgcond.core.refdrop")
-    store = importlib.import_module("lib_imgcond.core.refdrop_store")
-    host = importlib.import_module("lib_imgcond.hosts.forge_refdrop")
-    blocks = sys.modules.get("lib_imgcond.core.host_blocks")
+    rd = importlib.import_module("lib_imgcond.refdrop.layers")
+    reference = importlib.import_module("lib_imgcond.refdrop.reference")
+    prefetch = importlib.import_module("lib_imgcond.refdrop.prefetch")
+    checks = importlib.import_module("lib_imgcond.refdrop.checks")
+    arena = importlib.import_module("lib_imgcond.memory.arena")
+    host = importlib.import_module("lib_imgcond.refdrop.forge_refdrop")
+    patch = importlib.import_module("lib_imgcond.refdrop.forge_patch")
+    library = importlib.import_module("lib_imgcond.refdrop.forge_library")
+    blocks = sys.modules.get("lib_imgcond.memory.host_blocks")
     logging.getLogger("sd_webui_imgcond").setLevel(logging.WARNING)
     return os.path.dirname(os.path.dirname(os.path.abspath(host.__file__)))
 
@@ -188,12 +198,12 @@ class Bench:
             gpu_for = getattr(getattr(host, "library", None), "gpu_for", None)  # absent from older copies (--lib)
             if gpu_for is not None and self.args.gpu_share > 0:
                 shapes = [rd.layer_shape("sdxl", x, self.args.width, self.args.height) for x in self.layers]
-                needed = store.estimate_bytes(shapes, steps, 1, self.dtype.itemsize)
+                needed = checks.estimate_bytes(shapes, steps, 1, self.dtype.itemsize)
                 extra["keep_on"] = gpu_for(self.device, needed, self.args.gpu_share / 100, "bench")
-            job.record = store.Reference("bench", "sdxl", meta, **extra)
+            job.record = reference.Reference("bench", "sdxl", meta, **extra)
         else:
             job.uses = [(ref, self.args.coefficient)]
-        tracker = host.PassTracker("first", steps)
+        tracker = patch.PassTracker("first", steps)
         patcher = FakeUnetPatcher(self.keys)
         host.install(patcher, job, tracker, attention)
         return job, tracker, patcher
@@ -231,7 +241,7 @@ DROP_S: list[float] = []  # seconds each drop of the recorded references took (u
 def drop_references() -> None:
     """Drop the recorded references the library holds (callers let go of theirs first), timed."""
     t0 = time.perf_counter()
-    host.REFERENCES.clear()
+    library.REFERENCES.clear()
     gc.collect()
     DROP_S.append(time.perf_counter() - t0)
 
@@ -287,14 +297,14 @@ def labelled_store_calls():
             setattr(cls, name, fn)
         patched.append((cls, name, orig))
 
-    patch = sys.modules["lib_imgcond.hosts.refdrop_patch"]
+    patch = sys.modules["lib_imgcond.refdrop.forge_patch"]
     for cls, name in [
-        (store.Reference, "put"),
-        (store.Reference, "put_many"),
-        (store.Reference, "get"),
-        (store.Reference, "nbytes"),
-        (store.Prefetcher, "fetch"),
-        (store.Prefetcher, "get"),
+        (reference.Reference, "put"),
+        (reference.Reference, "put_many"),
+        (reference.Reference, "get"),
+        (reference.Reference, "nbytes"),
+        (prefetch.Prefetcher, "fetch"),
+        (prefetch.Prefetcher, "get"),
         (patch.Runner, "attend"),  # the whole per-layer work of the patch (the host's attention included)
         (patch.Runner, "flush"),
         (patch.ReferenceSource, "get"),
@@ -371,7 +381,7 @@ def batch_mode(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         if on:
             job = host.Job(values, "sdxl", bench.layers, batch_seed=1)
             patcher = FakeUnetPatcher(bench.keys)
-            host.install(patcher, job, host.PassTracker("first", args.steps), attention)
+            host.install(patcher, job, patch.PassTracker("first", args.steps), attention)
         opts = patcher.model_options if patcher else {"transformer_options": {}}
         sigmas = torch.linspace(14.6, 0.03, args.steps + 1).to(device)
         bench.sync()
@@ -441,7 +451,7 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=0, help="also profile off/use/record for this many steps")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for results.json and profiles")
     parser.add_argument(
-        "--fuse-below", type=int, default=None, help="set refdrop_patch.FUSE_BELOW_TOKENS (default: the library's)"
+        "--fuse-below", type=int, default=None, help="set forge_patch.FUSE_BELOW_TOKENS (default: the library's)"
     )
     parser.add_argument("--batch", type=int, default=4, help="mode batch: images per batch (default 4)")
     parser.add_argument("--rate", type=float, default=0.5, help="mode batch: shared token rate r (default 0.5)")
@@ -449,7 +459,7 @@ def main() -> None:
     args = parser.parse_args()
     lib = load_lib(args.lib)
     if args.fuse_below is not None:
-        sys.modules["lib_imgcond.hosts.refdrop_patch"].FUSE_BELOW_TOKENS = args.fuse_below
+        sys.modules["lib_imgcond.refdrop.forge_patch"].FUSE_BELOW_TOKENS = args.fuse_below
 
     cuda = args.device.startswith("cuda")
     if cuda:
@@ -568,12 +578,12 @@ def main() -> None:
     for mode, text in profiles.items():
         print(f"\nprofile {mode} ({args.profile_steps} steps), top self-CPU ops:\n{text}")
     if "reference_bytes" in results:
-        size = store.format_bytes(results["reference_bytes"])
+        size = arena.format_bytes(results["reference_bytes"])
         print(f"\nreference: {results['reference_pairs']} K/V pairs, {size} of tensors")
         hs = results["host_stats_after_record"]
         shown = {k: v for k, v in hs.items() if "bytes.current" in k or ("alloc" in k.lower() and "time" in k.lower())}
         for k, v in shown.items():
-            print(f"  host allocator {k}: {store.format_bytes(v) if 'bytes' in k else v}")
+            print(f"  host allocator {k}: {arena.format_bytes(v) if 'bytes' in k else v}")
     if bench.register_s:
         reg = bench.register_s
         print(f"background page-locking after each record pass: {min(reg):.3f}-{max(reg):.3f} s", end="")

@@ -53,8 +53,8 @@ def run(bench: Any, args: argparse.Namespace, main: Any) -> dict[str, Any]:
     """Record a trajectory reference, then time off and Use; `main` is refdrop_bench (its loaded library and fakes)."""
     import importlib
 
-    host, store = main.host, main.store
-    rt = importlib.import_module("lib_imgcond.core.refdrop_trajectory")
+    host, patch, arena = main.host, main.patch, main.arena
+    rt = importlib.import_module("lib_imgcond.refdrop.trajectory")
 
     class Patcher(main.FakeUnetPatcher):
         def set_model_unet_function_wrapper(self, fn) -> None:
@@ -67,7 +67,7 @@ def run(bench: Any, args: argparse.Namespace, main: Any) -> dict[str, Any]:
             job.trajectory = rt.Trajectory("bench", "sdxl", {"width": args.width, "height": args.height})
         else:
             job.uses = [(ref, args.coefficient)]
-        tracker = host.PassTracker("first", args.steps)
+        tracker = patch.PassTracker("first", args.steps)
         patcher = Patcher(bench.keys)
         host.install(patcher, job, tracker, attention)
         return job, tracker, patcher
@@ -89,7 +89,7 @@ def run(bench: Any, args: argparse.Namespace, main: Any) -> dict[str, Any]:
         use.append(timed(patched("Use", ref)[2], bench.x0_use))
     ratio = statistics.median(u / o for u, o in zip(use, off, strict=True))
     per_step = [1e3 * statistics.median(runs) / args.steps for runs in (off, use)]
-    print(f"trajectory reference: {len(ref)} evaluations, {store.format_bytes(ref.nbytes)} ({ref.nbytes} bytes)")
+    print(f"trajectory reference: {len(ref)} evaluations, {arena.format_bytes(ref.nbytes)} ({ref.nbytes} bytes)")
     print(f"\n| mode | ms/step (median of {args.repeats}) | × off |\n|---|---|---|")
     print(f"| off | {per_step[0]:.2f} | 1.000 |")
     print(f"| trajectory record | {1e3 * record_s / args.steps:.2f} | {record_s / statistics.median(off):.3f} |")

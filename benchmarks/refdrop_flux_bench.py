@@ -2,8 +2,8 @@
 
 Modes, each a whole sampling pass of --steps Euler steps at batch 1 (Flux.1-dev is guidance-distilled: no uncond row):
   off     nothing installed
-  record  lib_imgcond.hosts.forge_refdrop.install with Job.record: the image-token K/V of all 19 + 38 blocks go to
-          pinned host memory every evaluation (through hosts/refdrop_dit and hosts/flux_attention, as on Forge 2.0)
+  record  lib_imgcond.refdrop.forge_refdrop.install with Job.record: the image-token K/V of all 19 + 38 blocks go to
+          pinned host memory every evaluation (through refdrop/forge_dit and host/flux_attention, as on Forge 2.0)
   use     the same install with Job.uses = [(reference, c)] (a reference recorded from another seed): every block's
           image-token outputs blend attention over [text; reference image] K/V
 
@@ -121,7 +121,7 @@ class Bench:
                 tuple(make(shape, device=self.device, dtype=x0.dtype) for _ in "kv") for _ in range(n_layers)
             ]
         handler = floor_handler(kind, self.bufs[kind], n_layers, n_txt, self.args.coefficient)
-        with importlib.import_module("lib_imgcond.hosts.flux_attention").handling(self.model, handler):
+        with importlib.import_module("lib_imgcond.host.flux_attention").handling(self.model, handler):
             return self.sample(None, steps, x0)
 
     def sample(self, patcher: FakeUnetPatcher | None, steps: int, x0: torch.Tensor) -> torch.Tensor:
@@ -153,10 +153,10 @@ class Bench:
             job = rb.host.Job(values, self.family, self.layers, budget=0)
             if mode == "record":
                 meta = {"width": self.args.width, "height": self.args.height}
-                job.record = rb.store.Reference("bench", self.family, meta)
+                job.record = rb.reference.Reference("bench", self.family, meta)
             else:
                 job.uses = [(ref, self.args.coefficient)]
-            tracker = rb.host.PassTracker("first", steps)
+            tracker = rb.patch.PassTracker("first", steps)
             tracker.schedule = [float(s) for s in torch.linspace(1.0, 0.0, steps + 1)]
             patcher = FakeUnetPatcher(self.model)
             rb.host.install(patcher, job, tracker, None)

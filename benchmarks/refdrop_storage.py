@@ -22,9 +22,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lib_imgcond.core import refdrop as rd
-from lib_imgcond.core import refdrop_precision as prec
-from lib_imgcond.core.refdrop_store import Reference, RefKey, estimate_bytes, format_bytes, load_reference
+from lib_imgcond.memory.arena import format_bytes
+from lib_imgcond.refdrop import layers as rd
+from lib_imgcond.refdrop import precision as prec
+from lib_imgcond.refdrop.checks import estimate_bytes
+from lib_imgcond.refdrop.file_format import load_reference
+from lib_imgcond.refdrop.reference import Reference, RefKey
 
 SRC_BYTES = {"sd15": 4, "sdxl": 2}  # fp32 SD1.5 (CPU), fp16 SDXL (GPU)
 

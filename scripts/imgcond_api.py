@@ -5,7 +5,7 @@ from __future__ import annotations
 from modules import script_callbacks
 
 from lib_imgcond import __version__
-from lib_imgcond.ui import registry
+from lib_imgcond.spec import registry
 
 
 def add_routes(_demo, app):

@@ -6,17 +6,20 @@ import gradio as gr
 from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
-from lib_imgcond.core.errors import ImgcondError
-from lib_imgcond.hosts import encoders, forge, progress
-from lib_imgcond.hosts import forge_flexdiffuse as host
-from lib_imgcond.log import logger
-from lib_imgcond.ui import panel, registry, script, xyz
-from lib_imgcond.ui.flex_spec import AUTO, SPEC, split_images
+from lib_imgcond.common.errors import ImgcondError
+from lib_imgcond.common.log import logger
+from lib_imgcond.flexdiffuse import forge_encoders
+from lib_imgcond.flexdiffuse import forge_flexdiffuse as host
+from lib_imgcond.flexdiffuse.spec import AUTO, SPEC, split_images
+from lib_imgcond.host import forge, progress
+from lib_imgcond.spec import registry
+from lib_imgcond.vision import forge_encoders as encoders
+from lib_imgcond.webui import panel, script, xyz
 
 registry.register(SPEC)
 
 STATE_KEY = "flexdiffuse"
-EXTRA_DIR_OPTION = host.EXTRA_DIR_OPTION
+EXTRA_DIR_OPTION = forge_encoders.EXTRA_DIR_OPTION
 
 
 def _opt(name: str, default):
@@ -37,7 +40,7 @@ class ClipGuidanceScript(script.TechniqueScript, scripts.Script):
                 "encoders (`models/imgcond/clip_vision`, `models/clip_vision` or `models/ControlNetPreprocessor`): "
                 "ViT-L/14 for SD1.5; ViT-L/14 and ViT-bigG/14 for SDXL."
             )
-            choices = panel.file_choices(AUTO, host.configured_encoders, "CLIP vision encoders")
+            choices = panel.file_choices(AUTO, forge_encoders.configured_encoders, "CLIP vision encoders")
             tools = {}
 
             def encoder(param, elem_id):
@@ -61,7 +64,7 @@ class ClipGuidanceScript(script.TechniqueScript, scripts.Script):
             panel.layout(SPEC, comps, rows, eid, {"encoder": encoder, "encoder_g": encoder})
 
         def refresh_fn(current_l, current_g):
-            choices = panel.file_choices(AUTO, host.configured_encoders, "CLIP vision encoders")
+            choices = panel.file_choices(AUTO, forge_encoders.configured_encoders, "CLIP vision encoders")
             return gr.update(choices=choices, value=current_l), gr.update(choices=choices, value=current_g)
 
         tools["refresh"].click(
@@ -81,7 +84,7 @@ class ClipGuidanceScript(script.TechniqueScript, scripts.Script):
             return
         try:
             with progress.status("CLIP image guidance: loading the encoders and encoding the images"):
-                job = host.plan(p, values, extra, host.extra_encoder_dir())
+                job = host.plan(p, values, extra, forge_encoders.extra_encoder_dir())
         except ImgcondError as e:
             script.stop(p, e)
             return
@@ -121,7 +124,10 @@ def add_routes(_demo, app):
     @app.get("/imgcond/v1/flexdiffuse/encoders")
     @forge.http_route
     def encoders():
-        return {"folders": host.searched_dirs(host.extra_encoder_dir()), "files": host.configured_encoders()}
+        return {
+            "folders": forge_encoders.searched_dirs(forge_encoders.extra_encoder_dir()),
+            "files": forge_encoders.configured_encoders(),
+        }
 
 
 script_callbacks.on_ui_settings(on_ui_settings)

@@ -6,12 +6,13 @@ import gradio as gr
 from modules import scripts
 from modules.ui_components import InputAccordion
 
-from lib_imgcond.core.errors import ImgcondError
-from lib_imgcond.core.mixing import MixParams, schedule_svg, zprime_weights
-from lib_imgcond.hosts import forge
-from lib_imgcond.hosts import forge_mixing as host
-from lib_imgcond.ui import panel, registry, script, xyz
-from lib_imgcond.ui.mixing_spec import SPEC
+from lib_imgcond.common.errors import ImgcondError
+from lib_imgcond.host import forge
+from lib_imgcond.mixing import forge_mixing as host
+from lib_imgcond.mixing.schedules import MixParams, schedule_svg, zprime_weights
+from lib_imgcond.mixing.spec import SPEC
+from lib_imgcond.spec import registry
+from lib_imgcond.webui import panel, script, xyz
 
 registry.register(SPEC)
 

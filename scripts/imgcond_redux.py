@@ -8,11 +8,14 @@ import gradio as gr
 from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
-from lib_imgcond.core.errors import ImgcondError
-from lib_imgcond.hosts import encoders, forge, progress
-from lib_imgcond.hosts import forge_redux as host
-from lib_imgcond.ui import panel, registry, script, xyz
-from lib_imgcond.ui.redux_spec import SLOTS, SPEC, automerge_paster, expand_images
+from lib_imgcond.common.errors import ImgcondError
+from lib_imgcond.host import forge, progress
+from lib_imgcond.redux import forge_files
+from lib_imgcond.redux import forge_redux as host
+from lib_imgcond.redux.spec import SLOTS, SPEC, automerge_paster, expand_images
+from lib_imgcond.spec import registry
+from lib_imgcond.vision import forge_encoders as encoders
+from lib_imgcond.webui import panel, script, xyz
 
 registry.register(SPEC)
 STATE_KEY = "redux"
@@ -20,7 +23,7 @@ STATE_KEY = "redux"
 
 def _files(kind: str) -> list[str]:
     try:
-        return ["", *host.list_files(kind)]
+        return ["", *forge_files.list_files(kind)]
     except OSError:
         return [""]
 
@@ -28,7 +31,7 @@ def _files(kind: str) -> list[str]:
 def _encoder_geometry(siglip_name: str) -> tuple[int, int]:
     """(input size, patch) of the chosen SigLIP file, for the token count; 384/14 when it cannot be read."""
     try:
-        cfg = host.vision_config(host.resolve("siglip", siglip_name or ""))
+        cfg = forge_files.vision_config(forge_files.resolve("siglip", siglip_name or ""))
         return cfg.image_size, cfg.patch
     except Exception:  # no file yet, wrong file: the count still helps
         return 384, 14
@@ -175,7 +178,7 @@ class ReduxScript(script.TechniqueScript, scripts.Script):
 def on_ui_settings():
     section = ("imgcond", "ImgCond")
     shared.opts.add_option(
-        host.EXTRA_DIRS_OPTION,
+        forge_files.EXTRA_DIRS_OPTION,
         shared.OptionInfo(
             "",
             "Redux: extra model folders (';'-separated; each folder or its siglip/ and redux/ subfolders is searched)",

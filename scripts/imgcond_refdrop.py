@@ -6,13 +6,15 @@ import gradio as gr
 from modules import script_callbacks, scripts, shared
 from modules.ui_components import InputAccordion
 
-from lib_imgcond.core.errors import ArgumentError, ImgcondError
-from lib_imgcond.hosts import forge, progress
-from lib_imgcond.hosts import forge_refdrop as host
-from lib_imgcond.hosts import refdrop_estimate as estimate
-from lib_imgcond.log import logger
-from lib_imgcond.ui import panel, registry, script, xyz
-from lib_imgcond.ui.refdrop_spec import SPEC
+from lib_imgcond.common.errors import ArgumentError, ImgcondError
+from lib_imgcond.common.log import logger
+from lib_imgcond.host import forge, progress
+from lib_imgcond.refdrop import forge_estimate as estimate
+from lib_imgcond.refdrop import forge_library, forge_patch
+from lib_imgcond.refdrop import forge_refdrop as host
+from lib_imgcond.refdrop.spec import SPEC
+from lib_imgcond.spec import registry
+from lib_imgcond.webui import panel, script, xyz
 
 registry.register(SPEC)
 
@@ -59,7 +61,7 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
 
             def reference(param, elem_id):
                 return gr.Dropdown(
-                    label=param.label, choices=host.all_names(), value=param.default, allow_custom_value=True,
+                    label=param.label, choices=forge_library.all_names(), value=param.default, allow_custom_value=True,
                     elem_id=elem_id,
                 )  # fmt: skip
 
@@ -105,14 +107,14 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
                     rename_button = gr.Button("Rename", elem_id=eid("rename"), size="sm")
 
         def refresh_fn(current):
-            return gr.update(choices=host.all_names(), value=current), _library_text(), _thumbnails()
+            return gr.update(choices=forge_library.all_names(), value=current), _library_text(), _thumbnails()
 
         def rename_fn(current, new):
             try:
-                done = host.rename(current or "", new or "")
+                done = forge_library.rename(current or "", new or "")
             except ImgcondError as e:
                 return gr.update(), f"⚠️ {e}", gr.update()
-            return gr.update(choices=host.all_names(), value=done["name"]), _library_text(), _thumbnails()
+            return gr.update(choices=forge_library.all_names(), value=done["name"]), _library_text(), _thumbnails()
 
         gen = self.gen.get("img2img" if is_img2img else "txt2img", {})
         gen_names = list(gen)
@@ -125,11 +127,11 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
 
         def delete_fn(current):
             try:
-                found = host.delete(host.check_name(current or ""))
+                found = forge_library.delete(forge_library.check_name(current or ""))
             except ImgcondError as e:
                 return gr.update(), f"⚠️ {e}"
             text = _library_text() + ("" if found else f"\n\n'{current}' was not found.")
-            return gr.update(choices=host.all_names()), text
+            return gr.update(choices=forge_library.all_names()), text
 
         tools["refresh"].click(
             refresh_fn, inputs=[comps["reference"]], outputs=[comps["reference"], library, gallery]
@@ -182,7 +184,7 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
         steps = int(getattr(p, "hr_second_pass_steps", 0) or p.steps) if pass_name == "hires" else int(p.steps)
         job.iteration = int(getattr(p, "iteration", 0) or 0)
         job.batch_seed = int((getattr(p, "seeds", None) or [getattr(p, "seed", 0) or 0])[0])
-        tracker = host.PassTracker(pass_name, steps)
+        tracker = forge_patch.PassTracker(pass_name, steps)
         state["trackers"][pass_name] = tracker  # a repeated hires call replaces the discarded one
         host.capture_schedule(p, tracker)
         attn = forge.attention_kernel()
@@ -204,7 +206,7 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
                 with progress.status(f"RefDrop: keeping the reference '{state['job'].values['reference']}'"):
                     job = state["job"]
                     if job.values["mode"] == "Image":  # the reference is the uploaded image
-                        thumb = host.make_thumbnail(job.values["image"].image)
+                        thumb = forge_library.make_thumbnail(job.values["image"].image)
                     else:
                         thumb = _thumbnail_of(processed, job.values["batch_item"])
                     host.finish_record(job, state["trackers"], job.values["save"], forge.interrupted(), thumb)
@@ -221,22 +223,22 @@ def _thumbnail_of(processed, item: int) -> str:
     index = int(getattr(processed, "index_of_first_image", 0) or 0) + int(item)
     if not 0 <= index < len(images) or not hasattr(images[index], "convert"):
         return ""
-    return host.make_thumbnail(images[index])
+    return forge_library.make_thumbnail(images[index])
 
 
 def _thumbnails() -> list:
     """(image, name) of every listed reference that has a thumbnail, for the library's gallery."""
     try:
-        rows = host.describe()
+        rows = forge_library.describe()
     except ImgcondError:
         return []
-    pairs = [(host.thumbnail_image(r.get("thumbnail") or ""), r["name"]) for r in rows]
+    pairs = [(forge_library.thumbnail_image(r.get("thumbnail") or ""), r["name"]) for r in rows]
     return [(img, name) for img, name in pairs if img is not None]
 
 
 def _library_text() -> str:
     try:
-        rows = host.describe()
+        rows = forge_library.describe()
     except ImgcondError as e:
         return f"⚠️ {e}"
     if not rows:
@@ -297,12 +299,12 @@ def add_routes(_demo, app):
     @app.get("/imgcond/v1/refdrop/references")
     @forge.http_route
     def references():
-        return host.describe()
+        return forge_library.describe()
 
     @app.delete("/imgcond/v1/refdrop/references/{name}")
     @forge.http_route
     def delete_reference(name: str):
-        return {"deleted": host.delete(host.check_name(name))}
+        return {"deleted": forge_library.delete(forge_library.check_name(name))}
 
     @app.post("/imgcond/v1/refdrop/references/{name}/rename")
     @forge.http_route
@@ -310,9 +312,9 @@ def add_routes(_demo, app):
         new = body.get("name") if isinstance(body, dict) else None
         if not isinstance(new, str):
             raise ArgumentError("name", new, 'a JSON body {"name": "<new name>"}')
-        return host.rename(name, new)
+        return forge_library.rename(name, new)
 
 
 script_callbacks.on_ui_settings(on_ui_settings)
-xyz.hook(SPEC, "RefDrop", {"reference": host.all_names})
+xyz.hook(SPEC, "RefDrop", {"reference": forge_library.all_names})
 script_callbacks.on_app_started(add_routes)

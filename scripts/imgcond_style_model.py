@@ -6,11 +6,12 @@ import gradio as gr
 from modules import script_callbacks, scripts
 from modules.ui_components import InputAccordion
 
-from lib_imgcond.hosts import forge
-from lib_imgcond.hosts import forge_flexdiffuse as clip_files
-from lib_imgcond.hosts import forge_style as host
-from lib_imgcond.ui import panel, registry, script, xyz
-from lib_imgcond.ui.style_spec import AUTO, SLOTS, SPEC
+from lib_imgcond.flexdiffuse import forge_encoders
+from lib_imgcond.host import forge
+from lib_imgcond.spec import registry
+from lib_imgcond.style import forge_style as host
+from lib_imgcond.style.spec import AUTO, SLOTS, SPEC
+from lib_imgcond.webui import panel, script, xyz
 
 registry.register(SPEC)
 
@@ -22,7 +23,7 @@ def _files(lister, what: str) -> list[str]:
 
 
 def _encoders() -> list[str]:
-    return _files(clip_files.configured_encoders, "encoder")
+    return _files(forge_encoders.configured_encoders, "encoder")
 
 
 class StyleModelScript(script.TechniqueScript, scripts.Script):
@@ -42,7 +43,7 @@ class StyleModelScript(script.TechniqueScript, scripts.Script):
             )
             with gr.Row():
                 listers = {
-                    "encoder": clip_files.configured_encoders,
+                    "encoder": forge_encoders.configured_encoders,
                     "adapter": host.list_adapters,
                 }
                 for name, lister in listers.items():
@@ -77,7 +78,7 @@ class StyleModelScript(script.TechniqueScript, scripts.Script):
             p,
             args,
             STATE_KEY,
-            lambda values: host.plan(p, values, clip_files.extra_encoder_dir()),
+            lambda values: host.plan(p, values, forge_encoders.extra_encoder_dir()),
             "Style model: loading the models and encoding the images",
         )
 
@@ -99,8 +100,8 @@ def add_routes(_demo, app):
         return {
             "adapter_folders": host.adapter_dirs(),
             "adapters": host.list_adapters(),
-            "encoder_folders": clip_files.searched_dirs(clip_files.extra_encoder_dir()),
-            "encoders": clip_files.configured_encoders(),
+            "encoder_folders": forge_encoders.searched_dirs(forge_encoders.extra_encoder_dir()),
+            "encoders": forge_encoders.configured_encoders(),
         }
 
 

@@ -6,11 +6,12 @@ import gradio as gr
 from modules import scripts
 from modules.ui_components import InputAccordion
 
-from lib_imgcond.hosts import forge
-from lib_imgcond.hosts import forge_flexdiffuse as clip_files
-from lib_imgcond.hosts import forge_unclip as host
-from lib_imgcond.ui import panel, registry, script, xyz
-from lib_imgcond.ui.unclip_spec import AUTO, SLOTS, SPEC
+from lib_imgcond.flexdiffuse import forge_encoders
+from lib_imgcond.host import forge
+from lib_imgcond.spec import registry
+from lib_imgcond.unclip import forge_unclip as host
+from lib_imgcond.unclip.spec import AUTO, SLOTS, SPEC
+from lib_imgcond.webui import panel, script, xyz
 
 registry.register(SPEC)
 
@@ -18,7 +19,7 @@ STATE_KEY = "unclip"
 
 
 def _encoders() -> list[str]:
-    return panel.file_choices(AUTO, clip_files.configured_encoders, "CLIP vision encoders")
+    return panel.file_choices(AUTO, forge_encoders.configured_encoders, "CLIP vision encoders")
 
 
 class UnclipScript(script.TechniqueScript, scripts.Script):
@@ -64,7 +65,7 @@ class UnclipScript(script.TechniqueScript, scripts.Script):
             p,
             args,
             STATE_KEY,
-            lambda values: host.plan(p, values, clip_files.extra_encoder_dir()),
+            lambda values: host.plan(p, values, forge_encoders.extra_encoder_dir()),
             "unCLIP: loading the encoder and encoding the images",
         )
 

@@ -45,13 +45,17 @@ from backend.patcher.unet import UnetPatcher  # noqa: E402
 from backend.sampling.sampling_function import sampling_function, sampling_prepare  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from lib_imgcond.core.redux import ReduxProjector  # noqa: E402
-from lib_imgcond.core.vision import VisionConfig, VisionTransformer  # noqa: E402
-from lib_imgcond.hosts import flux_attention, forge, redux_bias  # noqa: E402
-from lib_imgcond.hosts import forge_redux as host  # noqa: E402
-from lib_imgcond.hosts import host as webui  # noqa: E402
-from lib_imgcond.ui.redux_spec import SPEC  # noqa: E402
-from lib_imgcond.ui.spec import ImageInput  # noqa: E402
+from lib_imgcond.common import errors as imgcond_errors  # noqa: E402
+from lib_imgcond.host import capabilities as webui  # noqa: E402
+from lib_imgcond.host import flux_attention, forge  # noqa: E402
+from lib_imgcond.redux import forge_bias as redux_bias  # noqa: E402
+from lib_imgcond.redux import forge_files  # noqa: E402
+from lib_imgcond.redux import forge_redux as host  # noqa: E402
+from lib_imgcond.redux.spec import SPEC  # noqa: E402
+from lib_imgcond.redux.tokens import ReduxProjector  # noqa: E402
+from lib_imgcond.spec.params import ImageInput  # noqa: E402
+from lib_imgcond.vision.config import VisionConfig  # noqa: E402
+from lib_imgcond.vision.transformer import VisionTransformer  # noqa: E402
 
 DTYPE = getattr(torch, OPTS.dtype)
 T5_LEN = 256
@@ -307,8 +311,8 @@ def main() -> None:
     # 6. errors and the restored module global
     out["attention_restored"] = SWAP["module"].attention is SWAP["original"]
     # 7. the encoders live in the host's model management: its ModelPatcher, among its loaded models after a job
-    _, dtype = host.compute_device_dtype()
-    managed = [host.load_model(k, host.resolve(k, ""), dtype) for k in ("siglip", "redux")]
+    _, dtype = forge_files.compute_device_dtype()
+    managed = [forge_files.load_model(k, forge_files.resolve(k, ""), dtype) for k in ("siglip", "redux")]
     loaded = [lm.model for lm in mm.current_loaded_models]
     out["managed"] = {
         "capability": webui.capabilities().model_management,
@@ -331,7 +335,7 @@ def main() -> None:
         try:
             host.plan(p, values(**kw))
             errors[label] = None
-        except host.ImgcondError as e:
+        except imgcond_errors.ImgcondError as e:
             errors[label] = str(e)
     out["errors"] = errors
     out["cuda_initialized"] = torch.cuda.is_initialized()

@@ -23,14 +23,15 @@ tiny = importlib.import_module("tests.e2e.flux_backend_check")  # sets up the ho
 import torch  # noqa: E402
 from backend.sampling.sampling_function import sampling_function, sampling_prepare  # noqa: E402
 
-from lib_imgcond.core import refdrop_store as store  # noqa: E402
-from lib_imgcond.hosts import flux_attention, forge  # noqa: E402
-from lib_imgcond.hosts import forge_redux as redux_host  # noqa: E402
-from lib_imgcond.hosts import forge_refdrop as host  # noqa: E402
-from lib_imgcond.hosts import host as webui  # noqa: E402
-from lib_imgcond.ui.redux_spec import SPEC as REDUX  # noqa: E402
-from lib_imgcond.ui.refdrop_spec import SPEC  # noqa: E402
-from lib_imgcond.ui.spec import ImageInput  # noqa: E402
+from lib_imgcond.common import errors as imgcond_errors  # noqa: E402
+from lib_imgcond.host import capabilities as webui  # noqa: E402
+from lib_imgcond.host import flux_attention, forge  # noqa: E402
+from lib_imgcond.redux import forge_redux as redux_host  # noqa: E402
+from lib_imgcond.redux.spec import SPEC as REDUX  # noqa: E402
+from lib_imgcond.refdrop import file_format, forge_library, forge_patch, reference  # noqa: E402
+from lib_imgcond.refdrop import forge_refdrop as host  # noqa: E402
+from lib_imgcond.refdrop.spec import SPEC  # noqa: E402
+from lib_imgcond.spec.params import ImageInput  # noqa: E402
 
 STEPS = 3
 
@@ -58,7 +59,7 @@ def run(unet, v: dict | None, *, w=64, h=64, batch=1, cfg=1.0, noise_seed=5, ima
         job = host.plan(p, v, 0, False)
         if image is not None:
             job.image_latent = image
-        tracker = host.PassTracker("first", STEPS)
+        tracker = forge_patch.PassTracker("first", STEPS)
         tracker.schedule = [float(s) for s in sigmas]
         host.install(pass_unet, job, tracker, None)
     g = torch.Generator().manual_seed(noise_seed)
@@ -91,7 +92,7 @@ def diff(a, b) -> float:
 def error_of(fn) -> str | None:
     try:
         fn()
-    except host.ImgcondError as e:
+    except imgcond_errors.ImgcondError as e:
         return str(e)
     return None
 
@@ -112,7 +113,7 @@ def main() -> None:
     plain, _ = run(unet, None)
     out["c0_vs_plain"] = diff(run(unet, values(mode="Record", reference="same"))[0], plain)  # recording changes nothing
     out["record_is_plain"] = out["c0_vs_plain"] == 0.0
-    ref = host.REFERENCES["same"]
+    ref = forge_library.REFERENCES["same"]
     out["ref_keys"] = len(ref)
     out["ref_layers"] = sorted(":".join(map(str, k)) for k in ref.layers("first"))
     first_key = next(iter(ref))
@@ -180,10 +181,10 @@ def main() -> None:
     # saved file: reload gives the same blend
     run(unet, values(mode="Record", reference="saved", save=True), noise_seed=9)
     before, _ = run(unet, values(reference="saved", coefficient=0.5))
-    host.REFERENCES.pop("saved")
+    forge_library.REFERENCES.pop("saved")
     after, _ = run(unet, values(reference="saved", coefficient=0.5))
     out["saved_reload_diff"] = diff(before, after)
-    out["saved_family"] = store.reference_info(tmp / "saved.safetensors")["family"]
+    out["saved_family"] = file_format.reference_info(tmp / "saved.safetensors")["family"]
     # with Redux's attention bias at once (Forge 2.0: both handlers nest in the one swap; Neo: the bias arrives as
     # the blocks' attn_mask): c = 0 is Redux alone exactly, c = 0.5 differs from it
     tiny.write_models(tmp)
@@ -197,9 +198,9 @@ def main() -> None:
     out["redux_refdrop_c05_vs_redux"] = diff(both, redux_alone)
     out["redux_refdrop_c05_vs_refdrop"] = diff(both, half)
     # errors: an SD reference on Flux, a reference from a Flux of other shapes, bad layers
-    host.REFERENCES["sdref"] = store.Reference("sdref", "sd15", {"trace": {}, "width": 64, "height": 64})
-    other_shape = store.Reference("shape", "flux:19+38@3072", {"trace": {}, "width": 64, "height": 64})
-    host.REFERENCES["shape"] = other_shape
+    forge_library.REFERENCES["sdref"] = reference.Reference("sdref", "sd15", {"trace": {}, "width": 64, "height": 64})
+    other_shape = reference.Reference("shape", "flux:19+38@3072", {"trace": {}, "width": 64, "height": 64})
+    forge_library.REFERENCES["shape"] = other_shape
     out["err_sd_ref"] = error_of(lambda: host.plan(p, values(reference="sdref"), 0, False))
     out["err_shape_ref"] = error_of(lambda: host.plan(p, values(reference="shape"), 0, False))
     out["err_layers"] = error_of(lambda: host.plan(p, values(reference="same", layers="output:0"), 0, False))

@@ -134,13 +134,13 @@ def test_image_mode_takes_the_reference_from_an_upload(server, baseline, plain):
 def test_foreign_and_corrupt_reference_files(server, recorded):
     import torch
 
-    from lib_imgcond.core import refdrop_store as store
+    from lib_imgcond.refdrop import file_format, reference
 
     folder = server.data_dir / "models" / "imgcond" / "refdrop"
     folder.mkdir(parents=True, exist_ok=True)
-    xl = store.Reference("xl", "sdxl", {"width": 64, "height": 64, "trace": {"first": [0.0]}})
+    xl = reference.Reference("xl", "sdxl", {"width": 64, "height": 64, "trace": {"first": [0.0]}})
     xl.put(("first", 0, "middle", 0, 0), torch.zeros(1, 4, 1280), torch.zeros(1, 4, 1280))
-    store.save_reference(xl, folder / "xl.safetensors")
+    file_format.save_reference(xl, folder / "xl.safetensors")
     err = server.generate_error(refdrop(forge.payload(), mode="Use", reference="xl"))
     assert "recorded on sdxl but the loaded model is sd15" in err
     data = (folder / "cat.safetensors").read_bytes()

@@ -27,7 +27,7 @@ def test_trajectory_record_leaves_the_image_unchanged_and_is_small(server, recor
     assert refs["traj"]["storage"] == "trajectory" and refs["traj"]["saved"] and refs["traj"]["family"] == "sd15"
     size = (server.data_dir / "models" / "imgcond" / "refdrop" / "traj.safetensors").stat().st_size
     print(f"\ntrajectory file (SD1.5 64², 3 steps): {size} bytes; in RAM: {refs['traj']['bytes']} bytes")
-    from lib_imgcond.core import refdrop_trajectory as rt
+    from lib_imgcond.refdrop import trajectory as rt
 
     # 3 latents 4×8×8 and sigmas, the cond and uncond 77×768 contexts (fp32): the context dominates at this size
     assert refs["traj"]["bytes"] == rt.estimate_bytes((1, 4, 8, 8), 3, [(1, 77, 768)], branches=2) == 476_172

@@ -87,7 +87,7 @@ def fake_p(family="sd15", **kw):
 
 def fake_models_dir(monkeypatch, root) -> None:
     """Point forge.models_dir at `root` (a tmp folder), creating each subfolder asked for."""
-    from lib_imgcond.hosts import forge as forge_host
+    from lib_imgcond.host import forge as forge_host
 
     def models_dir(*parts):
         path = root.joinpath(*parts)

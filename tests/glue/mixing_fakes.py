@@ -7,8 +7,9 @@ from types import SimpleNamespace
 
 import torch
 
-from lib_imgcond.core.mixing import HiresMixer, noise_scaling
-from lib_imgcond.hosts import forge_mixing as host
+from lib_imgcond.mixing import forge_mixing as host
+from lib_imgcond.mixing.blends import noise_scaling
+from lib_imgcond.mixing.mixer import HiresMixer
 
 SHAPE = (1, 4, 6, 6)
 

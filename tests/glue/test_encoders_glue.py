@@ -10,13 +10,17 @@ import types
 import pytest
 import torch
 
-from lib_imgcond.core.redux import ReduxProjector
-from lib_imgcond.core.vision import VisionConfig, VisionTransformer
-from lib_imgcond.hosts import encoders, forge_redux, forge_redux_files
-from lib_imgcond.hosts import forge_flexdiffuse as flex
-from lib_imgcond.hosts import host as webui
-from lib_imgcond.ui.redux_spec import SPEC as REDUX_SPEC
-from lib_imgcond.ui.spec import ImageInput
+from lib_imgcond.flexdiffuse import forge_encoders
+from lib_imgcond.flexdiffuse import forge_flexdiffuse as flex
+from lib_imgcond.host import capabilities as webui
+from lib_imgcond.redux import forge_files as forge_redux_files
+from lib_imgcond.redux import forge_redux
+from lib_imgcond.redux.spec import SPEC as REDUX_SPEC
+from lib_imgcond.redux.tokens import ReduxProjector
+from lib_imgcond.spec.params import ImageInput
+from lib_imgcond.vision import forge_encoders as encoders
+from lib_imgcond.vision.config import VisionConfig
+from lib_imgcond.vision.transformer import VisionTransformer
 from tests.glue import test_flexdiffuse_glue as flex_glue
 from tests.glue.fakes import fake_p as flux_p
 from tests.glue.test_flexdiffuse_glue import clip_state, fake_p, image, values, write
@@ -86,10 +90,10 @@ def managed_host(request, monkeypatch):
     monkeypatch.setitem(sys.modules, "backend.patcher.base", base)
     caps = webui.Capabilities(patcher=True, model_management=True, full_load_flag=neo)
     monkeypatch.setattr(webui, "capabilities", lambda: caps)
-    flex.unload_encoders()
+    forge_encoders.unload_encoders()
     forge_redux_files._MODELS.clear()
     yield mm
-    flex.unload_encoders()
+    forge_encoders.unload_encoders()
     forge_redux_files._MODELS.clear()
 
 
@@ -123,7 +127,7 @@ def test_probe_sees_model_management_and_neo_flag(monkeypatch):
 def test_clip_encoder_is_loaded_through_the_hosts_model_management(fake_forge, managed_host, no_module_moves):
     write(fake_forge, "l.safetensors", clip_state())
     job = flex.plan(fake_p(), values(image=image()), [])
-    model = flex.load_encoder(job.halves[0].path)
+    model = forge_encoders.load_encoder(job.halves[0].path)
     assert isinstance(model.patcher, FakeModelPatcher) and model.patcher.model is model.module
     assert managed_host.calls, "the encoder ran without asking the host to load it"
     patchers, kw = managed_host.calls[-1]
@@ -134,7 +138,7 @@ def test_clip_encoder_is_loaded_through_the_hosts_model_management(fake_forge, m
 
 
 def test_redux_models_are_loaded_together_through_the_host(tmp_path, monkeypatch, managed_host, no_module_moves):
-    from lib_imgcond.hosts import forge
+    from lib_imgcond.host import forge
 
     monkeypatch.setattr(forge, "models_dir", lambda *parts: str(tmp_path.joinpath(*parts)))
     monkeypatch.setattr(forge_redux_files, "extra_dirs", lambda: [])
@@ -178,11 +182,11 @@ def test_shared_folders_are_listed_by_kind_and_loadable(fake_forge):
     save_tiny_siglip(models / "clip_vision" / "sigclip.safetensors")
     write(models / "ControlNetPreprocessor", "depth.safetensors", {"model.diffusion_model.x": torch.zeros(2)})
     write(fake_forge, "own.safetensors", clip_state(seed=2))
-    assert flex.list_encoders() == ["own.safetensors", "clip_l.safetensors", "ip_l.safetensors"]
-    path, cfg = flex.resolve("ip_l.safetensors", "L", "sd15")
+    assert forge_encoders.list_encoders() == ["own.safetensors", "clip_l.safetensors", "ip_l.safetensors"]
+    path, cfg = forge_encoders.resolve("ip_l.safetensors", "L", "sd15")
     assert path.endswith(os.path.join("ControlNetPreprocessor", "clip_vision", "deep", "ip_l.safetensors"))
-    assert cfg.kind == "clip" and flex.load_encoder(path).config.proj_dim == 768
-    assert "models/ControlNetPreprocessor" in flex.searched_dirs()[-1].replace(os.sep, "/")
+    assert cfg.kind == "clip" and forge_encoders.load_encoder(path).config.proj_dim == 768
+    assert "models/ControlNetPreprocessor" in forge_encoders.searched_dirs()[-1].replace(os.sep, "/")
     assert forge_redux_files.list_files("siglip") == ["sigclip.safetensors"]  # CLIP files are not offered there
     assert forge_redux_files.resolve("siglip", "").endswith("sigclip.safetensors")
 
@@ -193,12 +197,14 @@ def test_same_name_in_two_folders_shows_the_folder_and_a_file_found_twice_once(f
     write(models / "clip_vision", "clip_l.safetensors", clip_state(seed=1))
     (models / "ControlNetPreprocessor").mkdir()
     os.symlink(fake_forge / "clip_l.safetensors", models / "ControlNetPreprocessor" / "clip_l.safetensors")
-    labels = flex.list_encoders()
+    labels = forge_encoders.list_encoders()
     assert labels == ["clip_l.safetensors [imgcond/clip_vision]", "clip_l.safetensors [clip_vision]"]
-    assert flex.list_encoders() == labels  # stable
-    path, _ = flex.resolve(labels[1], "L", "sd15")
+    assert forge_encoders.list_encoders() == labels  # stable
+    path, _ = forge_encoders.resolve(labels[1], "L", "sd15")
     assert path == str(models / "clip_vision" / "clip_l.safetensors")
-    assert flex.resolve("clip_l.safetensors", "L", "sd15")[0] == str(fake_forge / "clip_l.safetensors")  # the first
+    assert forge_encoders.resolve("clip_l.safetensors", "L", "sd15")[0] == str(
+        fake_forge / "clip_l.safetensors"
+    )  # the first
     job = flex.plan(fake_p(), values(image=image(), encoder=labels[1]), [])
     assert job.encoder_names == {"encoder": labels[1]}  # the infotext names the choice, which pastes back
 

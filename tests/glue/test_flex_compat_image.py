@@ -8,10 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from lib_imgcond.core import vision
-from lib_imgcond.hosts import encoders
-from lib_imgcond.hosts import forge_flexdiffuse as host
-from lib_imgcond.ui.spec import ImageInput
+from lib_imgcond.flexdiffuse import forge_encoders
+from lib_imgcond.flexdiffuse import image as flex_image
+from lib_imgcond.spec.params import ImageInput
+from lib_imgcond.vision import config as vision_cfg
+from lib_imgcond.vision import forge_encoders as encoders
+from lib_imgcond.vision import transformer as vision
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
@@ -59,7 +61,7 @@ def photo(w: int, h: int, seed: int = 0) -> Image.Image:
 @pytest.mark.parametrize(("w", "h"), [(500, 300), (300, 500), (640, 360), (333, 333), (100, 60), (1000, 1000)])
 def test_compatible_pixels_match_the_original_step_by_step(w, h):
     img = photo(w, h, seed=w + h)
-    ours = host.compat_pixels(ImageInput(img), 224)[0].numpy()
+    ours = forge_encoders.compat_pixels(ImageInput(img), 224)[0].numpy()
     ref = original_pixels(img)
     assert ours.shape == ref.shape == (3, 224, 224) and ours.dtype == np.float32
     assert np.abs(ours - ref).max() <= 1e-5
@@ -67,18 +69,18 @@ def test_compatible_pixels_match_the_original_step_by_step(w, h):
 
 def test_the_aspect_distortion_and_the_unclamped_range_are_kept():
     img = photo(500, 300, seed=1)
-    assert host.flex_image.compat_resize_size(500, 300) == (512, 256)  # aspect 1.667 -> 2.0
-    ours = host.compat_pixels(ImageInput(img), 224)[0]
+    assert flex_image.compat_resize_size(500, 300) == (512, 256)  # aspect 1.667 -> 2.0
+    ours = forge_encoders.compat_pixels(ImageInput(img), 224)[0]
     lo, hi = (-1.0 - MEAN) / STD, (1.0 - MEAN) / STD
     over = (ours > torch.from_numpy(hi)[:, None, None]) | (ours < torch.from_numpy(lo)[:, None, None])
     assert bool(over.any())  # bicubic overshoot at the sharp edge survives: no clamp
     # the corrected preprocessing of the same image is far from the original's (the defect this mode fixes)
-    corrected = vision.preprocess(host.image_tensor(ImageInput(img)), _cfg(224))[0]
+    corrected = vision.preprocess(forge_encoders.image_tensor(ImageInput(img)), _cfg(224))[0]
     assert float((corrected - ours).abs().max()) > 1.0
 
 
-def _cfg(size: int) -> vision.VisionConfig:
-    return vision.VisionConfig("clip", 16, 1, 1, 32, size, 14, 8, "gelu", "c")
+def _cfg(size: int) -> vision_cfg.VisionConfig:
+    return vision_cfg.VisionConfig("clip", 16, 1, 1, 32, size, 14, 8, "gelu", "c")
 
 
 def test_compatible_mode_feeds_those_pixels_to_the_encoder():
@@ -89,15 +91,15 @@ def test_compatible_mode_feeds_those_pixels_to_the_encoder():
 
         def forward(self, pixels):
             seen.append(pixels)
-            return vision.VisionOutput(pixels, pixels, None, torch.zeros(1, 10, 8))
+            return vision_cfg.VisionOutput(pixels, pixels, None, torch.zeros(1, 10, 8))
 
     cpu = torch.device("cpu")
     img = ImageInput(photo(500, 300, seed=2))
-    host.encode_images(encoders.Managed(Encoder(), cpu, cpu), [img], compatible=True)
+    forge_encoders.encode_images(encoders.Managed(Encoder(), cpu, cpu), [img], compatible=True)
     torch.testing.assert_close(seen[0], torch.from_numpy(original_pixels(img.image, 42))[None], atol=1e-5, rtol=0)
 
 
 def test_extreme_aspect_keeps_the_smallest_short_side_instead_of_failing():
-    assert host.flex_image.compat_resize_size(1000, 50) == (512, 64)  # the original asks PIL for 512x0 and fails
-    assert host.flex_image.compat_resize_size(50, 1000) == (64, 512)
-    assert host.compat_pixels(ImageInput(photo(1000, 50)), 224).shape == (1, 3, 224, 224)
+    assert flex_image.compat_resize_size(1000, 50) == (512, 64)  # the original asks PIL for 512x0 and fails
+    assert flex_image.compat_resize_size(50, 1000) == (64, 512)
+    assert forge_encoders.compat_pixels(ImageInput(photo(1000, 50)), 224).shape == (1, 3, 224, 224)

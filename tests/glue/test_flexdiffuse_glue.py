@@ -11,12 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from lib_imgcond.core import flexdiffuse as fd
-from lib_imgcond.core.errors import ArgumentError, ImgcondError
-from lib_imgcond.hosts import forge
-from lib_imgcond.hosts import forge_flexdiffuse as host
-from lib_imgcond.ui.flex_spec import AUTO, SPEC, split_images
-from lib_imgcond.ui.spec import ImageInput
+from lib_imgcond.common.errors import ArgumentError, ImgcondError
+from lib_imgcond.flexdiffuse import forge_encoders
+from lib_imgcond.flexdiffuse import forge_flexdiffuse as host
+from lib_imgcond.flexdiffuse import guidance as fd
+from lib_imgcond.flexdiffuse.spec import AUTO, SPEC, split_images
+from lib_imgcond.host import forge
+from lib_imgcond.spec.params import ImageInput
 from tests.glue.fakes import FakeUnetPatcher, fake_models_dir
 from tests.vision_states import clip_shapes, random_state
 
@@ -83,9 +84,9 @@ def fake_forge(monkeypatch, tmp_path):
     backend.sampling, sampling.condition = sampling, condition
     for name, mod in (("backend", backend), ("backend.sampling", sampling), ("backend.sampling.condition", condition)):
         monkeypatch.setitem(sys.modules, name, mod)
-    host.unload_encoders()
+    forge_encoders.unload_encoders()
     yield root / "imgcond" / "clip_vision"
-    host.unload_encoders()
+    forge_encoders.unload_encoders()
 
 
 # --- encoder files ----------------------------------------------------------------------------------------------------
@@ -184,35 +185,35 @@ def test_list_and_auto_pick_by_projection(fake_forge, tmp_path):
     (fake_forge / "notes.txt").write_text("x")
     extra = tmp_path / "extra"
     write(extra, "c_bigg.safetensors", clip_state(proj=1280))
-    assert host.list_encoders() == ["a_vith.safetensors", "b_small_l.safetensors"]
-    assert host.list_encoders(str(extra))[-1] == "c_bigg.safetensors"
-    path, cfg = host.resolve(AUTO, "L", "sd15")
+    assert forge_encoders.list_encoders() == ["a_vith.safetensors", "b_small_l.safetensors"]
+    assert forge_encoders.list_encoders(str(extra))[-1] == "c_bigg.safetensors"
+    path, cfg = forge_encoders.resolve(AUTO, "L", "sd15")
     assert os.path.basename(path) == "b_small_l.safetensors" and cfg.proj_dim == 768
-    path, _ = host.resolve("", "G", "sdxl", str(extra))
+    path, _ = forge_encoders.resolve("", "G", "sdxl", str(extra))
     assert os.path.basename(path) == "c_bigg.safetensors"
     with pytest.raises(ImgcondError, match=r"ViT-bigG/14 vision encoder \(1280-d projection\) for SDXL.*clip_vision"):
-        host.resolve(AUTO, "G", "sdxl")
+        forge_encoders.resolve(AUTO, "G", "sdxl")
     with pytest.raises(ImgcondError, match=r"found only a_vith\.safetensors: clip-vit-h32-l2-p14-42, 1024-d; b_small"):
-        host.resolve(AUTO, "G", "sdxl")
+        forge_encoders.resolve(AUTO, "G", "sdxl")
 
 
 def test_wrong_tower_is_a_clear_error(fake_forge):
     write(fake_forge, "CLIP-ViT-H-14.safetensors", clip_state(proj=1024))
     with pytest.raises(ImgcondError) as e:
-        host.resolve("CLIP-ViT-H-14.safetensors", "L", "sd15")
+        forge_encoders.resolve("CLIP-ViT-H-14.safetensors", "L", "sd15")
     msg = str(e.value)
     assert "1024-d projection" in msg and "SD1.5 is 768-d" in msg and "ViT-L/14" in msg
     with pytest.raises(ImgcondError, match="CLIP-G half of SDXL is 1280-d"):
-        host.resolve("CLIP-ViT-H-14", "G", "sdxl")
+        forge_encoders.resolve("CLIP-ViT-H-14", "G", "sdxl")
 
 
 def test_missing_and_odd_files(fake_forge):
     with pytest.raises(ImgcondError, match=r"'nope\.safetensors' \(encoder\) is not in .*imgcond/clip_vision"):
-        host.resolve("nope.safetensors", "L", "sd15")
+        forge_encoders.resolve("nope.safetensors", "L", "sd15")
     with pytest.raises(ImgcondError, match=r"needs a CLIP ViT-L/14 vision encoder .* none is in .*clip_vision"):
-        host.resolve(AUTO, "L", "sd15")
+        forge_encoders.resolve(AUTO, "L", "sd15")
     with pytest.raises(ArgumentError, match="no folders"):
-        host.resolve("../x.safetensors", "L", "sd15")
+        forge_encoders.resolve("../x.safetensors", "L", "sd15")
     siglip = {k.replace("class_embedding", "x"): v for k, v in clip_state().items()}
     siglip = {k: v for k, v in siglip.items() if "pre_layrnorm" not in k and "visual_projection" not in k}
     siglip[f"{P}embeddings.patch_embedding.bias"] = torch.zeros(32)
@@ -220,25 +221,25 @@ def test_missing_and_odd_files(fake_forge):
     del siglip[f"{P}embeddings.x"]
     write(fake_forge, "siglip.safetensors", siglip)
     with pytest.raises(ImgcondError, match="not a CLIP vision encoder with projection"):
-        host.resolve("siglip.safetensors", "L", "sd15")
+        forge_encoders.resolve("siglip.safetensors", "L", "sd15")
     write(fake_forge, "unet.safetensors", {"model.diffusion_model.x": torch.zeros(2)})
     with pytest.raises(ImgcondError, match="Stable Diffusion checkpoint"):
-        host.resolve("unet.safetensors", "L", "sd15")
+        forge_encoders.resolve("unet.safetensors", "L", "sd15")
     (fake_forge / "broken.safetensors").write_bytes(b"not a file")
     with pytest.raises(ImgcondError, match=r"cannot read broken\.safetensors"):
-        host.resolve("broken.safetensors", "L", "sd15")
+        forge_encoders.resolve("broken.safetensors", "L", "sd15")
     write(fake_forge, "z_l.safetensors", clip_state())
-    path, _ = host.resolve(AUTO, "L", "sd15")  # the odd files are skipped by the automatic choice
+    path, _ = forge_encoders.resolve(AUTO, "L", "sd15")  # the odd files are skipped by the automatic choice
     assert os.path.basename(path) == "z_l.safetensors"
 
 
 def test_model_cache_and_reload(fake_forge):
     path = write(fake_forge, "l.safetensors", clip_state())
-    a = host.load_encoder(path)
-    assert host.load_encoder(path) is a
+    a = forge_encoders.load_encoder(path)
+    assert forge_encoders.load_encoder(path) is a
     assert next(a.module.parameters()).dtype == torch.float32  # no CUDA text-encoder device here: fp32 on the CPU
     os.utime(path, ns=(1, 1))
-    assert host.load_encoder(path) is not a
+    assert forge_encoders.load_encoder(path) is not a
 
 
 # --- planning ---------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from lib_imgcond.hosts import flux_attention
+from lib_imgcond.host import flux_attention
 
 
 def fake_module(name: str, takes_mask: bool):

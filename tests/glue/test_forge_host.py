@@ -6,8 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from lib_imgcond.core.errors import ImgcondError
-from lib_imgcond.hosts import forge
+from lib_imgcond.common import log
+from lib_imgcond.common.errors import ImgcondError
+from lib_imgcond.host import forge
 from tests.glue.fakes import FakeUnetPatcher, fake_p
 
 
@@ -157,7 +158,7 @@ def fake_fastapi(monkeypatch):
 
 
 def test_user_errors_reach_the_server_as_http_400_with_their_message(fake_fastapi):
-    from lib_imgcond.core.errors import ArgumentError
+    from lib_imgcond.common.errors import ArgumentError
 
     for err in (ImgcondError("RefDrop: no reference 'x'"), ArgumentError("refdrop.coefficient", 9, "a number")):
         raised = forge.user_error(err)
@@ -185,7 +186,7 @@ def test_http_route_answers_400_and_logs_one_line(fake_fastapi):
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
-    forge.logger.addHandler(handler)
+    log.logger.addHandler(handler)
 
     @forge.http_route
     def delete_reference(name: str):
@@ -195,7 +196,7 @@ def test_http_route_answers_400_and_logs_one_line(fake_fastapi):
         with pytest.raises(fake_fastapi.HTTPException) as info:
             delete_reference("a/b")
     finally:
-        forge.logger.removeHandler(handler)
+        log.logger.removeHandler(handler)
     assert info.value.status_code == 400 and info.value.detail == "bad name 'a/b'"
     assert info.value.__cause__ is None and info.value.__suppress_context__
     assert [r.getMessage() for r in records] == ["bad name 'a/b'"] and records[0].exc_info is None

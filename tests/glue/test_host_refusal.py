@@ -14,9 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from lib_imgcond.core.errors import ImgcondError
-from lib_imgcond.hosts import host
-from lib_imgcond.ui import registry
+from lib_imgcond.common.errors import ImgcondError
+from lib_imgcond.host import capabilities as host
+from lib_imgcond.spec import registry
 from tests.glue.fakes import fake_p
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""Hires iterative mixing's Forge adapter (hosts/forge_mixing.py) and spec against small fakes of Forge's sampler."""
+"""Hires iterative mixing's Forge adapter (mixing/forge_mixing.py) and spec against small fakes of Forge's sampler."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import logging
 import pytest
 import torch
 
-from lib_imgcond.core.errors import ArgumentError, ImgcondError
-from lib_imgcond.core.mixing import HiresMixer, MixParams, noise_scaling, zprime_weights
-from lib_imgcond.hosts import forge_mixing as host
-from lib_imgcond.log import logger
-from lib_imgcond.ui.mixing_spec import SPEC
+from lib_imgcond.common.errors import ArgumentError, ImgcondError
+from lib_imgcond.common.log import logger
+from lib_imgcond.mixing import forge_mixing as host
+from lib_imgcond.mixing.blends import noise_scaling
+from lib_imgcond.mixing.mixer import HiresMixer
+from lib_imgcond.mixing.schedules import MixParams, zprime_weights
+from lib_imgcond.mixing.spec import SPEC
 from tests.glue.mixing_fakes import (
     SIGMAS,
     FakeDenoiser,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_imgcond.core.errors import ArgumentError
-from lib_imgcond.core.mixing import MixParams, noise_scaling, rewind_seed, zprime_weights
-from lib_imgcond.hosts import forge_mixing as host
-from lib_imgcond.ui.mixing_spec import SPEC
+from lib_imgcond.common.errors import ArgumentError
+from lib_imgcond.mixing import forge_mixing as host
+from lib_imgcond.mixing.blends import noise_scaling
+from lib_imgcond.mixing.mixer import rewind_seed
+from lib_imgcond.mixing.schedules import MixParams, zprime_weights
+from lib_imgcond.mixing.spec import SPEC
 from tests.glue.mixing_fakes import SHAPE, SIGMAS, fake_p, latents, run, sample_heun
 
 OLD_POSITIONAL = [True, "linear", 2.0, 0.1, 1.2, 0.9, 0.1, 0.7, "slerp", True, True]  # before order / rewind existed

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lib_imgcond.hosts import progress
+from lib_imgcond.host import progress
 
 
 def _state():

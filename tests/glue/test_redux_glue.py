@@ -17,14 +17,16 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from lib_imgcond.core.errors import ArgumentError, ImgcondError
-from lib_imgcond.core.redux import ReduxProjector
-from lib_imgcond.core.vision import VisionConfig, VisionTransformer
-from lib_imgcond.hosts import forge, redux_bias
-from lib_imgcond.hosts import forge_redux as host
-from lib_imgcond.hosts import forge_redux_files as files
-from lib_imgcond.ui.redux_spec import SLOT_FIELDS, SLOTS, SPEC, expand_images
-from lib_imgcond.ui.spec import ImageInput
+from lib_imgcond.common.errors import ArgumentError, ImgcondError
+from lib_imgcond.host import forge
+from lib_imgcond.redux import forge_bias as redux_bias
+from lib_imgcond.redux import forge_files as files
+from lib_imgcond.redux import forge_redux as host
+from lib_imgcond.redux.spec import SLOT_FIELDS, SLOTS, SPEC, expand_images
+from lib_imgcond.redux.tokens import ReduxProjector
+from lib_imgcond.spec.params import ImageInput
+from lib_imgcond.vision.config import VisionConfig
+from lib_imgcond.vision.transformer import VisionTransformer
 from tests.glue.fakes import FakeUnetPatcher, fake_p
 
 
@@ -119,16 +121,16 @@ def test_infotext_skips_unused_slots_and_pastes_back():
 
 # --- model files ------------------------------------------------------------------------------------------------------
 def test_files_listed_and_auto_pick_skips_wrong_kind(models):
-    assert host.list_files("siglip") == ["a-clip-l.safetensors", "siglip-tiny.safetensors"]
-    assert host.resolve("siglip", "").endswith("siglip-tiny.safetensors")  # the CLIP file sorts first but is skipped
-    assert host.resolve("redux", "").endswith("redux-tiny.safetensors")
+    assert files.list_files("siglip") == ["a-clip-l.safetensors", "siglip-tiny.safetensors"]
+    assert files.resolve("siglip", "").endswith("siglip-tiny.safetensors")  # the CLIP file sorts first but is skipped
+    assert files.resolve("redux", "").endswith("redux-tiny.safetensors")
 
 
 def test_missing_and_wrong_files_are_clear(models):
     with pytest.raises(ImgcondError, match=r"'nope.safetensors' was not found in .*imgcond/siglip"):
-        host.resolve("siglip", "nope.safetensors")
+        files.resolve("siglip", "nope.safetensors")
     with pytest.raises(ImgcondError, match=r"not a .safetensors file"):
-        host.resolve("redux", "model.ckpt")
+        files.resolve("redux", "model.ckpt")
     with pytest.raises(ImgcondError, match=r"a-clip-l.safetensors looks like clip-vit.* expected a SigLIP so400m"):
         host.plan(fake_p("flux"), values(siglip="a-clip-l.safetensors"))
     (models / "imgcond/redux/redux-tiny.safetensors").unlink()
@@ -141,8 +143,8 @@ def test_extra_folders_from_settings(models, tmp_path_factory, monkeypatch):
     (extra / "redux").mkdir()
     (models / "imgcond/redux/redux-tiny.safetensors").rename(extra / "redux" / "other.safetensors")
     monkeypatch.setattr(files, "extra_dirs", lambda: [str(extra)])
-    assert host.list_files("redux") == ["other.safetensors"]
-    assert host.resolve("redux", "other.safetensors") == str(extra / "redux" / "other.safetensors")
+    assert files.list_files("redux") == ["other.safetensors"]
+    assert files.resolve("redux", "other.safetensors") == str(extra / "redux" / "other.safetensors")
 
 
 # --- planning ---------------------------------------------------------------------------------------------------------

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lib_imgcond.hosts import forge_redux as host
-from lib_imgcond.ui.redux_spec import BASE_FIELDS, MERGE_FIELDS, SLOTS, SPEC, automerge_paster, expand_images
-from lib_imgcond.ui.spec import ImageInput
+from lib_imgcond.redux import forge_redux as host
+from lib_imgcond.redux.spec import BASE_FIELDS, MERGE_FIELDS, SLOTS, SPEC, automerge_paster, expand_images
+from lib_imgcond.spec.params import ImageInput
 from tests.glue.fakes import fake_p
 from tests.glue.test_redux_glue import models, picture, values  # noqa: F401  (models is a fixture)
 

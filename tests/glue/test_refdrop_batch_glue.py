@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_imgcond.core import refdrop as rd
-from lib_imgcond.core import refdrop_batch as cb
-from lib_imgcond.core.errors import ArgumentError, ImgcondError
-from lib_imgcond.hosts import forge_refdrop as host
+from lib_imgcond.common.errors import ArgumentError, ImgcondError
+from lib_imgcond.refdrop import batch as cb
+from lib_imgcond.refdrop import forge_patch
+from lib_imgcond.refdrop import forge_refdrop as host
+from lib_imgcond.refdrop import layers as rd
 from tests.glue.fakes import FakeUnetPatcher, fake_p
 
 HEADS = 2
@@ -35,7 +36,7 @@ def opts(chunks=(1, 0), block=("output", 3), index=0):
 
 def make(job, pass_name="first"):
     unet = FakeUnetPatcher()
-    tracker = host.PassTracker(pass_name, 3)
+    tracker = forge_patch.PassTracker(pass_name, 3)
     tracker.schedule = [3.0, 2.0, 1.0, 0.0]
     host.install(unet, job, tracker, attn)
     return unet
@@ -121,8 +122,8 @@ def test_plan_checks_batch_family_rate_lines_and_budget():
 
 
 def test_dit_joint_call_shares_image_tokens_only_and_blends_image_outputs_only():
-    from lib_imgcond.hosts.refdrop_consistent import BatchRunner
-    from lib_imgcond.hosts.refdrop_patch import Joint
+    from lib_imgcond.refdrop.forge_consistent import BatchRunner
+    from lib_imgcond.refdrop.forge_patch import Joint
 
     def packed(q, k, v, _rows=None):  # (B, heads, T, d) → (B, T, heads·d), as the DiT kernels return
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
@@ -131,7 +132,7 @@ def test_dit_joint_call_shares_image_tokens_only_and_blends_image_outputs_only()
     family = rd.dit_family("flux", 2, 2, 8)
     key = ("double", 1, 0)
     job = host.Job(dict(VALUES), family, frozenset({key}), batch_seed=3)
-    tracker = host.PassTracker("first", 3)
+    tracker = forge_patch.PassTracker("first", 3)
     tracker.schedule = [3.0, 2.0, 1.0, 0.0]
     runner = BatchRunner(job, tracker)
     runner.on_eval(3.0)

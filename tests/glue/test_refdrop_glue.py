@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_imgcond.core import refdrop as rd
-from lib_imgcond.core.errors import ArgumentError, ImgcondError
-from lib_imgcond.hosts import forge_refdrop as host
+from lib_imgcond.common.errors import ArgumentError, ImgcondError
+from lib_imgcond.refdrop import forge_library, forge_patch
+from lib_imgcond.refdrop import forge_refdrop as host
+from lib_imgcond.refdrop import layers as rd
+from lib_imgcond.refdrop.reference import Reference, RefKey
 from tests.glue.fakes import FakeUnetPatcher, fake_p
 
 HEADS = 2
@@ -45,9 +47,9 @@ def record_steps(unet, q, k, v):
 
 def record(name="r", **values):
     job = host.Job({**VALUES, "mode": "Record", **values}, "sd15", frozenset(x[:3] for x in rd.layer_table("sd15")))
-    job.record = host.store.Reference(name, "sd15", {"trace": {}})
+    job.record = Reference(name, "sd15", {"trace": {}})
     unet = FakeUnetPatcher()
-    tracker = host.PassTracker("first", 3)
+    tracker = forge_patch.PassTracker("first", 3)
     tracker.schedule = [3.0, 2.0, 1.0, 0.0]
     host.install(unet, job, tracker, attn)
     return job, unet, tracker
@@ -55,9 +57,9 @@ def record(name="r", **values):
 
 @pytest.fixture(autouse=True)
 def _clean_library():
-    host.REFERENCES.clear()
+    forge_library.REFERENCES.clear()
     yield
-    host.REFERENCES.clear()
+    forge_library.REFERENCES.clear()
 
 
 def test_record_stores_cond_row_and_returns_plain_attention():
@@ -68,8 +70,8 @@ def test_record_stores_cond_row_and_returns_plain_attention():
     host.finish_record(job, {"first": tracker}, save_file=False)
     kr, vr = job.record.get(("first", 0, "output", 3, 0))
     assert torch.equal(kr, k[1:2]) and torch.equal(vr, v[1:2])  # chunks [uncond, cond]: cond is row 1
-    assert host.REFERENCES["r"].meta["trace"]["first"] == [0.0, 1 / 3, 2 / 3]
-    assert host.REFERENCES["r"].meta["steps"] == {"first": 3}  # the uncond branch was not recorded: not listed
+    assert forge_library.REFERENCES["r"].meta["trace"]["first"] == [0.0, 1 / 3, 2 / 3]
+    assert forge_library.REFERENCES["r"].meta["steps"] == {"first": 3}  # the uncond branch was not recorded: not listed
 
 
 def test_use_with_identical_kv_is_bit_exact_and_other_kv_blends():
@@ -77,15 +79,15 @@ def test_use_with_identical_kv_is_bit_exact_and_other_kv_blends():
     q, k, v = qkv(0)
     record_steps(unet, q, k, v)
     host.finish_record(job, {"first": tracker}, save_file=False)
-    use = host.Job(dict(VALUES), "sd15", job.layers, uses=[(host.REFERENCES["r"], 0.7)])
+    use = host.Job(dict(VALUES), "sd15", job.layers, uses=[(forge_library.REFERENCES["r"], 0.7)])
     unet2 = FakeUnetPatcher()
-    t2 = host.PassTracker("first", 3)
+    t2 = forge_patch.PassTracker("first", 3)
     t2.schedule = [3.0, 2.0, 1.0, 0.0]
     host.install(unet2, use, t2, attn)
     assert torch.equal(run_pass(unet2, 3.0, q, k, v), attn(q, k, v, HEADS))
     q2, k2, v2 = qkv(1)
     unet3 = FakeUnetPatcher()
-    t3 = host.PassTracker("first", 3)
+    t3 = forge_patch.PassTracker("first", 3)
     t3.schedule = [3.0, 2.0, 1.0, 0.0]
     host.install(unet3, use, t3, attn)
     out = run_pass(unet3, 3.0, q2, k2, v2)
@@ -100,11 +102,11 @@ def test_window_and_layer_selection_leave_attention_alone():
     q, k, v = qkv(0)
     record_steps(unet, q, k, v)
     host.finish_record(job, {"first": tracker}, save_file=False)
-    ref = host.REFERENCES["r"]
+    ref = forge_library.REFERENCES["r"]
     q2, k2, v2 = qkv(2)
     for values, layers in (({"start": 0.5}, job.layers), ({}, frozenset({("input", 1, 0)}))):
         use = host.Job({**VALUES, **values}, "sd15", layers, uses=[(ref, 0.9)])
-        unet2, t2 = FakeUnetPatcher(), host.PassTracker("first", 3)
+        unet2, t2 = FakeUnetPatcher(), forge_patch.PassTracker("first", 3)
         t2.schedule = [3.0, 2.0, 1.0, 0.0]
         host.install(unet2, use, t2, attn)
         assert torch.equal(run_pass(unet2, 3.0, q2, k2, v2), attn(q2, k2, v2, HEADS))
@@ -130,14 +132,14 @@ def test_chains_to_an_existing_attn1_replace():
 
 
 def test_recorded_eval_maps_by_progress_when_runs_differ():
-    ref = host.store.Reference("x", "sd15", {"trace": {"first": [0.0, 0.25, 0.5, 0.75]}})
-    assert host._recorded_eval(ref, "first", 2, 0.5) == 2
-    assert host._recorded_eval(ref, "first", 1, 0.5) == 2
-    assert host._recorded_eval(ref, "first", 9, 0.99) == 3
+    ref = Reference("x", "sd15", {"trace": {"first": [0.0, 0.25, 0.5, 0.75]}})
+    assert forge_patch._recorded_eval(ref, "first", 2, 0.5) == 2
+    assert forge_patch._recorded_eval(ref, "first", 1, 0.5) == 2
+    assert forge_patch._recorded_eval(ref, "first", 9, 0.99) == 3
 
 
 def test_tracker_follows_the_schedule_and_substeps():
-    t = host.PassTracker("hires", 2)
+    t = forge_patch.PassTracker("hires", 2)
     t.schedule = [5.0, 4.0, 3.0, 2.0, 0.0]
     for sigma in (3.0, 2.5, 2.0):  # img2img tail: starts at index 2; 2.5 is a sub-step of step 0
         t.on_eval(sigma)
@@ -164,12 +166,12 @@ def test_image_mode_captures_reference_before_each_evaluation():
     from types import SimpleNamespace
 
     values = dict(VALUES, mode="Image", coefficient=0.6)
-    ref = host.store.Reference("img", "sd15", {"trace": {}, "source": "image"})
+    ref = Reference("img", "sd15", {"trace": {}, "source": "image"})
     job = host.Job(values, "sd15", frozenset({("output", 3, 0)}), uses=[(ref, 0.6)], record=ref)
     job.image_latent = torch.randn(1, 8, 2, 3, generator=torch.Generator().manual_seed(5))
     unet = FakeUnetPatcher()
     unet.model.predictor = SimpleNamespace(noise_scaling=lambda sigma, noise, latent: latent + sigma * noise)
-    tracker = host.PassTracker("first", 2)
+    tracker = forge_patch.PassTracker("first", 2)
     tracker.schedule = [2.0, 1.0, 0.0]
     host.install(unet, job, tracker, attn)
     calls = []
@@ -204,8 +206,8 @@ def test_fused_path_matches_separate_calls():
     uses = [(None, 0.4), (None, -0.2)]
     plan = {0: [(1, kr, vr)], 1: [(1, kr2, vr2)]}  # chunks [uncond, cond], b = 2: blend the cond rows
     kernel = lambda a, b, c, _rows: attn(a, b, c, HEADS)  # noqa: E731
-    fused = host._fused(q, k, v, 2, plan, uses, kernel)
-    separate = host._blend(attn(q, k, v, HEADS), q.clone(), k, v, 2, plan, uses, kernel)
+    fused = forge_patch._fused(q, k, v, 2, plan, uses, kernel)
+    separate = forge_patch._blend(attn(q, k, v, HEADS), q.clone(), k, v, 2, plan, uses, kernel)
     torch.testing.assert_close(fused, separate)
     assert torch.equal(fused[:2], attn(q, k, v, HEADS)[:2])
 
@@ -215,16 +217,16 @@ def test_library_lists_a_corrupt_file_as_broken_beside_the_good_ones(monkeypatch
     job, unet, tracker = record("good")
     record_steps(unet, *qkv(0))
     host.finish_record(job, {"first": tracker}, save_file=True)
-    host.REFERENCES.clear()  # listed from its file, as after a restart
+    forge_library.REFERENCES.clear()  # listed from its file, as after a restart
     (tmp_path / "bad.safetensors").write_bytes(torch.Generator().manual_seed(0).seed().to_bytes(8, "little") * 64)
-    rows = {r["name"]: r for r in host.describe()}
+    rows = {r["name"]: r for r in forge_library.describe()}
     assert set(rows) == {"bad", "good"}
     assert rows["good"]["broken"] is None and rows["good"]["family"] == "sd15" and rows["good"]["saved"]
     assert "bad.safetensors is truncated or corrupt" in rows["bad"]["broken"] and rows["bad"]["family"] is None
     with pytest.raises(ImgcondError, match="truncated or corrupt"):
-        host.lookup("bad")  # Use of it: the same clear error
-    assert host.delete("bad") and not (tmp_path / "bad.safetensors").exists()
-    assert [r["name"] for r in host.describe()] == ["good"]
+        forge_library.lookup("bad")  # Use of it: the same clear error
+    assert forge_library.delete("bad") and not (tmp_path / "bad.safetensors").exists()
+    assert [r["name"] for r in forge_library.describe()] == ["good"]
 
 
 def test_an_interrupted_recording_is_discarded_with_a_message(monkeypatch, tmp_path):
@@ -233,19 +235,19 @@ def test_an_interrupted_recording_is_discarded_with_a_message(monkeypatch, tmp_p
     run_pass(unet, 3.0, *qkv(0))  # step 1 of 3, then the user pressed Interrupt
     with pytest.raises(ImgcondError, match=r"recording of 'half' was interrupted \(first pass: step 1 of 3\)"):
         host.finish_record(job, {"first": tracker}, save_file=True)
-    assert "half" not in host.REFERENCES and not list(tmp_path.iterdir()) and job.record is None
+    assert "half" not in forge_library.REFERENCES and not list(tmp_path.iterdir()) and job.record is None
     job, unet, tracker = record("whole")
     record_steps(unet, *qkv(0))  # all steps ran, but the host says the job was interrupted (e.g. a later image)
     with pytest.raises(ImgcondError, match="the job was interrupted"):
         host.finish_record(job, {"first": tracker}, save_file=False, interrupted=True)
-    assert "whole" not in host.REFERENCES
+    assert "whole" not in forge_library.REFERENCES
 
 
 def test_uncond_branch_listed_only_when_recorded():
     job, unet, tracker = record("both", uncond=True)
     record_steps(unet, *qkv(0))
     host.finish_record(job, {"first": tracker}, save_file=False)
-    assert host.REFERENCES["both"].meta["steps"] == {"first": 3, "first_uncond": 3}
+    assert forge_library.REFERENCES["both"].meta["steps"] == {"first": 3, "first_uncond": 3}
 
 
 def test_release_lets_a_deleted_reference_go_although_the_patched_clone_lives_on(monkeypatch, tmp_path):
@@ -257,15 +259,15 @@ def test_release_lets_a_deleted_reference_go_although_the_patched_clone_lives_on
     job, unet, tracker = record("gone")
     record_steps(unet, *qkv(0))
     host.finish_record(job, {"first": tracker}, save_file=False)
-    ref = weakref.ref(host.REFERENCES["gone"])
-    use = host.Job(dict(VALUES), "sd15", job.layers, uses=[(host.REFERENCES["gone"], 0.5)])
-    clone, t2 = FakeUnetPatcher(), host.PassTracker("first", 3)
+    ref = weakref.ref(forge_library.REFERENCES["gone"])
+    use = host.Job(dict(VALUES), "sd15", job.layers, uses=[(forge_library.REFERENCES["gone"], 0.5)])
+    clone, t2 = FakeUnetPatcher(), forge_patch.PassTracker("first", 3)
     t2.schedule = [3.0, 2.0, 1.0, 0.0]
     host.install(clone, use, t2, attn)  # the model keeps this clone (and its closures) until the next job
     run_pass(clone, 3.0, *qkv(1))
     host.release(job)
     host.release(use)
-    assert host.delete("gone")
+    assert forge_library.delete("gone")
     gc.collect()
     assert ref() is None, "the deleted reference is still reachable"
     assert clone.model_options["transformer_options"]["patches_replace"]["attn1"]  # the clone itself lives on
@@ -274,13 +276,13 @@ def test_release_lets_a_deleted_reference_go_although_the_patched_clone_lives_on
 def test_the_first_copy_of_a_recording_shows_status(monkeypatch):
     from types import SimpleNamespace
 
-    from lib_imgcond.hosts import progress
+    from lib_imgcond.host import progress
 
     state = SimpleNamespace(textinfo="sampling", sampling_step=3, sampling_steps=20)
     monkeypatch.setattr(progress, "_state", lambda: state)
     values = dict(VALUES, mode="Record")
     job = host.Job(values, "sd15", frozenset({("output", 3, 0)}))
-    job.record = host.store.Reference("rec", "sd15", {"trace": {}})
+    job.record = Reference("rec", "sd15", {"trace": {}})
     seen = []
     put_many = job.record.put_many
 
@@ -289,10 +291,10 @@ def test_the_first_copy_of_a_recording_shows_status(monkeypatch):
         return put_many(items)
 
     monkeypatch.setattr(job.record, "put_many", spy)
-    runner = host.Runner(job, host.PassTracker("first", 2))
+    runner = forge_patch.Runner(job, forge_patch.PassTracker("first", 2))
     kv = torch.randn(1, 4, 8)
     for step in range(2):
-        runner.pending.append((host.store.RefKey("first", step, "output", 3, 0), kv, kv))
+        runner.pending.append((RefKey("first", step, "output", 3, 0), kv, kv))
         runner.flush()
     assert seen == ["RefDrop: allocating host memory for the recording", "sampling"]
     assert state.textinfo == "sampling" and state.sampling_step == 3

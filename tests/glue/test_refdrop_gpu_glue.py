@@ -8,8 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lib_imgcond.hosts import forge as forge_host
-from lib_imgcond.hosts import forge_refdrop as host
+from lib_imgcond.host import forge as forge_host
+from lib_imgcond.refdrop import forge_library, forge_patch
+from lib_imgcond.refdrop import forge_refdrop as host
+from lib_imgcond.refdrop.reference import Reference
 from tests.glue.fakes import FakeUnetPatcher, fake_p
 from tests.glue.test_refdrop_glue import HEADS, VALUES, attn, qkv, run_pass
 
@@ -19,9 +21,9 @@ CUDA0 = torch.device("cuda", 0)
 
 @pytest.fixture(autouse=True)
 def _clean_library():
-    host.REFERENCES.clear()
+    forge_library.REFERENCES.clear()
     yield
-    host.REFERENCES.clear()
+    forge_library.REFERENCES.clear()
 
 
 @pytest.fixture
@@ -42,8 +44,8 @@ def kept(name: str, gib: int, device=CUDA0):
 
 def test_gpu_for_counts_what_is_kept_and_the_free_memory(gpu):
     assert host.library.gpu_for("cuda", 20 * GIB, 0.25, "new") == CUDA0  # "cuda" is the current device
-    host.REFERENCES["a"] = kept("a", 10)
-    host.REFERENCES["on-cpu"] = kept("on-cpu", 50, "cpu")  # RAM references do not count
+    forge_library.REFERENCES["a"] = kept("a", 10)
+    forge_library.REFERENCES["on-cpu"] = kept("on-cpu", 50, "cpu")  # RAM references do not count
     assert host.library.gpu_for(CUDA0, 15 * GIB, 0.25, "new") == CUDA0
     assert host.library.gpu_for(CUDA0, 16 * GIB, 0.25, "new") is None  # 26 GiB kept: over the share
     assert host.library.gpu_for(CUDA0, 16 * GIB, 0.25, "a") == CUDA0  # it replaces 'a': 'a' is not counted
@@ -73,36 +75,36 @@ def test_load_device_reads_the_unet_patcher():
 
 def test_the_library_says_a_reference_is_in_gpu_memory(monkeypatch, tmp_path):
     monkeypatch.setattr(host.library, "references_dir", lambda: str(tmp_path))
-    host.REFERENCES["g"] = host.store.Reference("g", "sd15", keep_on=CUDA0)
-    host.REFERENCES["r"] = host.store.Reference("r", "sd15")
-    rows = {row["name"]: row for row in host.describe()}
+    forge_library.REFERENCES["g"] = Reference("g", "sd15", keep_on=CUDA0)
+    forge_library.REFERENCES["r"] = Reference("r", "sd15")
+    rows = {row["name"]: row for row in forge_library.describe()}
     assert rows["g"]["kept"] == "GPU" and rows["g"]["on_gpu"] and rows["g"]["in_ram"]
     assert rows["r"]["kept"] == "RAM" and not rows["r"]["on_gpu"]
 
 
 def record_and_use(device: str, monkeypatch):
     """Record three steps with the recording kept on `device`, then Use it with the same K/V: the plain output."""
-    from lib_imgcond.hosts import progress
+    from lib_imgcond.host import progress
 
     shown = []
     real_status = progress.status
     monkeypatch.setattr(progress, "status", lambda text: shown.append(text) or real_status(text))
     layers = frozenset(x[:3] for x in host.rd.layer_table("sd15"))
     job = host.Job({**VALUES, "mode": "Record"}, "sd15", layers)
-    job.record = host.store.Reference("r", "sd15", {"trace": {}}, keep_on=device)
-    unet, tracker = FakeUnetPatcher(), host.PassTracker("first", 3)
+    job.record = Reference("r", "sd15", {"trace": {}}, keep_on=device)
+    unet, tracker = FakeUnetPatcher(), forge_patch.PassTracker("first", 3)
     tracker.schedule = [3.0, 2.0, 1.0, 0.0]
     host.install(unet, job, tracker, attn)
     q, k, v = (t.to(device) for t in qkv(0))
     for sigma in (3.0, 2.0, 1.0):
         run_pass(unet, sigma, q, k, v)
     host.finish_record(job, {"first": tracker}, save_file=False)
-    ref = host.REFERENCES["r"]
+    ref = forge_library.REFERENCES["r"]
     assert ref.device == torch.device(device) and not any("host memory" in s for s in shown)
     kr, vr = ref.get(("first", 2, "output", 3, 0))
     assert kr.device == torch.device(device) and torch.equal(kr, k[1:2]) and torch.equal(vr, v[1:2])
     use = host.Job(dict(VALUES), "sd15", layers, uses=[(ref, 0.7)])
-    unet2, t2 = FakeUnetPatcher(), host.PassTracker("first", 3)
+    unet2, t2 = FakeUnetPatcher(), forge_patch.PassTracker("first", 3)
     t2.schedule = [3.0, 2.0, 1.0, 0.0]
     host.install(unet2, use, t2, attn)
     for sigma in (3.0, 2.0, 1.0):

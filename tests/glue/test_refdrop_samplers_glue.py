@@ -12,10 +12,13 @@ from collections import namedtuple
 
 import pytest
 
-from lib_imgcond.core import refdrop as rd
-from lib_imgcond.core.errors import ImgcondError
-from lib_imgcond.hosts import forge_refdrop as host
-from lib_imgcond.hosts import forge_samplers as samplers
+from lib_imgcond.common.errors import ImgcondError
+from lib_imgcond.host import samplers
+from lib_imgcond.refdrop import forge_library
+from lib_imgcond.refdrop import forge_refdrop as host
+from lib_imgcond.refdrop import layers as rd
+from lib_imgcond.refdrop.checks import estimate_bytes
+from lib_imgcond.refdrop.reference import Reference
 from tests.glue.fakes import fake_p
 from tests.glue.test_refdrop_glue import VALUES
 
@@ -56,7 +59,7 @@ LAYERS = frozenset(tuple(x[:3]) for x in rd.layer_table("sd15"))
 
 
 def per_evaluation() -> int:
-    return host.store.estimate_bytes([rd.layer_shape("sd15", x, 64, 64) for x in LAYERS], 1, 1, 4)
+    return estimate_bytes([rd.layer_shape("sd15", x, 64, 64) for x in LAYERS], 1, 1, 4)
 
 
 def record_p(sampler: str, **kw):
@@ -109,7 +112,7 @@ def test_hires_pass_uses_its_own_sampler_or_the_first_ones(host_samplers):
     p = record_p("DPM++ 2M SDE", enable_hr=True, hr_second_pass_steps=10, hr_sampler_name="Heun")
     p.hr_upscale_to_x, p.hr_upscale_to_y = 128, 128
     first = STEPS * per_evaluation()
-    hires = host.store.estimate_bytes([rd.layer_shape("sd15", x, 128, 128) for x in LAYERS], 1, 1, 4)
+    hires = estimate_bytes([rd.layer_shape("sd15", x, 128, 128) for x in LAYERS], 1, 1, 4)
     assert host._estimate(p, "sd15", LAYERS, True, 1, 4) == first + 2 * 10 * hires
     p.hr_sampler_name = "Use same sampler"
     assert host._estimate(p, "sd15", LAYERS, True, 1, 4) == first + 10 * hires
@@ -118,12 +121,12 @@ def test_hires_pass_uses_its_own_sampler_or_the_first_ones(host_samplers):
 def test_the_readmes_reference_listing_names_the_fields_the_api_returns(monkeypatch, tmp_path):
     import re
 
-    from lib_imgcond.ui.api_docs import README
+    from lib_imgcond.spec.api_docs import README
 
     monkeypatch.setattr(host.library, "references_dir", lambda: str(tmp_path))
-    ref = host.store.Reference("hero", "sd15", {"width": 64, "height": 64, "steps": {"first": 3}, "layers": []})
-    monkeypatch.setitem(host.REFERENCES, "hero", ref)
-    (entry,) = host.describe()
+    ref = Reference("hero", "sd15", {"width": 64, "height": 64, "steps": {"first": 3}, "layers": []})
+    monkeypatch.setitem(forge_library.REFERENCES, "hero", ref)
+    (entry,) = forge_library.describe()
     text = README.read_text(encoding="utf-8")
     listing = re.search(r"`GET /imgcond/v1/refdrop/references` lists references, each with (.*?);\n", text, re.S)
     assert listing, "the README's reference listing sentence moved"

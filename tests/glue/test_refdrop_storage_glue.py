@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_imgcond.core import refdrop as rd
-from lib_imgcond.hosts import forge_refdrop as host
+from lib_imgcond.refdrop import forge_patch
+from lib_imgcond.refdrop import forge_refdrop as host
+from lib_imgcond.refdrop import layers as rd
 from tests.glue.fakes import FakeUnetPatcher, fake_p
 from tests.glue.test_refdrop_glue import HEADS, VALUES, _clean_library, attn, qkv, run_pass  # noqa: F401 (autouse)
 
@@ -15,7 +16,7 @@ LAYER = ("output", 3, 0)
 
 
 def tracker():
-    t = host.PassTracker("first", 4)
+    t = forge_patch.PassTracker("first", 4)
     t.schedule = list(SIGMAS)
     return t
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_imgcond.core import refdrop as rd
-from lib_imgcond.core import refdrop_trajectory as rt
-from lib_imgcond.core.errors import ArgumentError
-from lib_imgcond.hosts import forge_refdrop as host
+from lib_imgcond.common.errors import ArgumentError
+from lib_imgcond.refdrop import forge_library, forge_patch
+from lib_imgcond.refdrop import forge_refdrop as host
+from lib_imgcond.refdrop import layers as rd
+from lib_imgcond.refdrop import trajectory as rt
 from tests.glue.fakes import FakeUnetPatcher, fake_p
 
 HEADS = 2
@@ -56,7 +57,7 @@ def conditioning(batch_chunks, seed=0):
 def run(job, latents, chunks=(1, 0), seed=0):
     """One pass of len(SIGMAS) evaluations through the patched wrapper; returns the outputs and the model's calls."""
     unet = FakeUnetPatcher()
-    tracker = host.PassTracker("first", len(SIGMAS))
+    tracker = forge_patch.PassTracker("first", len(SIGMAS))
     tracker.schedule = [*SIGMAS, 0.0]
     host.install(unet, job, tracker, attn)
     model = Model(unet)
@@ -90,9 +91,9 @@ def plain(lat, chunks=(1, 0)):
 @pytest.fixture(autouse=True)
 def _clean(monkeypatch, tmp_path):
     monkeypatch.setattr(host.library, "references_dir", lambda: str(tmp_path))
-    host.REFERENCES.clear()
+    forge_library.REFERENCES.clear()
     yield
-    host.REFERENCES.clear()
+    forge_library.REFERENCES.clear()
 
 
 def record(lat, **values):
@@ -113,7 +114,7 @@ def test_record_keeps_the_inputs_and_leaves_the_output_unchanged():
     outs, calls = record(lat)
     assert calls == [[1, 0]] * 3  # no extra model call while recording
     assert all(torch.equal(a, b) for a, b in zip(outs, plain(lat), strict=True))
-    ref = host.REFERENCES["t"]
+    ref = forge_library.REFERENCES["t"]
     assert isinstance(ref, rt.Trajectory) and len(ref) == 3 and ref.meta["steps"] == {"first": 3}
     branches, x, sigma, _c = ref.calls("first", 1)[0]
     assert branches == [1, 0] and torch.equal(x, torch.cat([lat[1]] * 2)) and sigma.tolist() == [2.0, 2.0]
@@ -144,7 +145,7 @@ def test_window_and_c_zero_skip_the_replay():
 def test_uncond_branch_blends_from_the_replay_too():
     lat = latents(1)
     record(lat, uncond=True)
-    assert host.REFERENCES["t"].has_pass("first_uncond")
+    assert forge_library.REFERENCES["t"].has_pass("first_uncond")
     outs, _, _ = use(lat, c=0.7, uncond=True)
     assert all(torch.equal(a, b) for a, b in zip(outs, plain(lat), strict=True))
     changed, _, _ = use(latents(2), c=0.7, uncond=True)
@@ -155,11 +156,11 @@ def test_saved_trajectory_reloads_and_gives_the_same_output(tmp_path):
     lat = latents(1)
     record(lat, save=True)
     before, _, _ = use(latents(2))
-    host.REFERENCES.clear()  # as after a restart
-    rows = {r["name"]: r for r in host.describe()}
+    forge_library.REFERENCES.clear()  # as after a restart
+    rows = {r["name"]: r for r in forge_library.describe()}
     assert rows["t"]["storage"] == "trajectory" and rows["t"]["bytes"] == (tmp_path / "t.safetensors").stat().st_size
     after, _, _ = use(latents(2))
-    assert isinstance(host.REFERENCES["t"], rt.Trajectory)
+    assert isinstance(forge_library.REFERENCES["t"], rt.Trajectory)
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 

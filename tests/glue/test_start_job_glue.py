@@ -9,9 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from lib_imgcond.core.errors import ImgcondError
-from lib_imgcond.hosts import host, progress
-from lib_imgcond.ui.unclip_spec import SPEC
+from lib_imgcond.common.errors import ImgcondError
+from lib_imgcond.host import capabilities as host
+from lib_imgcond.host import progress
+from lib_imgcond.unclip.spec import SPEC
 
 
 @pytest.fixture
@@ -21,9 +22,9 @@ def Script(monkeypatch):
         gradio = types.ModuleType("gradio")
         gradio.__version__ = "4.40.0"
         monkeypatch.setitem(sys.modules, "gradio", gradio)
-        for name in ("lib_imgcond.ui.panel", "lib_imgcond.ui.script"):
+        for name in ("lib_imgcond.webui.panel", "lib_imgcond.webui.script"):
             monkeypatch.delitem(sys.modules, name, raising=False)
-    script = importlib.import_module("lib_imgcond.ui.script")
+    script = importlib.import_module("lib_imgcond.webui.script")
     return type("Script", (script.TechniqueScript,), {"spec": SPEC})
 
 

@@ -12,14 +12,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lib_imgcond.core import style_adapter as sa
-from lib_imgcond.core import vision
-from lib_imgcond.core.errors import ArgumentError, ImgcondError
-from lib_imgcond.hosts import forge, forge_redux
-from lib_imgcond.hosts import forge_flexdiffuse as clip_files
-from lib_imgcond.hosts import forge_style as host
-from lib_imgcond.ui.spec import ImageInput
-from lib_imgcond.ui.style_spec import SLOTS, SPEC
+from lib_imgcond.common.errors import ArgumentError, ImgcondError
+from lib_imgcond.flexdiffuse import forge_encoders
+from lib_imgcond.host import forge
+from lib_imgcond.redux import forge_redux
+from lib_imgcond.spec.params import ImageInput
+from lib_imgcond.style import adapter as sa
+from lib_imgcond.style import forge_style as host
+from lib_imgcond.style.spec import SLOTS, SPEC
+from lib_imgcond.vision import transformer as vision
 from tests.glue.fakes import FakeUnetPatcher, fake_models_dir
 from tests.vision_states import clip_shapes, random_state, style_adapter_shapes
 
@@ -62,11 +63,11 @@ def models(monkeypatch, tmp_path):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "backend.sampling.condition", condition)
     forge_redux._STRICT_CLASS.clear()
-    clip_files.unload_encoders()
+    forge_encoders.unload_encoders()
     host._ADAPTER.clear()
     yield root
     forge_redux._STRICT_CLASS.clear()
-    clip_files.unload_encoders()
+    forge_encoders.unload_encoders()
 
 
 def adapter_state(width=WIDTH, seed=0):
@@ -184,7 +185,7 @@ def expected_tokens(models, image, mask=None):
         random_state(clip_shapes(WIDTH, 1, 64, 14, 3, 768), 1), source="l"
     )  # the same file contents
     adapter = sa.load_style_adapter(adapter_state())
-    from lib_imgcond.core import redux as rx
+    from lib_imgcond.redux import tokens as rx
 
     img, m = rx.prepare(forge_redux.pil_to_tensor(image), mask, "center_crop", 42, 0.1, patch=14)
     hidden = encoder(vision.preprocess(img[None], encoder.config)).last_hidden_state

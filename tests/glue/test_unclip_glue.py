@@ -11,12 +11,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from lib_imgcond.core import unclip, vision
-from lib_imgcond.core.errors import ArgumentError, ImgcondError
-from lib_imgcond.hosts import forge_flexdiffuse as clip_files
-from lib_imgcond.hosts import forge_unclip as host
-from lib_imgcond.ui.spec import ImageInput
-from lib_imgcond.ui.unclip_spec import SLOTS, SPEC
+from lib_imgcond.common.errors import ArgumentError, ImgcondError
+from lib_imgcond.flexdiffuse import forge_encoders
+from lib_imgcond.spec.params import ImageInput
+from lib_imgcond.unclip import conditioning as unclip
+from lib_imgcond.unclip import forge_unclip as host
+from lib_imgcond.unclip.spec import SLOTS, SPEC
+from lib_imgcond.vision import transformer as vision
 from tests.glue.fakes import FakeUnetPatcher, fake_models_dir
 from tests.vision_states import clip_shapes, random_state
 
@@ -58,7 +59,7 @@ def models(monkeypatch, tmp_path):
     for name in ("backend", "backend.sampling"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "backend.sampling.condition", condition)
-    clip_files.unload_encoders()
+    forge_encoders.unload_encoders()
     ckpt = tmp_path / "sd21-unclip-h.safetensors"
     save_file(augmentor_state(), str(ckpt))
     folder = root / "imgcond" / "clip_vision"
@@ -66,7 +67,7 @@ def models(monkeypatch, tmp_path):
     save_file(random_state(clip_shapes(32, 1, 64, 14, 3, 1024), 1), str(folder / "h.safetensors"))
     save_file(random_state(clip_shapes(32, 1, 64, 14, 3, 768), 2), str(folder / "l.safetensors"))
     yield ckpt
-    clip_files.unload_encoders()
+    forge_encoders.unload_encoders()
 
 
 def picture(seed=0):
@@ -124,7 +125,7 @@ def test_a_checkpoint_without_noise_augmentor(models, tmp_path):
 def test_y_is_the_core_adm_of_the_image_embeds(models):
     job = host.plan(fake_p(models), values(strength1=0.5, noise_augmentation1=0.3))
     model = vision.load_vision_model(random_state(clip_shapes(32, 1, 64, 14, 3, 1024), 1))
-    embeds = model.encode(clip_files.image_tensor(picture())).image_embeds
+    embeds = model.encode(forge_encoders.image_tensor(picture())).image_embeds
     aug = unclip.noise_augmentor(augmentor_state())
     expected = unclip.adm(aug, [(embeds, 0.5, 0.3)], torch.Generator().manual_seed(7))
     assert job.y.shape == (1, 2048) and torch.allclose(job.y, expected, atol=1e-5)

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from lib_imgcond.core.errors import ArgumentError
-from lib_imgcond.ui import xyz
-from lib_imgcond.ui.refdrop_spec import SPEC
+from lib_imgcond.common.errors import ArgumentError
+from lib_imgcond.refdrop.spec import SPEC
+from lib_imgcond.webui import xyz
 
 
 class AxisOption:

@@ -8,7 +8,12 @@ import math
 
 import pytest
 
-from lib_imgcond.ui import flex_spec, mixing_spec, redux_spec, refdrop_spec, style_spec, unclip_spec
+from lib_imgcond.flexdiffuse import spec as flex_spec
+from lib_imgcond.mixing import spec as mixing_spec
+from lib_imgcond.redux import spec as redux_spec
+from lib_imgcond.refdrop import spec as refdrop_spec
+from lib_imgcond.style import spec as style_spec
+from lib_imgcond.unclip import spec as unclip_spec
 from tests.e2e import forge
 
 SPECS = {

@@ -7,7 +7,7 @@ import gc
 import pytest
 import torch
 
-from lib_imgcond.core import host_blocks as hb
+from lib_imgcond.memory import host_blocks as hb
 
 
 @pytest.fixture

@@ -68,7 +68,7 @@ HOST_ERROR = """Traceback (most recent call last):
 FileNotFoundError: [Errno 2] No such file or directory: '/tmp/imgcond-forge-1a2b/tmp/tmp3c4d.png'
 """
 OUR_ERROR = """Traceback (most recent call last):
-  File "/tmp/imgcond-forge-1a2b/extensions/sd-webui-imgcond/lib_imgcond/hosts/forge.py", line 127, in refuse
+  File "/tmp/imgcond-forge-1a2b/extensions/sd-webui-imgcond/lib_imgcond/host/forge.py", line 127, in refuse
 KeyError: 'oops'
 """
 

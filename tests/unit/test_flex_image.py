@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_imgcond.core.errors import ArgumentError
-from lib_imgcond.core.flex_image import center_crop_box, compat_pixels, compat_resize_size
+from lib_imgcond.common.errors import ArgumentError
+from lib_imgcond.flexdiffuse.image import center_crop_box, compat_pixels, compat_resize_size
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Unit tests for lib_imgcond.core.flexdiffuse (CPU, small tensors)."""
+"""Unit tests for lib_imgcond.flexdiffuse.guidance (CPU, small tensors)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lib_imgcond.core import flexdiffuse as fd
-from lib_imgcond.core.errors import ArgumentError, ImgcondError
+from lib_imgcond.common.errors import ArgumentError, ImgcondError
+from lib_imgcond.flexdiffuse import guidance as fd
 
 T = 77
 

@@ -8,7 +8,7 @@ import weakref
 
 import torch
 
-from lib_imgcond.core import host_blocks as hb
+from lib_imgcond.memory import host_blocks as hb
 
 
 def test_small_blocks_are_plain_allocations():
@@ -62,7 +62,7 @@ def test_failed_registration_is_logged_once_and_stops_trying(fake_cuda, monkeypa
     t1, m1 = hb.empty(hb.MIN_MAPPED, torch.uint8)
     t2, m2 = hb.empty(hb.MIN_MAPPED, torch.uint8)
     before = hb.locked_bytes()
-    with caplog.at_level(logging.WARNING, logger="lib_imgcond.core.refdrop_store"):
+    with caplog.at_level(logging.WARNING, logger="lib_imgcond.memory"):
         hb.register_later([m1, m2])
         hb.idle()
     assert not m1.registered and not m2.registered and hb._state["failed"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_imgcond.core.host_staging import StagingRing
+from lib_imgcond.memory.host_staging import StagingRing
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_idle_workers_keep_no_block_alive():
     import gc
     import weakref
 
-    from lib_imgcond.core import host_blocks
+    from lib_imgcond.memory import host_blocks
 
     src = torch.randn(host_blocks.MIN_MAPPED // 4)
     dst, mapping = host_blocks.empty(src.numel(), torch.float32)

@@ -7,15 +7,10 @@ import math
 import pytest
 import torch
 
-from lib_imgcond.core.errors import ArgumentError, ImgcondError
-from lib_imgcond.core.mixing import (
-    BLENDS,
-    SCHEDULES,
-    HiresMixer,
-    MixParams,
-    noise_scaling,
-    zprime_weights,
-)
+from lib_imgcond.common.errors import ArgumentError, ImgcondError
+from lib_imgcond.mixing.blends import noise_scaling
+from lib_imgcond.mixing.mixer import HiresMixer
+from lib_imgcond.mixing.schedules import BLENDS, SCHEDULES, MixParams, zprime_weights
 from tests.mixing_cases import latents, sigmas
 
 # ---------------------------------------------------------------------------------------------------------------

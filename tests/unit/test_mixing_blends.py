@@ -7,13 +7,9 @@ import math
 import pytest
 import torch
 
-from lib_imgcond.core.errors import ArgumentError, ImgcondError
-from lib_imgcond.core.mixing import (
-    BLENDS,
-    blend,
-    match_mean_std,
-    noise_scaling,
-)
+from lib_imgcond.common.errors import ArgumentError, ImgcondError
+from lib_imgcond.mixing.blends import blend, match_mean_std, noise_scaling
+from lib_imgcond.mixing.schedules import BLENDS
 from tests.mixing_cases import latents, vec
 
 # ---------------------------------------------------------------------------------------------------------------

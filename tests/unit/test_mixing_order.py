@@ -13,8 +13,9 @@ import math
 import pytest
 import torch
 
-from lib_imgcond.core.errors import ArgumentError
-from lib_imgcond.core.mixing import BLENDS, ORDERS, HiresMixer, MixParams, im_denoised_weights, zprime_weights
+from lib_imgcond.common.errors import ArgumentError
+from lib_imgcond.mixing.mixer import HiresMixer
+from lib_imgcond.mixing.schedules import BLENDS, ORDERS, MixParams, im_denoised_weights, zprime_weights
 
 SHAPE = (2, 4, 16, 16)
 SIGMAS = [14.6, 9.7, 6.5, 4.4, 2.9, 1.9, 1.2, 0.7, 0.4, 0.15, 0.0]

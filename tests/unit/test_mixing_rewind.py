@@ -12,8 +12,9 @@ import dataclasses
 import pytest
 import torch
 
-from lib_imgcond.core.errors import ArgumentError
-from lib_imgcond.core.mixing import HiresMixer, MixParams, mixed_sampling, rewind_ranges, rewind_seed, zprime_weights
+from lib_imgcond.common.errors import ArgumentError
+from lib_imgcond.mixing.mixer import HiresMixer, mixed_sampling, rewind_seed
+from lib_imgcond.mixing.schedules import MixParams, rewind_ranges, zprime_weights
 
 SHAPE = (1, 4, 8, 8)
 SIGMAS = [14.6, 10.1, 7.0, 4.8, 3.3, 2.2, 1.4, 0.9, 0.5, 0.25, 0.0]

@@ -8,8 +8,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from lib_imgcond.core.errors import ArgumentError, ImgcondError
-from lib_imgcond.core.mixing import (
+from lib_imgcond.common.errors import ArgumentError, ImgcondError
+from lib_imgcond.mixing.schedules import (
     SCHEDULES,
     MixParams,
     demofusion_c1,

@@ -7,8 +7,8 @@ import threading
 import pytest
 import torch
 
-from lib_imgcond.core import native
-from lib_imgcond.core.host_staging import StagingRing
+from lib_imgcond.memory import native
+from lib_imgcond.memory.host_staging import StagingRing
 
 openmp = "OpenMP" in torch.__config__.parallel_info() and native.loaded("libgomp") is not None
 pytestmark = pytest.mark.skipif(

@@ -1,4 +1,5 @@
-"""lib_imgcond/core must stay pure: no WebUI, backend or Gradio imports (so it is testable and host-independent)."""
+"""Pure modules of lib_imgcond (the rule is in tests/layout.py) import no WebUI, backend or Gradio code (so they are
+testable and host-independent)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-CORE = Path(__file__).resolve().parents[2] / "lib_imgcond" / "core"
-FORBIDDEN = {"modules", "backend", "gradio", "ldm_patched", "modules_forge", "transformers", "diffusers"}
+from tests import layout
+from tests.layout import FORBIDDEN
 
 
 def imported_roots(path: Path) -> set[str]:
@@ -25,13 +26,21 @@ def imported_roots(path: Path) -> set[str]:
     return roots
 
 
-CORE_FILES = sorted(CORE.glob("**/*.py"))
+PURE_FILES = layout.pure_files()
 
 
-@pytest.mark.parametrize("path", CORE_FILES, ids=[p.name for p in CORE_FILES])
-def test_core_module_is_pure(path):
+@pytest.mark.parametrize("path", PURE_FILES, ids=[layout.module_name(p) for p in PURE_FILES])
+def test_pure_module_is_pure(path):
     bad = imported_roots(path) & FORBIDDEN
-    assert not bad, f"{path.name} imports {sorted(bad)}; keep WebUI code in lib_imgcond/hosts or lib_imgcond/ui"
+    assert not bad, f"{path.name} imports {sorted(bad)}; keep WebUI code in forge_*.py adapters, host/ or webui/"
+
+
+def test_every_layer_has_pure_modules():
+    names = {layout.module_name(p) for p in PURE_FILES}
+    for layer in ("common", "memory", "spec", "vision", "refdrop", "redux", "mixing", "flexdiffuse", "style", "unclip"):
+        assert any(n.startswith(f"lib_imgcond.{layer}.") for n in names), layer
+    assert not any(n.split(".")[-1].startswith("forge_") for n in names)
+    assert not any(n.split(".")[1] in ("host", "webui") for n in names if "." in n)
 
 
 def test_checker_catches_forbidden_imports(tmp_path):
@@ -40,11 +49,18 @@ def test_checker_catches_forbidden_imports(tmp_path):
     assert imported_roots(f) & FORBIDDEN == {"modules", "backend", "gradio"}
 
 
-def test_core_imports_cleanly_without_webui():
+def test_rule_sorts_modules():
+    assert layout.is_pure("lib_imgcond.refdrop.layers")
+    assert layout.is_pure("lib_imgcond.spec.api_docs")
+    assert not layout.is_pure("lib_imgcond.refdrop.forge_refdrop")
+    assert not layout.is_pure("lib_imgcond.host.progress")
+    assert not layout.is_pure("lib_imgcond.webui.panel")
+
+
+def test_pure_modules_import_cleanly_without_webui():
     import importlib
     import sys
 
-    for path in CORE_FILES:
-        name = "lib_imgcond.core" + ("" if path.stem == "__init__" else "." + path.stem)
-        importlib.import_module(name)
+    for path in PURE_FILES:
+        importlib.import_module(layout.module_name(path))
     assert not {"modules", "backend", "gradio"} & set(sys.modules)

@@ -9,15 +9,15 @@ import re
 
 import pytest
 
-from lib_imgcond.ui import api_docs
-from lib_imgcond.ui.spec import Param, Spec
+from lib_imgcond.spec import api_docs
+from lib_imgcond.spec.params import Param, Spec
 
 TEXT = api_docs.README.read_text(encoding="utf-8")
 SPECS = {spec.prefix: spec for spec in api_docs.SPECS}
 
 
 def test_generated_blocks_are_current():
-    assert api_docs.render(TEXT) == TEXT, "README.md is stale: run python -m lib_imgcond.ui.api_docs --write"
+    assert api_docs.render(TEXT) == TEXT, "README.md is stale: run python -m lib_imgcond.spec.api_docs --write"
     assert api_docs.main([]) == 0
 
 

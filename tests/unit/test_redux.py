@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from lib_imgcond.core.errors import ArgumentError, ImgcondError
-from lib_imgcond.core.redux import (
+from lib_imgcond.common.errors import ArgumentError, ImgcondError
+from lib_imgcond.redux.tokens import (
     PRESETS,
     ReduxProjector,
     _autocrop_box,
@@ -28,7 +28,8 @@ from lib_imgcond.core.redux import (
     token_count,
     token_mask,
 )
-from lib_imgcond.core.vision import VisionConfig, VisionTransformer, preprocess
+from lib_imgcond.vision.config import VisionConfig
+from lib_imgcond.vision.transformer import VisionTransformer, preprocess
 
 D = 6
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lib_imgcond.core.errors import ArgumentError, ImgcondError
-from lib_imgcond.core.refdrop import (
+from lib_imgcond.common.errors import ArgumentError, ImgcondError
+from lib_imgcond.refdrop.layers import (
     LayerId,
     format_layers,
     layer_of,

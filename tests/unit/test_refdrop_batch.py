@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_imgcond.core import refdrop as rd
-from lib_imgcond.core import refdrop_batch as cb
-from lib_imgcond.core.errors import ArgumentError
+from lib_imgcond.common.errors import ArgumentError
+from lib_imgcond.refdrop import batch as cb
+from lib_imgcond.refdrop import layers as rd
 
 HEADS = 2
 

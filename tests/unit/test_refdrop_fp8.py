@@ -8,10 +8,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lib_imgcond.core import refdrop_precision as prec
-from lib_imgcond.core.errors import ArgumentError, ImgcondError
-from lib_imgcond.core.refdrop import layer_table
-from lib_imgcond.core.refdrop_store import Prefetcher, Reference, RefKey, load_reference, save_reference
+from lib_imgcond.common.errors import ArgumentError, ImgcondError
+from lib_imgcond.refdrop import precision as prec
+from lib_imgcond.refdrop.file_format import load_reference, save_reference
+from lib_imgcond.refdrop.layers import layer_table
+from lib_imgcond.refdrop.prefetch import Prefetcher
+from lib_imgcond.refdrop.reference import Reference, RefKey
 
 LIDS = layer_table("sd15")[:4]
 

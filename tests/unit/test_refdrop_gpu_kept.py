@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_imgcond.core import refdrop_precision as prec
-from lib_imgcond.core.errors import ArgumentError
-from lib_imgcond.core.refdrop_store import Reference, RefKey, fits_on_device, load_reference, save_reference
+from lib_imgcond.common.errors import ArgumentError
+from lib_imgcond.refdrop import precision as prec
+from lib_imgcond.refdrop.checks import fits_on_device
+from lib_imgcond.refdrop.file_format import load_reference, save_reference
+from lib_imgcond.refdrop.reference import Reference, RefKey
 
 GIB = 2**30
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -82,7 +84,7 @@ def test_a_kept_reference_equals_a_host_one_and_saves_the_same(tmp_path, precisi
 
 @CUDA
 def test_cuda_kept_recording_stays_on_the_gpu_and_use_reads_it_in_place(tmp_path):
-    from lib_imgcond.hosts.refdrop_source import ReferenceSource
+    from lib_imgcond.refdrop.source import ReferenceSource
 
     ref = Reference("g", "sd15", keep_on="cuda:0")
     recorded = items("cuda", seed=2)

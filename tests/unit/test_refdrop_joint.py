@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib_imgcond.core import refdrop as rd
-from lib_imgcond.core import refdrop_joint as joint
-from lib_imgcond.core.errors import ArgumentError, ImgcondError
+from lib_imgcond.common.errors import ArgumentError, ImgcondError
+from lib_imgcond.refdrop import joint
+from lib_imgcond.refdrop import layers as rd
 
 B, H, D, TXT, IMG = 2, 3, 4, 5, 7
 

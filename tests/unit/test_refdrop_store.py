@@ -10,23 +10,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lib_imgcond.core import refdrop
-from lib_imgcond.core.errors import ArgumentError, ImgcondError
-from lib_imgcond.core.refdrop import layer_table, parse_layers
-from lib_imgcond.core.refdrop_store import (
-    FORMAT,
-    Prefetcher,
-    Reference,
-    RefKey,
-    check_budget,
-    check_compatible,
-    check_shapes,
-    estimate_bytes,
-    format_bytes,
-    load_reference,
-    reference_info,
-    save_reference,
-)
+from lib_imgcond.common.errors import ArgumentError, ImgcondError
+from lib_imgcond.memory.arena import format_bytes
+from lib_imgcond.refdrop.checks import check_budget, check_compatible, check_shapes, estimate_bytes
+from lib_imgcond.refdrop.file_format import FORMAT, load_reference, reference_info, save_reference
+from lib_imgcond.refdrop.layers import layer_table, parse_layers
+from lib_imgcond.refdrop.prefetch import Prefetcher
+from lib_imgcond.refdrop.reference import Reference, RefKey
 
 
 def rand(*shape: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -149,13 +139,6 @@ def test_steps_inferred_without_meta():
     t = rand(1, 2, 320, seed=1)
     ref.put(RefKey("first", 6, "input", 1, 0), t, t)
     assert ref.steps("first") == 7
-
-
-def test_lazy_reexport_from_refdrop():
-    assert refdrop.Reference is Reference
-    assert refdrop.load_reference is load_reference
-    with pytest.raises(AttributeError):
-        _ = refdrop.not_a_name
 
 
 # --- budget ---------------------------------------------------------------------------------------
@@ -380,7 +363,7 @@ def test_cuda_put_prefetch_round_trip():
 def test_cuda_put_many_is_page_locked_after_the_recording():
     import gc
 
-    from lib_imgcond.core import host_blocks
+    from lib_imgcond.memory import host_blocks
 
     ref = Reference("g", "sdxl")
     key = RefKey("first", 0, "input", 4, 0)
@@ -399,7 +382,7 @@ def test_cuda_put_many_is_page_locked_after_the_recording():
 def test_put_many_matches_put_exactly():
     import torch as t
 
-    from lib_imgcond.core.refdrop_store import Reference
+    from lib_imgcond.refdrop.reference import Reference
 
     g = t.Generator().manual_seed(3)
     items = [

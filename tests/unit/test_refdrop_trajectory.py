@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lib_imgcond.core import refdrop as rd
-from lib_imgcond.core import refdrop_store as store
-from lib_imgcond.core import refdrop_trajectory as rt
-from lib_imgcond.core.errors import ImgcondError
-from lib_imgcond.hosts.refdrop_patch import _recorded_eval
+from lib_imgcond.common.errors import ImgcondError
+from lib_imgcond.refdrop import file_format, reference
+from lib_imgcond.refdrop import layers as rd
+from lib_imgcond.refdrop import trajectory as rt
+from lib_imgcond.refdrop.forge_patch import _recorded_eval
 
 
 def cond(seed, tokens=3, ch=8):
@@ -75,17 +75,17 @@ def test_round_trip_and_metadata(tmp_path):
             assert all(torch.equal(c1[k], c2[k]) for k in c1)
     with safe_open(str(path), framework="pt", device="cpu") as f:
         meta = f.metadata()
-    assert meta["format"] == store.FORMAT and meta["storage"] == "trajectory" and meta["format_version"] == "2"
+    assert meta["format"] == file_format.FORMAT and meta["storage"] == "trajectory" and meta["format_version"] == "2"
     assert meta["family"] == "sdxl" and json.loads(meta["steps"])["first"] == 3
     info = rt.info(path)
     assert info["storage"] == "trajectory" and info["size_bytes"] == path.stat().st_size and info["steps"]["first"] == 3
 
 
 def test_kv_files_load_through_the_same_dispatch(tmp_path):
-    ref = store.Reference("kv", "sd15", {"trace": {"first": [0.0]}})
+    ref = reference.Reference("kv", "sd15", {"trace": {"first": [0.0]}})
     ref.put(("first", 0, "middle", 0, 0), torch.ones(1, 4, 1280), torch.ones(1, 4, 1280))
-    store.save_reference(ref, tmp_path / "kv.safetensors")
-    assert isinstance(rt.load(tmp_path / "kv.safetensors"), store.Reference)
+    file_format.save_reference(ref, tmp_path / "kv.safetensors")
+    assert isinstance(rt.load(tmp_path / "kv.safetensors"), reference.Reference)
     assert rt.info(tmp_path / "kv.safetensors")["storage"] == "kv"
     assert rt.storage(ref) == "kv" and rt.storage(make()) == "trajectory"
 
@@ -94,7 +94,7 @@ def test_old_readers_refuse_a_trajectory_and_bad_files_say_why(tmp_path):
     path = tmp_path / "t.safetensors"
     rt.save(make(), path)
     with pytest.raises(ImgcondError, match="holds a 'trajectory' RefDrop reference, not K/V"):
-        store.load_reference(path)  # the K/V reader (an imgcond before format 2 refuses it by its version)
+        file_format.load_reference(path)  # the K/V reader (an imgcond before format 2 refuses it by its version)
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(ImgcondError, match="truncated or corrupt"):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib_imgcond.core.errors import ArgumentError
-from lib_imgcond.ui.spec import ImageInput, Param, Spec, decode_image, decode_mask
+from lib_imgcond.common.errors import ArgumentError
+from lib_imgcond.spec.params import ImageInput, Param, Spec, decode_image, decode_mask
 
 SPEC = Spec(
     "demo",
@@ -157,7 +157,10 @@ def test_spec_rejects_duplicate_or_reserved_names():
 
 
 def test_advanced_params_leave_a_few_basic_controls_per_panel():
-    from lib_imgcond.ui import flex_spec, mixing_spec, redux_spec, refdrop_spec
+    from lib_imgcond.flexdiffuse import spec as flex_spec
+    from lib_imgcond.mixing import spec as mixing_spec
+    from lib_imgcond.redux import spec as redux_spec
+    from lib_imgcond.refdrop import spec as refdrop_spec
 
     for spec, most in ((refdrop_spec.SPEC, 5), (mixing_spec.SPEC, 4), (flex_spec.SPEC, 7)):
         basic = [p.name for p in spec.params if p.name not in spec.advanced()]
@@ -169,7 +172,7 @@ def test_advanced_params_leave_a_few_basic_controls_per_panel():
 
 
 def test_empty_texts_are_not_written_and_paste_back_as_empty():
-    from lib_imgcond.ui.refdrop_spec import SPEC as REFDROP
+    from lib_imgcond.refdrop.spec import SPEC as REFDROP
 
     values = REFDROP.parse([{"mode": "Use", "reference": "cat"}])
     info = REFDROP.infotext(values)

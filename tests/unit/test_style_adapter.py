@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from lib_imgcond.core import style_adapter as sa
-from lib_imgcond.core.errors import ImgcondError
+from lib_imgcond.common.errors import ImgcondError
+from lib_imgcond.style import adapter as sa
 from tests.vision_states import random_state, style_adapter_shapes
 
 

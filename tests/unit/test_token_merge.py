@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_imgcond.core.errors import ArgumentError
-from lib_imgcond.core.token_merge import automerge, merge_runs, merged_count
+from lib_imgcond.common.errors import ArgumentError
+from lib_imgcond.redux.token_merge import automerge, merge_runs, merged_count
 
 
 def rand(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lib_imgcond.core import unclip
-from lib_imgcond.core.errors import ImgcondError
+from lib_imgcond.common.errors import ImgcondError
+from lib_imgcond.unclip import conditioning as unclip
 
 
 def checkpoint(dim=4, alphas=None, mean=0.5, std=2.0):

@@ -9,17 +9,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from lib_imgcond.core.errors import ImgcondError
-from lib_imgcond.core.vision import (
-    CLIP_MEAN,
-    CLIP_STD,
-    VisionTransformer,
-    detect_config,
-    expect_kind,
-    load_vision_model,
-    preprocess,
-    read_shapes,
-)
+from lib_imgcond.common.errors import ImgcondError
+from lib_imgcond.vision.config import CLIP_MEAN, CLIP_STD, detect_config, expect_kind, read_shapes
+from lib_imgcond.vision.transformer import VisionTransformer, load_vision_model, preprocess
 from tests.vision_states import P, clip_shapes, layer_shapes
 
 

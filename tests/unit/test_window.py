@@ -2,8 +2,8 @@
 
 import pytest
 
-from lib_imgcond.core import window
-from lib_imgcond.core.errors import ArgumentError
+from lib_imgcond.common import window
+from lib_imgcond.common.errors import ArgumentError
 
 
 def linear(percent):

@@ -1,0 +1,92 @@
+"""RefDrop's attention sites on Flux: the joint attention of every double- and single-stream block.
+
+A model function wrapper runs each model call with `flux_attention.handling` active (the blocks' attention runs our
+handler, restored in `finally`). The handler knows its block from Neo's `transformer_options` (block type and index)
+or, on Forge 2.0, by counting calls in execution order (double blocks, then single blocks); it applies the host's
+RoPE itself only for selected blocks and hands `Runner.attend` the roped (B, heads, tokens, head_dim) tensors with the
+call's text length, so the reference branch attends [current text; reference image] K/V (refdrop/joint.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lib_imgcond.host import flux_attention
+from lib_imgcond.refdrop.forge_patch import Joint, Runner
+
+
+def blocks(model: Any) -> tuple[int, int, int]:
+    """(double blocks, single blocks, attention channels) of a Flux-family transformer."""
+    double, single = len(model.double_blocks), len(model.single_blocks)
+    channels = getattr(model, "hidden_size", None) or model.double_blocks[0].img_attn.qkv.in_features
+    return double, single, int(channels)
+
+
+def _reference_mask(mask: torch.Tensor, rows: slice | None, n_txt: int, length: int) -> torch.Tensor:
+    """Another technique's additive mask for the reference branch: its text columns, no bias on reference tokens."""
+    while mask.ndim < 4:
+        mask = mask.unsqueeze(0 if mask.ndim == 2 else 1)
+    if rows is not None and mask.shape[0] > 1:
+        mask = mask[rows]
+    pad = torch.zeros(*mask.shape[:-1], length - n_txt, dtype=mask.dtype, device=mask.device)
+    return torch.cat((mask[..., :n_txt], pad), dim=-1)
+
+
+def install(unet: Any, runner: Runner) -> None:
+    """Wrap the pass's model function so RefDrop's handler sits in the blocks' attention for each model call."""
+    model = unet.model.diffusion_model
+    module = flux_attention.module_of(model)
+    rope, kernel = flux_attention.rope_of(module), flux_attention.kernel_of(module)
+    n_double, n_single, _ = blocks(model)
+    inner = unet.model_options.get("model_function_wrapper")
+    layers = runner.job.layers
+    call: dict = {"chunks": [0], "n_txt": 0, "count": 0}
+
+    def handler(q, k, v, pe, mask, options, call_next):
+        i = call["count"] % (n_double + n_single)
+        call["count"] += 1
+        if options and "block_type" in options:
+            key = (str(options["block_type"]), int(options["block_index"]), 0)
+        else:
+            key = ("double", i, 0) if i < n_double else ("single", i - n_double, 0)
+        if key not in layers:
+            return call_next(q, k, v, pe, mask)
+        if pe is not None:
+            q, k = rope(q, k, pe)
+        n_txt = call["n_txt"]
+
+        def plain():
+            return call_next(q, k, v, None, mask)
+
+        def attend_ref(qx, kx, vx, rows):
+            if mask is None:
+                return kernel(qx, kx, vx, qx.shape[1], skip_reshape=True)
+            m = _reference_mask(mask, rows, n_txt, kx.shape[2]).to(qx.dtype)
+            out = F.scaled_dot_product_attention(qx, kx, vx, attn_mask=m, dropout_p=0.0, is_causal=False)
+            b, heads, length, dim = out.shape
+            return out.transpose(1, 2).reshape(b, length, heads * dim)
+
+        fusable = mask is None and call_next.direct
+        return runner.attend(key, q, k, v, call["chunks"], plain, attend_ref, fusable=fusable, joint=Joint(n_txt))
+
+    def model_call(apply_model):
+        def run(x, t, **c):
+            options = c.get("transformer_options") or {}
+            call["chunks"] = list(options.get("cond_or_uncond") or [0])
+            call["n_txt"] = int(c["c_crossattn"].shape[1])
+            call["count"] = 0
+            return apply_model(x, t, **c)
+
+        return run
+
+    def wrapper(apply_model, args):
+        run = model_call(apply_model)
+        with flux_attention.handling(model, handler):
+            if inner is not None:
+                return inner(run, args)
+            return run(args["input"], args["timestep"], **args["c"])
+
+    unet.set_model_unet_function_wrapper(wrapper)

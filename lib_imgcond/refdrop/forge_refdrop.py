@@ -1,0 +1,409 @@
+"""RefDrop on Forge: record self-attention K/V into named references and blend attention over them.
+
+One attn1 replace (for every transformer block) and one conditioning modifier (once per model evaluation, to know the
+evaluation index and the sampler's progress) are installed on the pass's UnetPatcher clone. The patch functions are
+closures over per-job state, so `UnetPatcher.clone()` never copies the K/V stores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lib_imgcond.common.errors import ArgumentError, ImgcondError
+from lib_imgcond.common.log import logger
+from lib_imgcond.host import forge, samplers
+from lib_imgcond.memory import arena
+from lib_imgcond.refdrop import batch as cb
+from lib_imgcond.refdrop import checks, file_format, reference
+from lib_imgcond.refdrop import forge_consistent as consistent
+from lib_imgcond.refdrop import forge_library as library
+from lib_imgcond.refdrop import forge_replay as replay
+from lib_imgcond.refdrop import layers as rd
+from lib_imgcond.refdrop import precision as prec
+from lib_imgcond.refdrop import trajectory as rtraj
+from lib_imgcond.refdrop.forge_library import (
+    REFERENCES,
+    check_name,
+    lookup,
+)
+from lib_imgcond.refdrop.forge_patch import PassTracker, Runner
+
+MODES = ("Record", "Use", "Image", consistent.MODE)
+PRECISIONS = prec.PRECISIONS
+precision_from_settings = prec.from_settings
+FAMILIES = ("sd15", "sdxl", "flux", "chroma")  # the families RefDrop was tested on; others are refused by name
+
+
+def release(job: Job) -> None:
+    """After a job: drop its hold on reference tensors. Its patched UnetPatcher clone stays on the model until the
+    next generation, and the patch closures reach the job, so without this a deleted or replaced reference would
+    stay in memory until then."""
+    job.uses.clear()  # the passes' reference sources share this list
+    for source in job.sources:
+        source.release()
+    job.sources.clear()
+    job.record, job.image_latent, job.trajectory, job.capture_target = None, None, None, None
+    job.flushers.clear()
+    job.pool.clear()
+    arena.trim_host_memory()
+
+
+# --- per-job state --------------------------------------------------------------------------------------------------
+def parse_more(text: str) -> list[tuple[str, float]]:
+    """'cat:0.3, dog:-0.2' → [('cat', 0.3), ('dog', -0.2)]."""
+    out = []
+    for part in (text or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, sep, coef = part.rpartition(":")
+        try:
+            c = float(coef)
+        except ValueError:
+            c = None
+        if not sep or c is None or not -1.0 <= c <= 1.0:
+            raise ArgumentError("refdrop.more_references", part, "entries 'name:c' with c in [-1, 1], comma-separated")
+        out.append((check_name(name), c))
+    return out
+
+
+@dataclass
+class Job:
+    values: dict
+    family: str
+    layers: frozenset
+    uses: list[tuple[reference.Reference, float]] = field(default_factory=list)
+    record: reference.Reference | None = None
+    budget: int = 0
+    image_latent: torch.Tensor | None = None  # mode Image: the VAE-encoded reference image (1, C, h, w)
+    image_seed: int = 0
+    capturing: bool = False
+    captured_eval: tuple = ()
+    flushers: list = field(default_factory=list)  # per pass: move the last evaluation's recorded K/V to the host
+    sources: list = field(default_factory=list)  # per pass: its ReferenceSource (released after the job)
+    iteration: int = 0  # mode Batch: which batch of the job is sampling (p.iteration)
+    batch_seed: int = 0  # mode Batch: that batch's first seed (seeds the shared-token subsets)
+    pool: dict = field(default_factory=dict)  # mode Batch, first batch as reference: site -> kept (k, v) on the host
+    pool_bytes: int = 0
+
+    @property
+    def record_every(self) -> int:
+        """Record mode: keep every k-th model evaluation (Image mode captures each one it blends)."""
+        return int(self.values.get("record_every") or 1) if self.values["mode"] == "Record" else 1
+
+    trajectory: rtraj.Trajectory | None = None  # Record with trajectory storage: the model calls' inputs
+    capture_target: Any = None  # while a trajectory replays: that reference (its K/V go to the live table only)
+    capture_branches: tuple = (0,)
+    capture_eval: int = 0
+
+    @property
+    def recording(self) -> bool:
+        """True while K/V must be stored: the whole pass in Record mode (K/V storage), the reference forward in
+        Image mode, a trajectory's replay in Use."""
+        return self.capturing or (self.record is not None and self.values["mode"] == "Record")
+
+
+def plan(
+    p: Any, values: dict, budget_bytes: int, precision: str | bool = prec.AS_COMPUTED, gpu_share: float = 0.0
+) -> Job:
+    """Validate everything a job needs before any sampling; raise a clear ImgcondError otherwise. `precision`: the
+    storage precision of a Record (`precision.PRECISIONS`; a bool is the older fp16 switch); `gpu_share`:
+    the share of GPU memory recordings may stay in (`library.gpu_for`)."""
+    if isinstance(precision, bool):
+        precision = prec.FP16 if precision else prec.AS_COMPUTED
+    precision = prec.check_precision(precision)
+    family, layers = _family_and_layers(p, values)
+    batch = int(getattr(p, "batch_size", 1))
+    if values["batch_item"] >= batch:
+        raise ArgumentError("refdrop.batch_item", values["batch_item"], f"an index below the batch size {batch}")
+    hires = bool(getattr(p, "enable_hr", False)) and values["hires"]
+    if values["mode"] == consistent.MODE:
+        return _plan_batch(p, values, family, layers, hires, budget_bytes)
+    name = check_name(values["reference"])
+    job = Job(values, family, layers, budget=budget_bytes)
+    if values.get("storage") == "Trajectory" and values["mode"] != "Use":
+        if values["mode"] != "Record":
+            raise ArgumentError("refdrop.storage", "Trajectory", "'K/V' in mode Image (it keeps the K/V it captures)")
+        if rd.dit_shape(family) is not None:
+            allowed = f"'K/V' on {rd.family_label(family)} (trajectory references are recorded on SD1.5 and SDXL)"
+            raise ArgumentError("refdrop.storage", "Trajectory", allowed)
+        meta = {"width": int(p.width), "height": int(p.height), "source": "generation"}
+        job.trajectory = rtraj.Trajectory(name, family, meta)
+        return job
+    if values["mode"] in ("Record", "Image"):
+        record = values["mode"] == "Record"
+        rows = 2 if values["uncond"] and record else 1
+        nbytes = prec.BYTES[precision] if record else 4
+        needed = _estimate(p, family, layers, hires, rows, nbytes, job.record_every)
+        checks.check_budget(needed, budget_bytes)
+    if values["mode"] == "Record":
+        meta = {"width": int(p.width), "height": int(p.height), "source": "generation", "trace": {}, "sampler": {}}
+        meta["record_every"] = job.record_every
+        keep_on = library.gpu_for(forge.load_device(p), needed, gpu_share, name)
+        job.record = reference.Reference(name, family, meta, precision=precision, keep_on=keep_on)
+        return job
+    more = parse_more(values["more_references"])
+    if values["mode"] == "Image":
+        if values["image"] is None:
+            raise ArgumentError("refdrop.image", None, "an image: mode Image takes its reference from it")
+        meta = {"width": int(p.width), "height": int(p.height), "source": "image", "trace": {}}
+        job.record = reference.Reference(name, family, meta, store_fp16=False)
+        job.uses.append((job.record, values["coefficient"]))
+        job.image_seed = int(getattr(p, "seed", 0) or 0)
+    else:
+        more.insert(0, (name, values["coefficient"]))
+    passes = {"first"} | ({"hires"} if hires else set())
+    for ref_name, c in more:
+        ref = lookup(ref_name)
+        checks.check_compatible(ref, family, set(layers), passes)
+        job.uses.append((ref, c))
+    return job
+
+
+def _family_and_layers(p: Any, values: dict) -> tuple[str, frozenset]:
+    family = forge.require_family(p.sd_model, FAMILIES, "RefDrop")
+    if family in rd.DIT_FAMILIES:  # tagged with its layer shapes: a reference never crosses DiT architectures
+        from lib_imgcond.refdrop import forge_dit as refdrop_dit
+
+        family = rd.dit_family(family, *refdrop_dit.blocks(p.sd_model.forge_objects.unet.model.diffusion_model))
+    layers = frozenset(tuple(x[:3]) for x in rd.parse_layers(values["layers"], family))
+    if not layers:
+        raise ArgumentError("refdrop.layers", values["layers"], "at least one layer")
+    return family, layers
+
+
+def estimate_record(p: Any, values: dict, precision: str) -> int:
+    """Bytes a Record with these values would take on `p` (its size, steps, sampler, hires settings, loaded model),
+    at this storage precision: the figure the budget check uses."""
+    family, layers = _family_and_layers(p, values)
+    hires = bool(getattr(p, "enable_hr", False)) and values["hires"]
+    every = int(values.get("record_every") or 1)
+    rows = 2 if values["uncond"] else 1
+    return _estimate(p, family, layers, hires, rows, prec.BYTES[prec.check_precision(precision)], every)
+
+
+def _plan_batch(p: Any, values: dict, family: str, layers: frozenset, hires: bool, budget_bytes: int) -> Job:
+    """Mode Batch: check the batch and the pool's budget, then write the prompt lines into the job's prompts (before
+    any conditioning is computed, so each image's infotext shows its real prompt)."""
+    batch = int(getattr(p, "batch_size", 1))
+    cb.check_batch(batch)
+    cb.check_rate(values["rate"])
+    if consistent.pool_mode(values) and int(getattr(p, "n_iter", 1)) > 1:
+        branches = 2 if values["uncond"] else 1
+        checks.check_budget(consistent.estimate(p, family, layers, hires, values["rate"], branches, 4), budget_bytes)
+    if values["prompt_lines"].strip() and not getattr(p, "_imgcond_prompt_lines", False):
+        p.all_prompts = cb.prompts_with_lines(p.all_prompts, batch, values["prompt_lines"])
+        hr = getattr(p, "all_hr_prompts", None)
+        if isinstance(hr, list) and len(hr) == len(p.all_prompts):
+            p.all_hr_prompts = cb.prompts_with_lines(hr, batch, values["prompt_lines"])
+        p._imgcond_prompt_lines = True  # once per job
+    return Job(values, family, layers, budget=budget_bytes)
+
+
+def infotext_skip(values: dict, n_iter: int) -> tuple[str, ...]:
+    """Parameters whose effect a run does not have: the reference ones in mode Batch, the batch ones elsewhere."""
+    if values["mode"] != consistent.MODE:
+        return ("rate", "batch_sets")
+    skip = ("reference", "more_references", "save", "batch_item")
+    return skip if n_iter > 1 else (*skip, "batch_sets")
+
+
+def _estimate(p: Any, family: str, layers: frozenset, hires: bool, rows: int, dtype_bytes: int, every: int = 1) -> int:
+    """Bytes a recording will take: one K/V set per recorded model evaluation (every `every`-th), counted as the
+    host counts them (its sampler configuration: twice per step for the samplers it marks second order). The
+    recording itself counts its real evaluations and stops at the budget, so a sampler the host says nothing about
+    is not refused early."""
+    width, height = int(p.width), int(p.height)
+    steps = rd.recorded_count(samplers.evaluations(samplers.pass_sampler_name(p, hires=False), int(p.steps)), every)
+    needed = checks.estimate_bytes([rd.layer_shape(family, x, width, height) for x in layers], steps, rows, dtype_bytes)
+    if hires:
+        sw = int(getattr(p, "hr_upscale_to_x", 0) or width * 2)
+        sh = int(getattr(p, "hr_upscale_to_y", 0) or height * 2)
+        hr_steps = int(getattr(p, "hr_second_pass_steps", 0) or p.steps)
+        hr_steps = rd.recorded_count(samplers.evaluations(samplers.pass_sampler_name(p, hires=True), hr_steps), every)
+        shapes = [rd.layer_shape(family, x, sw, sh) for x in layers]
+        needed += checks.estimate_bytes(shapes, hr_steps, rows, dtype_bytes)
+    return needed
+
+
+def encode_image(p: Any, image: Any) -> torch.Tensor:
+    """VAE-encode a PIL image at the generation's size: (1, C, h, w) latent."""
+    import numpy as np
+    from modules import sd_samplers_common
+
+    img = image.convert("RGB").resize((int(p.width), int(p.height)))
+    t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).unsqueeze(0)
+    with torch.no_grad():
+        return sd_samplers_common.images_tensor_to_samples(t, model=p.sd_model).detach()
+
+
+# --- the patches ----------------------------------------------------------------------------------------------------
+def install(unet: Any, job: Job, tracker: PassTracker, attn) -> None:
+    """Install RefDrop on `unet` by the model's attention sites: an attn1 replace (every UNet transformer block), or
+    on Flux the per-call attention of its double/single blocks (`forge_dit`); plus the per-evaluation bookkeeping."""
+    runner = consistent.BatchRunner(job, tracker) if job.values["mode"] == consistent.MODE else Runner(job, tracker)
+
+    def on_eval(model, x, timestep, uncond, cond, cond_scale, model_options, seed):
+        runner.on_eval(float(timestep.flatten()[0]))
+        return model, x, timestep, uncond, cond, cond_scale, model_options, seed
+
+    unet.add_conditioning_modifier(on_eval)
+    if job.trajectory is not None:  # nothing blends: only the model calls' inputs are kept
+        replay.install_record(unet, job, tracker)
+        return
+    if job.image_latent is not None:
+        # filled live: Use reads the evaluation just captured
+        job.record.meta["trace"][tracker.pass_name] = tracker.trace
+        install_image_capture(unet, job, tracker, runner.flush)
+    if any(getattr(ref, "replayed", False) for ref, _c in job.uses):  # its replay runs before Image mode's capture
+        replay.install_replay(unet, job, tracker)
+    if rd.dit_shape(job.family) is not None:  # after the capture wrapper: its reference call runs inside ours
+        from lib_imgcond.refdrop import forge_dit as refdrop_dit
+
+        refdrop_dit.install(unet, runner)
+    else:
+        _install_attn1(unet, runner, attn)
+
+
+def _install_attn1(unet: Any, runner: Runner, attn) -> None:
+    """UNet: one attn1 replace for every transformer block, chained to another extension's replace."""
+    inner_replaces = dict(unet.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {}))
+    inners: dict[tuple, Any] = {}
+
+    def attn1(q, k, v, extra_options):
+        key = (extra_options["block"][0], extra_options["block"][1], extra_options["block_index"])
+        if key not in inners:
+            inners[key] = forge.resolve_replace(inner_replaces, key)
+        inner = inners[key]
+        heads = extra_options["n_heads"]
+
+        def plain():
+            return inner(q, k, v, extra_options) if inner else attn(q, k, v, heads)
+
+        def kernel(qx, kx, vx, _rows):
+            return attn(qx, kx, vx, heads)
+
+        chunks = extra_options.get("cond_or_uncond") or [0]
+        return runner.attend(key, q, k, v, chunks, plain, kernel, fusable=inner is None)
+
+    forge.mark_ours(attn1, inner=inner_replaces)
+    unet.set_model_replace_all(attn1, "attn1")
+
+
+def _slice_c(c: dict, row: int, batch: int) -> dict:
+    """The model-call kwargs for one row of the batch, as a lone cond call (no ControlNet on the reference)."""
+    out = {}
+    for key, value in c.items():
+        if key in ("control", "control_model"):
+            continue
+        if key == "transformer_options":
+            to = dict(value)
+            to.update(cond_or_uncond=[0], cond_indices=[0], uncond_indices=[])
+            for name in ("sigmas", "cond_mark"):
+                if isinstance(to.get(name), torch.Tensor) and to[name].shape[:1] == (batch,):
+                    to[name] = to[name][row : row + 1]
+            out[key] = to
+        elif isinstance(value, torch.Tensor) and value.shape[:1] == (batch,):
+            out[key] = value[row : row + 1]
+        else:
+            out[key] = value
+    return out
+
+
+def install_image_capture(unet: Any, job: Job, tracker: PassTracker, flush) -> None:
+    """Mode Image: before the model call of each evaluation, run the UNet once on the reference image noised to the
+    current sigma (fixed noise), recording its K/V; the real call then blends them in."""
+    inner = unet.model_options.get("model_function_wrapper")
+    predictor = unet.model.predictor
+    noise_cache: dict[tuple, torch.Tensor] = {}
+
+    def wrapper(apply_model, args):
+        x, t, c, chunks = args["input"], args["timestep"], args["c"], args["cond_or_uncond"]
+        marker = (tracker.pass_name, tracker.eval)
+        if 0 in chunks and job.captured_eval != marker:
+            job.captured_eval = marker
+            b = x.shape[0] // len(chunks)
+            row = chunks.index(0) * b
+            z = job.image_latent.to(device=x.device, dtype=x.dtype)
+            key = (tuple(z.shape), str(x.device), x.dtype)
+            if key not in noise_cache:
+                gen = torch.Generator().manual_seed(job.image_seed)
+                noise_cache[key] = torch.randn(z.shape, generator=gen).to(device=x.device, dtype=x.dtype)
+            sigma = t[row : row + 1]
+            x_ref = predictor.noise_scaling(sigma.view(-1, 1, 1, 1), noise_cache[key], z)
+            job.capturing = True
+            try:
+                apply_model(x_ref, sigma, **_slice_c(c, row, x.shape[0]))
+            finally:
+                job.capturing = False
+            flush()  # keep it for later plain Use; this evaluation reads the device copies
+        if inner is not None:
+            return inner(apply_model, args)
+        return apply_model(x, t, **c)
+
+    unet.set_model_unet_function_wrapper(wrapper)
+
+
+def capture_schedule(p: Any, tracker: PassTracker) -> None:
+    """Wrap this job's sampler's get_sigmas (an instance attribute, gone with the sampler) to learn its schedule."""
+    sampler = getattr(p, "sampler", None)
+    if sampler is None or not hasattr(sampler, "get_sigmas"):
+        return
+    original = getattr(sampler.get_sigmas, "_imgcond_orig", sampler.get_sigmas)
+
+    def get_sigmas(*args, **kwargs):
+        sigmas = original(*args, **kwargs)
+        tracker.schedule = [float(s) for s in torch.as_tensor(sigmas).flatten().tolist()]
+        return sigmas
+
+    get_sigmas._imgcond_orig = original
+    sampler.get_sigmas = get_sigmas
+
+
+def finish_record(
+    job: Job, trackers: dict[str, PassTracker], save_file: bool, interrupted: bool = False, thumbnail: str = ""
+) -> reference.Reference:
+    """Keep the recording as a reference (and save it), or, when the job was interrupted or a pass stopped short of
+    its last step, discard it and raise the message that says so: a partial reference would blend steps that were
+    never recorded as if they were."""
+    if job.trajectory is not None:
+        return replay.finish(job, trackers, save_file, interrupted)
+    for flush in job.flushers:
+        flush()
+    ref = job.record
+    short = [f"{name} pass: step {t.step + 1} of {t.n_steps}" for name, t in trackers.items() if not t.complete]
+    if interrupted or short:
+        job.record = None
+        where = "; ".join(short) or "the job was interrupted"
+        raise ImgcondError(
+            f"RefDrop: the recording of '{ref.name}' was interrupted ({where}) and was discarded; nothing was kept "
+            "or saved. Record it again."
+        )
+    every = job.record_every
+    ref.meta["steps"] = {name: t.n_steps for name, t in trackers.items()}
+    ref.meta["trace"] = {name: rd.recorded_trace(t.trace, every) for name, t in trackers.items()}
+    ref.meta["record_every"] = every
+    if thumbnail:
+        ref.meta["thumbnail"] = thumbnail
+    if job.values.get("uncond"):  # list the uncond branch only where it was recorded
+        for name, t in trackers.items():
+            ref.meta["trace"][f"{name}_uncond"] = rd.recorded_trace(t.trace, every)
+            ref.meta["steps"][f"{name}_uncond"] = t.n_steps
+    ref.finalize()
+    with library._LOCK:
+        replaced = REFERENCES.pop(ref.name, None)
+        REFERENCES[ref.name] = ref
+    if replaced is not None:
+        del replaced
+        arena.trim_host_memory()
+    logger.info(
+        "RefDrop reference '%s' recorded: %d tensors pairs, %s", ref.name, len(ref), arena.format_bytes(ref.nbytes)
+    )
+    if save_file:
+        path = library._file(ref.name)
+        file_format.save_reference(ref, path)
+        logger.info("RefDrop reference '%s' saved to %s", ref.name, path)
+    return ref
