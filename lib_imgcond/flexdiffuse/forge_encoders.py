@@ -14,8 +14,8 @@ import torch
 
 from lib_imgcond.common.errors import ArgumentError, ImgcondError
 from lib_imgcond.common.log import logger
-from lib_imgcond.flexdiffuse import guidance as fd
 from lib_imgcond.flexdiffuse import image as flex_image
+from lib_imgcond.flexdiffuse import params
 from lib_imgcond.flexdiffuse.spec import AUTO
 from lib_imgcond.host import forge
 from lib_imgcond.spec.params import ImageInput
@@ -29,10 +29,10 @@ EXTENSIONS = encoders.EXTENSIONS
 
 # One role per text-encoder half: (label, projection width, argument, file to get).
 HALVES = {
-    "L": ("CLIP ViT-L/14", fd.SDXL_L_DIM, "encoder", "clip_vision_l.safetensors (openai/clip-vit-large-patch14)"),
+    "L": ("CLIP ViT-L/14", params.SDXL_L_DIM, "encoder", "clip_vision_l.safetensors (openai/clip-vit-large-patch14)"),
     "G": (
         "CLIP ViT-bigG/14",
-        fd.SDXL_G_DIM,
+        params.SDXL_G_DIM,
         "encoder_g",
         "CLIP-ViT-bigG.safetensors (laion/CLIP-ViT-bigG-14, h94/IP-Adapter sdxl_models/image_encoder)",
     ),

@@ -19,14 +19,8 @@ import torch
 from lib_imgcond.common import window
 from lib_imgcond.common.errors import ArgumentError, ImgcondError
 from lib_imgcond.flexdiffuse import guidance as fd
-from lib_imgcond.flexdiffuse.forge_encoders import (
-    HALVES,
-    TECHNIQUE,
-    choice_label,
-    encode_images,
-    load_encoder,
-    resolve,
-)
+from lib_imgcond.flexdiffuse import params as fp
+from lib_imgcond.flexdiffuse.forge_encoders import HALVES, TECHNIQUE, choice_label, encode_images, load_encoder, resolve
 from lib_imgcond.flexdiffuse.spec import PRIORITY_LABELS
 from lib_imgcond.host import forge
 from lib_imgcond.spec.params import ImageInput
@@ -38,8 +32,8 @@ MAX_GUIDED = 32  # distinct conditioning tensors remembered per job
 
 
 # --- the job ----------------------------------------------------------------------------------------------------------
-def flex_params(values: dict) -> fd.FlexParams:
-    return fd.FlexParams(
+def flex_params(values: dict) -> fp.FlexParams:
+    return fp.FlexParams(
         threshold_mult=values["threshold_mult"],
         threshold_floor=values["threshold_floor"],
         linear_start=values["linear_start"],
@@ -71,7 +65,7 @@ class Half:
 class Job:
     values: dict
     family: str
-    params: fd.FlexParams
+    params: fp.FlexParams
     halves: list[Half]
     extra_images: int = 0  # images given through the API's `images` list
     guided: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (input, output) pairs
@@ -92,7 +86,7 @@ def _crossattn(cond: Any, what: str) -> torch.Tensor:
 def _text_halves(p: Any, text: str, family: str, what: str) -> list[torch.Tensor]:
     """The model's own text embedding of `text`, split into the halves (float32, CPU, out of inference mode)."""
     emb = _crossattn(p.sd_model.get_learned_conditioning([text]), what)
-    expected = fd.SDXL_L_DIM + fd.SDXL_G_DIM if family == "sdxl" else fd.SDXL_L_DIM
+    expected = fp.SDXL_L_DIM + fp.SDXL_G_DIM if family == "sdxl" else fp.SDXL_L_DIM
     if emb.shape[-1] != expected:
         raise ImgcondError(
             f"{TECHNIQUE}: the {what} embedding is {emb.shape[-1]}-d, expected {expected}-d for "
@@ -120,9 +114,9 @@ def plan(p: Any, values: dict, extra_images: list[tuple[ImageInput, float]], ext
         path, cfg = resolve(values[HALVES[role][2]], role, family, extra_dir)
         model = load_encoder(path)
         tokens = encode_images(model, [img for img, _ in images], params.compatible, encoders.job_encodings(p))
-        if values["direct"] and tokens[0].shape[0] < fd.CHUNK:
+        if values["direct"] and tokens[0].shape[0] < fp.CHUNK:
             raise ImgcondError(
-                f"{TECHNIQUE}: direct image guidance needs at least {fd.CHUNK} image tokens, "
+                f"{TECHNIQUE}: direct image guidance needs at least {fp.CHUNK} image tokens, "
                 f"{cfg.source} gives {tokens[0].shape[0]}"
             )
         weighted = list(zip(tokens, [w for _, w in images], strict=True))
@@ -159,7 +153,7 @@ def _direct(half: Half, length: int, batch: int, like: torch.Tensor) -> torch.Te
             continue
         d = fd.direct_guidance(tokens, half.header) * (weight / total)
         acc = d if acc is None else acc + d
-    reps = length // fd.CHUNK
+    reps = length // fp.CHUNK
     out = acc.repeat(reps, 1).unsqueeze(0).expand(batch, -1, -1)
     return out.to(device=like.device, dtype=like.dtype).contiguous()
 
@@ -175,7 +169,7 @@ def guide(job: Job, cond: torch.Tensor) -> torch.Tensor:
     for inp, out in job.guided:
         if inp.shape == cond.shape and inp.dtype == cond.dtype and inp.device == cond.device and torch.equal(inp, cond):
             return out.clone()
-    if cond.dim() != 3 or cond.shape[1] % fd.CHUNK:
+    if cond.dim() != 3 or cond.shape[1] % fp.CHUNK:
         raise ImgcondError(
             f"{TECHNIQUE}: unexpected conditioning of shape {tuple(cond.shape)}, expected (batch, 77·k, dim)"
         )

@@ -1,4 +1,7 @@
-"""FlexDiffuse-compatible guidance-image preprocessing: the original's pipeline, step by step.
+"""FlexDiffuse's guidance-image preprocessing: the CLIP normalisations, and the original's pipeline step by step.
+
+:func:`normalize_image` is the proper CLIP normalisation of [0, 1] data (the corrected mode);
+:func:`normalize_image_compat` is the original's ([0, 1] scaled to [−1, 1] first).
 
 The original (tim-speed/flexdiffuse, HEAD 2022-10-16) prepares a guidance image in three stages:
 
@@ -22,10 +25,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lib_imgcond.common.errors import ArgumentError
-from lib_imgcond.flexdiffuse.guidance import CLIP_MEAN, CLIP_STD
+from lib_imgcond.common.errors import ArgumentError, ImgcondError
+from lib_imgcond.flexdiffuse.params import CLIP_MEAN, CLIP_STD
 
-__all__ = ["LONG_SIDE", "MULTIPLE", "center_crop_box", "compat_pixels", "compat_resize_size"]
+__all__ = [
+    "LONG_SIDE",
+    "MULTIPLE",
+    "center_crop_box",
+    "compat_pixels",
+    "compat_resize_size",
+    "normalize_image",
+    "normalize_image_compat",
+]
 
 LONG_SIDE = 512
 MULTIPLE = 64
@@ -68,3 +79,36 @@ def compat_pixels(resized01: torch.Tensor, size: int) -> torch.Tensor:
     mean = torch.tensor(CLIP_MEAN, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=x.dtype).view(1, 3, 1, 1)
     return ((x - mean.to(x.device)) / std.to(x.device)).float()  # CLIP's normalisation, on [-1, 1] data
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Image preprocessing
+
+
+def _check_image(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4) or x.shape[-3] != 3:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ImgcondError(f"expected an RGB image tensor (B, 3, H, W), got {shape}")
+    if not x.is_floating_point():
+        raise ImgcondError(f"expected a float image in [0, 1], got dtype {x.dtype}")
+
+
+def _mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (3, 1, 1)
+    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).reshape(shape)
+    std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).reshape(shape)
+    return mean, std
+
+
+def normalize_image(x01: torch.Tensor) -> torch.Tensor:
+    """Correct CLIP normalisation of a (B, 3, H, W) image in [0, 1]: (x - mean) / std."""
+    _check_image(x01)
+    mean, std = _mean_std(x01)
+    return (x01 - mean) / std
+
+
+def normalize_image_compat(x01: torch.Tensor) -> torch.Tensor:
+    """The original's preprocessing: scale [0, 1] to [-1, 1], then CLIP mean/std normalisation."""
+    _check_image(x01)
+    mean, std = _mean_std(x01)
+    return (x01 * 2.0 - 1.0 - mean) / std

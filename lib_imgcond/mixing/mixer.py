@@ -45,12 +45,7 @@ import torch
 
 from lib_imgcond.common.errors import ArgumentError, ImgcondError
 from lib_imgcond.mixing.blends import _compute_dtype, _match_batch, blend, match_mean_std, noise_scaling
-from lib_imgcond.mixing.schedules import (
-    MixParams,
-    _is_number,
-    rewind_ranges,
-    zprime_weights,
-)
+from lib_imgcond.mixing.schedules import MixParams, _is_number, rewind_ranges, zprime_weights
 
 __all__ = ["HiresMixer", "mixed_sampling", "rewind_seed"]
 

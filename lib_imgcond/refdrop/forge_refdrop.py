@@ -24,11 +24,7 @@ from lib_imgcond.refdrop import forge_replay as replay
 from lib_imgcond.refdrop import layers as rd
 from lib_imgcond.refdrop import precision as prec
 from lib_imgcond.refdrop import trajectory as rtraj
-from lib_imgcond.refdrop.forge_library import (
-    REFERENCES,
-    check_name,
-    lookup,
-)
+from lib_imgcond.refdrop.forge_library import REFERENCES, check_name, lookup
 from lib_imgcond.refdrop.forge_patch import PassTracker, Runner
 
 MODES = ("Record", "Use", "Image", consistent.MODE)

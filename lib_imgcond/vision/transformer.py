@@ -23,14 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lib_imgcond.common.errors import ArgumentError, ImgcondError
-from lib_imgcond.vision.config import (
-    _IGNORED_PREFIXES,
-    VisionConfig,
-    VisionOutput,
-    _named,
-    _with_prefix,
-    detect_config,
-)
+from lib_imgcond.vision.config import _IGNORED_PREFIXES, VisionConfig, VisionOutput, _named, _with_prefix, detect_config
 
 __all__ = ["VisionTransformer", "load_vision_model", "preprocess"]
 

@@ -12,6 +12,7 @@ import torch
 
 from lib_imgcond.common.errors import ArgumentError, ImgcondError
 from lib_imgcond.flexdiffuse import guidance as fd
+from lib_imgcond.flexdiffuse import image, matching, params
 
 T = 77
 
@@ -124,7 +125,7 @@ def ref_guide(txt, img, p):
 
 
 def test_defaults_and_validate_ok():
-    p = fd.FlexParams()
+    p = params.FlexParams()
     assert (p.threshold_mult, p.threshold_floor, p.linear_start, p.linear_end) == (0.25, 0.75, 0.1, 0.5)
     assert (p.clustered, p.max_guidance, p.header_max, p.priority) == (0.15, 0.35, 0.0, "best_fit")
     assert (p.reuse, p.concept_threshold, p.compatible) == (True, 0.9, False)
@@ -155,7 +156,7 @@ def test_defaults_and_validate_ok():
     ],
 )
 def test_validate_errors(field, value):
-    p = fd.FlexParams(**{field: value})
+    p = params.FlexParams(**{field: value})
     with pytest.raises(ArgumentError) as info:
         p.validate()
     assert info.value.name == field
@@ -164,7 +165,7 @@ def test_validate_errors(field, value):
 
 def test_validate_error_message_names_range():
     with pytest.raises(ArgumentError, match=r"-0\.5 to 0\.5"):
-        fd.FlexParams(clustered=0.9).validate()
+        params.FlexParams(clustered=0.9).validate()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,11 +188,11 @@ def test_vector1_softmax_score():
     expected = 1.0 / (1.0 + 76.0 * math.exp(-5.0))
     assert expected == pytest.approx(0.66134, abs=1e-5)
     img, txt = _vector1_tensors(peak_token=30)
-    s = fd.similarity_scores(img, txt)
+    s = params.similarity_scores(img, txt)
     assert float(s[0, 30]) == pytest.approx(expected, abs=1e-9)
-    _, score = fd.map_embeddings(img, txt)  # corrected: slot 30 ↔ text token 30
+    _, score = matching.map_embeddings(img, txt)  # corrected: slot 30 ↔ text token 30
     assert float(score[30]) == pytest.approx(expected, abs=1e-9)
-    idx_c, score_c = fd.map_embeddings(img, txt, compatible=True)  # original: slot 29 ↔ text token 30
+    idx_c, score_c = matching.map_embeddings(img, txt, compatible=True)  # original: slot 29 ↔ text token 30
     assert float(score_c[29]) == pytest.approx(expected, abs=1e-9)
     assert float(score_c[76]) == 0.0
     assert int(idx_c[76]) == 0
@@ -201,14 +202,14 @@ def test_vector1_softmax_score():
 def test_vector2_tent():
     s = torch.full((T,), 0.01)
     s[10], s[20] = 0.9, 0.8
-    assert fd.cluster_peaks(s) == [(10, 10), (20, 20)]
-    tent = fd.cluster_tent(s)
+    assert matching.cluster_peaks(s) == [(10, 10), (20, 20)]
+    tent = matching.cluster_tent(s)
     expected = [k / 10 for k in range(10)] + [1.0, 0.8, 0.6, 0.4, 0.2, 0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     expected += [1 - k / 56 for k in range(1, 57)]
     assert len(expected) == T
     torch.testing.assert_close(tent, torch.tensor(expected, dtype=torch.float32), atol=1e-6, rtol=0)
-    p = fd.FlexParams(threshold_mult=0, linear_start=0, linear_end=0, clustered=0.5, header_max=1.0)
-    w = fd.slot_weights(s, p)
+    p = params.FlexParams(threshold_mult=0, linear_start=0, linear_end=0, clustered=0.5, header_max=1.0)
+    w = matching.slot_weights(s, p)
     torch.testing.assert_close(w, 0.5 * torch.tensor(expected, dtype=torch.float32), atol=1e-6, rtol=0)
 
 
@@ -235,9 +236,9 @@ def test_vector3_negative_weight_below_threshold_repels():
 
 @pytest.mark.parametrize("compatible", [False, True])
 def test_vector4_linear_cap_and_header(compatible):
-    p = fd.FlexParams(threshold_mult=0, clustered=0, linear_start=0.1, linear_end=0.5, max_guidance=0.35)
+    p = params.FlexParams(threshold_mult=0, clustered=0, linear_start=0.1, linear_end=0.5, max_guidance=0.35)
     scores = torch.full((T,), 0.5)
-    w = fd.slot_weights(scores, p)
+    w = matching.slot_weights(scores, p)
     assert float(w[0]) == 0.0  # header cap 0
     assert float(w[47]) == pytest.approx(0.1 + 0.4 * 47 / 76, abs=1e-6)
     assert float(w[47]) == pytest.approx(0.3474, abs=1e-4)
@@ -255,11 +256,11 @@ def test_vector4_linear_cap_and_header(compatible):
 
 
 def test_vector5_blend():
-    r = fd.blend_weights(torch.tensor([0.1, 0.2]), torch.tensor([-0.5, -0.1]))
+    r = matching.blend_weights(torch.tensor([0.1, 0.2]), torch.tensor([-0.5, -0.1]))
     torch.testing.assert_close(r, torch.tensor([-0.4, 0.1]))
-    r = fd.blend_weights(torch.tensor([-0.1, -0.2]), torch.tensor([-0.3, 0.5]))
+    r = matching.blend_weights(torch.tensor([-0.1, -0.2]), torch.tensor([-0.3, 0.5]))
     torch.testing.assert_close(r, torch.tensor([-0.3, -0.2]))
-    r = fd.blend_weights(torch.tensor([0.1, 0.0]), torch.tensor([0.0, 0.3]))
+    r = matching.blend_weights(torch.tensor([0.1, 0.0]), torch.tensor([0.0, 0.3]))
     torch.testing.assert_close(r, torch.tensor([0.1, 0.3]))
 
 
@@ -275,13 +276,13 @@ def test_vector5_blend():
 def test_compatible_matches_reference_loop(priority, reuse, seed):
     img = _rand(40, 24, seed=10 + seed)
     txt = _rand(T, 24, seed=20 + seed)
-    p = fd.FlexParams(priority=priority, reuse=reuse, compatible=True, header_max=0.15)
+    p = params.FlexParams(priority=priority, reuse=reuse, compatible=True, header_max=0.15)
     expected, table, w_ref = ref_guide(txt, img, p)
 
-    idx, score = fd.map_embeddings(img, txt, reuse, priority, compatible=True)
+    idx, score = matching.map_embeddings(img, txt, reuse, priority, compatible=True)
     assert idx.tolist() == [i for i, _ in table]
     torch.testing.assert_close(score, torch.tensor([s for _, s in table], dtype=torch.float32), atol=1e-6, rtol=1e-5)
-    w = fd.slot_weights(score, p)
+    w = matching.slot_weights(score, p)
     torch.testing.assert_close(w, w_ref, atol=1e-6, rtol=1e-5)
     out = fd.tween(txt, img, idx, score, w, p.max_guidance, compatible=True)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
@@ -298,9 +299,9 @@ def test_compatible_matches_reference_loop(priority, reuse, seed):
 def test_compatible_defaults_matches_reference_with_peaks():
     img = _rand(64, 32, seed=7)
     txt = _rand(T, 32, seed=8)
-    p = fd.FlexParams(compatible=True)
+    p = params.FlexParams(compatible=True)
     expected, table, _ = ref_guide(txt, img, p)
-    assert fd.cluster_peaks(torch.tensor([s for _, s in table]))  # clustered guidance is active
+    assert matching.cluster_peaks(torch.tensor([s for _, s in table]))  # clustered guidance is active
     got = fd.guide_chunks(txt, [(img, 1.0)], p)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
@@ -308,9 +309,9 @@ def test_compatible_defaults_matches_reference_with_peaks():
 def test_compatible_last_position_pulled_toward_image_token_0():
     img = _rand(30, 16, seed=9)
     txt = _rand(T, 16, seed=10)
-    p = fd.FlexParams(compatible=True)
+    p = params.FlexParams(compatible=True)
     out = fd.guide_chunks(txt, [(img, 1.0)], p)
-    w_last = min(float(fd.slot_weights(fd.map_embeddings(img, txt, compatible=True)[1], p)[76]), 0.35)
+    w_last = min(float(matching.slot_weights(matching.map_embeddings(img, txt, compatible=True)[1], p)[76]), 0.35)
     torch.testing.assert_close(out[76], txt[76] + (img[0] - txt[76]) * w_last)
 
 
@@ -322,14 +323,14 @@ def test_underflowed_zero_scores_follow_the_original_in_compatible_mode(priority
     txt = torch.eye(T, 96)
     img = torch.stack([txt[11], txt[12], txt[30]])
     txt[50] = -(txt[11] + txt[12] + txt[30])
-    idx, score = fd.map_embeddings(img, txt, reuse, priority, compatible=True)
+    idx, score = matching.map_embeddings(img, txt, reuse, priority, compatible=True)
     table = ref_map(img, txt, reuse, priority)
     assert idx.tolist() == [i for i, _ in table]
     assert score.tolist() == pytest.approx([s for _, s in table], abs=1e-7)
     assert float(score[49]) == 0.0
     if reuse:
         assert int(idx[49]) == 2  # the original keeps overwriting a zero score: the last image token wins
-    idx_n, score_n = fd.map_embeddings(img, txt, reuse, priority)
+    idx_n, score_n = matching.map_embeddings(img, txt, reuse, priority)
     assert float(score_n[50]) == 0.0
     out = fd.tween(txt, img, idx_n, score_n, torch.full((T,), 0.3), 0.35)
     assert torch.equal(out[50], txt[50])  # corrected mode: no match, unchanged
@@ -340,8 +341,8 @@ def test_corrected_is_the_unshifted_compatible_mapping():
     txt = _rand(T, 24, seed=12)
     for priority in ("best_fit", "text_order"):
         for reuse in (True, False):
-            i_c, s_c = fd.map_embeddings(img, txt, reuse, priority, compatible=True)
-            i_n, s_n = fd.map_embeddings(img, txt, reuse, priority, compatible=False)
+            i_c, s_c = matching.map_embeddings(img, txt, reuse, priority, compatible=True)
+            i_n, s_n = matching.map_embeddings(img, txt, reuse, priority, compatible=False)
             assert torch.equal(i_n[1:], i_c[:-1])
             assert torch.equal(s_n[1:], s_c[:-1])
             assert (int(i_n[0]), float(s_n[0])) == (0, 0.0)
@@ -350,8 +351,8 @@ def test_corrected_is_the_unshifted_compatible_mapping():
 def test_corrected_direct_pairs_token_i_with_slot_i():
     img = _rand(50, 24, seed=13)
     txt = _rand(T, 24, seed=14)
-    idx, score = fd.map_embeddings(img, txt, priority="direct")
-    sims = fd.similarity_scores(img, txt)
+    idx, score = matching.map_embeddings(img, txt, priority="direct")
+    sims = params.similarity_scores(img, txt)
     assert idx.tolist() == list(range(50)) + [0] * 27
     torch.testing.assert_close(score[:50], sims[torch.arange(50), torch.arange(50)])
     assert torch.all(score[50:] == 0)
@@ -374,13 +375,13 @@ def test_no_reuse_uses_each_image_token_once_and_ties_are_deterministic():
     base = torch.eye(5, 16)  # one-hot tokens keep every dot product exact, so duplicates tie bitwise
     img = torch.cat([base, base])  # every image token twice: ties
     txt = _rand(T, 16, seed=18)
-    idx, score = fd.map_embeddings(img, txt, reuse=True)
+    idx, score = matching.map_embeddings(img, txt, reuse=True)
     assert torch.all(idx[1:] < 5)  # ties go to the smaller index
     for priority in ("best_fit", "text_order"):
-        idx, score = fd.map_embeddings(img, txt, reuse=False, priority=priority)
+        idx, score = matching.map_embeddings(img, txt, reuse=False, priority=priority)
         filled = idx[score > 0].tolist()
         assert len(filled) == len(set(filled)) == 10
-        again = fd.map_embeddings(img, txt, reuse=False, priority=priority)
+        again = matching.map_embeddings(img, txt, reuse=False, priority=priority)
         assert torch.equal(again[0], idx) and torch.equal(again[1], score)
 
 
@@ -391,8 +392,8 @@ def test_no_reuse_uses_each_image_token_once_and_ties_are_deterministic():
 def test_equal_adjacent_peaks_no_zero_division():
     s = torch.full((T,), 0.01)
     s[10] = s[11] = 1.0
-    assert fd.cluster_peaks(s) == [(10, 11)]
-    tent = fd.cluster_tent(s)
+    assert matching.cluster_peaks(s) == [(10, 11)]
+    tent = matching.cluster_tent(s)
     assert torch.isfinite(tent).all()
     assert float(tent[10]) == float(tent[11]) == 1.0
     assert float(tent[5]) == pytest.approx(0.5)
@@ -404,8 +405,8 @@ def test_plateau_of_three_and_two_separate_plateaus():
     s = torch.full((T,), 0.01)
     s[10:13] = 1.0
     s[20:22] = 1.0
-    assert fd.cluster_peaks(s) == [(10, 12), (20, 21)]
-    tent = fd.cluster_tent(s)
+    assert matching.cluster_peaks(s) == [(10, 12), (20, 21)]
+    tent = matching.cluster_tent(s)
     # valley between 12 and 20 at 12 + ceil(8 / 2) = 16
     assert float(tent[16]) == 0.0
     assert float(tent[14]) == pytest.approx(0.5)
@@ -418,10 +419,10 @@ def test_saturated_adjacent_tokens_end_to_end(compatible):
     # text tokens are orthonormal; two image tokens equal text tokens 11 and 12 → scores exactly 1.0
     txt = torch.eye(T, 96)[:, :96]
     img = torch.stack([txt[11], txt[12], txt[40] + txt[41]])
-    _, score = fd.map_embeddings(img, txt, compatible=compatible)
+    _, score = matching.map_embeddings(img, txt, compatible=compatible)
     lo = 10 if compatible else 11
     assert float(score[lo]) == float(score[lo + 1]) == 1.0
-    p = fd.FlexParams(clustered=0.5, compatible=compatible)
+    p = params.FlexParams(clustered=0.5, compatible=compatible)
     out = fd.guide_chunks(txt.unsqueeze(0), [(img, 1.0)], p)
     assert torch.isfinite(out).all()
     if compatible:  # the original's shift: position 10 takes text token 11's match, position 11 token 12's
@@ -433,7 +434,7 @@ def test_saturated_adjacent_tokens_end_to_end(compatible):
 def test_batch_of_two_prompts():
     x = _rand(2, T, 24, seed=19)
     img = _rand(40, 24, seed=20)
-    p = fd.FlexParams()
+    p = params.FlexParams()
     out = fd.guide_chunks(x, [(img, 1.0)], p)
     assert out.shape == x.shape
     for b in range(2):
@@ -449,7 +450,7 @@ def test_batch_of_two_prompts():
 def test_multi_chunk_equals_per_chunk(compatible):
     x = _rand(2, 2 * T, 24, seed=21)
     img = _rand(40, 24, seed=22)
-    p = fd.FlexParams(compatible=compatible)
+    p = params.FlexParams(compatible=compatible)
     out = fd.guide_chunks(x, [(img, 1.0)], p)
     first = fd.guide_chunks(x[:, :T], [(img, 1.0)], p)
     second = fd.guide_chunks(x[:, T:], [(img, 1.0)], p)
@@ -461,28 +462,28 @@ def test_multi_chunk_equals_per_chunk(compatible):
 def test_all_multipliers_zero_is_identity(compatible, n_images):
     x = _rand(2, 2 * T, 24, seed=23)
     images = [(_rand(40, 24, seed=24 + j), 0.7 + j) for j in range(n_images)]
-    p = fd.FlexParams(threshold_mult=0, linear_start=0, linear_end=0, clustered=0, compatible=compatible)
+    p = params.FlexParams(threshold_mult=0, linear_start=0, linear_end=0, clustered=0, compatible=compatible)
     assert p.multipliers_zero
     assert torch.equal(fd.guide_chunks(x, images, p), x)
     assert torch.equal(fd.guide_chunks(x.half(), images, p), x.half())
     # the tween itself keeps everything when all weights are 0 (no shortcut involved)
     txt, img = x[0, :T], images[0][0]
-    idx, score = fd.map_embeddings(img, txt, compatible=compatible)
-    w = fd.slot_weights(score, p)
+    idx, score = matching.map_embeddings(img, txt, compatible=compatible)
+    w = matching.slot_weights(score, p)
     assert torch.all(w == 0)
     assert torch.equal(fd.tween(txt, img, idx, score, w, p.max_guidance, compatible=compatible), txt)
 
 
 def test_no_images_or_zero_weight_is_identity():
     x = _rand(1, T, 24, seed=26)
-    assert torch.equal(fd.guide_chunks(x, [], fd.FlexParams()), x)
-    assert torch.equal(fd.guide_chunks(x, [(_rand(40, 24), 0.0)], fd.FlexParams()), x)
+    assert torch.equal(fd.guide_chunks(x, [], params.FlexParams()), x)
+    assert torch.equal(fd.guide_chunks(x, [(_rand(40, 24), 0.0)], params.FlexParams()), x)
 
 
 def test_several_images_combine_linearly():
     x = _rand(1, T, 24, seed=27)
     a, b = _rand(40, 24, seed=28), _rand(30, 24, seed=29)
-    p = fd.FlexParams()
+    p = params.FlexParams()
     ga = fd.guide_chunks(x, [(a, 1.0)], p)
     gb = fd.guide_chunks(x, [(b, 1.0)], p)
     out = fd.guide_chunks(x, [(a, 0.5), (b, 0.25)], p)
@@ -495,13 +496,13 @@ def test_dimension_mismatch_error():
     with pytest.raises(
         ImgcondError, match=re.escape("1024-d but the text embedding is 768-d: pick the ViT-L/14 encoder for SD1.5")
     ):
-        fd.guide_chunks(x, [(img, 1.0)], fd.FlexParams())
+        fd.guide_chunks(x, [(img, 1.0)], params.FlexParams())
     with pytest.raises(ImgcondError, match="1280-d but the text embedding is 768-d"):
-        fd.map_embeddings(_rand(10, 1280), _rand(T, 768))
+        matching.map_embeddings(_rand(10, 1280), _rand(T, 768))
 
 
 def test_bad_inputs_raise_clear_errors():
-    p = fd.FlexParams()
+    p = params.FlexParams()
     img = _rand(40, 24)
     with pytest.raises(ImgcondError, match="multiple of 77"):
         fd.guide_chunks(_rand(1, 80, 24), [(img, 1.0)], p)
@@ -510,9 +511,9 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ImgcondError, match="NaN"):
         fd.guide_chunks(bad, [(img, 1.0)], p)
     with pytest.raises(ArgumentError):
-        fd.guide_chunks(_rand(1, T, 24), [(img, 1.0)], fd.FlexParams(max_guidance=3.0))
+        fd.guide_chunks(_rand(1, T, 24), [(img, 1.0)], params.FlexParams(max_guidance=3.0))
     with pytest.raises(ArgumentError):
-        fd.map_embeddings(img, _rand(T, 24), priority="align")
+        matching.map_embeddings(img, _rand(T, 24), priority="align")
 
 
 def test_zero_vectors_do_not_give_nan():
@@ -520,14 +521,14 @@ def test_zero_vectors_do_not_give_nan():
     txt[40:] = 0.0
     img = _rand(40, 24, seed=31)
     img[3] = 0.0
-    out = fd.guide_chunks(txt, [(img, 1.0)], fd.FlexParams())
+    out = fd.guide_chunks(txt, [(img, 1.0)], params.FlexParams())
     assert torch.isfinite(out).all()
 
 
 def test_half_precision_input_keeps_dtype():
     x = _rand(1, T, 24, seed=32).half()
     img = _rand(40, 24, seed=33).half()
-    out = fd.guide_chunks(x, [(img, 1.0)], fd.FlexParams())
+    out = fd.guide_chunks(x, [(img, 1.0)], params.FlexParams())
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
 
 
@@ -540,7 +541,7 @@ def test_sdxl_split_join():
         fd.split_sdxl(_rand(1, T, 768))
     with pytest.raises(ImgcondError):
         fd.join_sdxl(gpart, lpart)
-    guided = fd.guide_chunks(gpart, [(_rand(20, 1280, seed=35), 1.0)], fd.FlexParams())
+    guided = fd.guide_chunks(gpart, [(_rand(20, 1280, seed=35), 1.0)], params.FlexParams())
     assert fd.join_sdxl(lpart, guided).shape == cond.shape
 
 
@@ -559,7 +560,7 @@ def _concept_data():
 
 def test_concept_map_matches_reference_and_both_modes_agree():
     base, concept, img = _concept_data()
-    tweened = fd.guide_chunks(base, [(img, 1.0)], fd.FlexParams(compatible=True))
+    tweened = fd.guide_chunks(base, [(img, 1.0)], params.FlexParams(compatible=True))
     expected = ref_concept(base, concept, img, tweened, 0.9)
     got = fd.concept_map(base, concept, img, 0.9, out=tweened, compatible=True)
     assert torch.equal(got, expected)
@@ -584,13 +585,13 @@ def test_concept_map_unmatched_concept_token_differs_by_mode():
 
 def test_guide_chunks_with_concept():
     base, concept, img = _concept_data()
-    p = fd.FlexParams(compatible=True)
+    p = params.FlexParams(compatible=True)
     out = fd.guide_chunks(base.unsqueeze(0), [(img, 1.0)], p, concept=concept.unsqueeze(0))
     expected, _, _ = ref_guide(base, img, p)
     expected = ref_concept(base, concept, img, expected, 0.9)
     torch.testing.assert_close(out[0], expected, atol=1e-6, rtol=1e-5)
     # concepts still apply with all multipliers at 0
-    p0 = fd.FlexParams(threshold_mult=0, linear_start=0, linear_end=0, clustered=0)
+    p0 = params.FlexParams(threshold_mult=0, linear_start=0, linear_end=0, clustered=0)
     out0 = fd.guide_chunks(base, [(img, 1.0)], p0, concept=concept)
     assert not torch.equal(out0, base)
 
@@ -610,15 +611,15 @@ def test_direct_guidance():
 
 
 def test_normalize_image():
-    mean = torch.tensor(fd.CLIP_MEAN).reshape(1, 3, 1, 1)
-    std = torch.tensor(fd.CLIP_STD).reshape(1, 3, 1, 1)
+    mean = torch.tensor(params.CLIP_MEAN).reshape(1, 3, 1, 1)
+    std = torch.tensor(params.CLIP_STD).reshape(1, 3, 1, 1)
     x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(52))
-    torch.testing.assert_close(fd.normalize_image(x), (x - mean) / std)
-    torch.testing.assert_close(fd.normalize_image(mean.expand(1, 3, 4, 4)), torch.zeros(1, 3, 4, 4))
-    torch.testing.assert_close(fd.normalize_image_compat(x), (2 * x - 1 - mean) / std)
+    torch.testing.assert_close(image.normalize_image(x), (x - mean) / std)
+    torch.testing.assert_close(image.normalize_image(mean.expand(1, 3, 4, 4)), torch.zeros(1, 3, 4, 4))
+    torch.testing.assert_close(image.normalize_image_compat(x), (2 * x - 1 - mean) / std)
     half = torch.full((1, 3, 2, 2), 0.5)
-    torch.testing.assert_close(fd.normalize_image_compat(half), (-mean / std).expand(1, 3, 2, 2))
+    torch.testing.assert_close(image.normalize_image_compat(half), (-mean / std).expand(1, 3, 2, 2))
     with pytest.raises(ImgcondError):
-        fd.normalize_image(torch.rand(1, 4, 8, 8))
+        image.normalize_image(torch.rand(1, 4, 8, 8))
     with pytest.raises(ImgcondError):
-        fd.normalize_image(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+        image.normalize_image(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
