@@ -15,7 +15,7 @@ import torch
 from lib_imgcond.common.errors import ImgcondError
 from lib_imgcond.common.log import logger
 from lib_imgcond.host import forge
-from lib_imgcond.redux import tokens as rx
+from lib_imgcond.redux import projector
 from lib_imgcond.vision import config as vision_cfg
 from lib_imgcond.vision import forge_encoders as encoders
 from lib_imgcond.vision import transformer as vs
@@ -152,7 +152,7 @@ def load_model(kind: str, path: str, dtype: torch.dtype) -> encoders.Managed:
             module = vs.load_vision_model(load_file(path), dtype=dtype, device=offload, source=name)
         else:
             _check_redux_file(path)
-            module = rx.load_redux(load_file(path), dtype=dtype, device=offload, source=name)
+            module = projector.load_redux(load_file(path), dtype=dtype, device=offload, source=name)
         logger.info("Redux: loaded %s %s", KINDS[kind], name)
         return encoders.Managed(module, load, offload, key)
 

@@ -27,6 +27,8 @@ from lib_imgcond.common.errors import ImgcondError
 from lib_imgcond.common.log import logger
 from lib_imgcond.host import forge
 from lib_imgcond.redux import forge_bias as redux_bias
+from lib_imgcond.redux import image as redux_image
+from lib_imgcond.redux import projector as redux_projector
 from lib_imgcond.redux import token_merge as tm
 from lib_imgcond.redux import tokens as rx
 from lib_imgcond.redux.forge_files import (
@@ -90,7 +92,7 @@ def prepare_slot(slot: dict, k: int, size: int, patch: int) -> tuple[torch.Tenso
     encoder's patch grid is refused here (as selecting nothing)."""
     mask = slot_mask(slot)
     try:
-        return rx.prepare(
+        return redux_image.prepare(
             pil_to_tensor(slot["image"].image),
             None if mask is None else mask_to_tensor(mask),
             slot["mode"],
@@ -229,7 +231,7 @@ def encode(
     def run() -> torch.Tensor:
         with _ENCODE_LOCK:
             device = encoders.use_together(vision, projector)
-            return rx.encode_tokens(vision.module, projector.module, image[None].to(device)).float().cpu()
+            return redux_projector.encode_tokens(vision.module, projector.module, image[None].to(device)).float().cpu()
 
     key = ("redux-tokens", vision.key, projector.key, digest)
     tokens = run() if cache is None else cache.get(key, run)

@@ -8,7 +8,8 @@ for the earlier layout keep their meaning.
 
 from __future__ import annotations
 
-from lib_imgcond.redux.tokens import DOWNSAMPLE_MODES, MODES, PRESETS
+from lib_imgcond.redux.image import MODES
+from lib_imgcond.redux.tokens import DOWNSAMPLE_MODES, PRESETS
 from lib_imgcond.spec.params import Param, Spec, step_window
 
 SLOTS = 4

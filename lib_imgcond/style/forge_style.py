@@ -25,6 +25,7 @@ from lib_imgcond.common.log import logger
 from lib_imgcond.flexdiffuse import forge_encoders
 from lib_imgcond.host import forge
 from lib_imgcond.redux import forge_redux as redux_host
+from lib_imgcond.redux import image as redux_image
 from lib_imgcond.redux import tokens as rx
 from lib_imgcond.style import adapter as sa
 from lib_imgcond.style.spec import AUTO, SLOT_FIELDS, SLOTS, slot_values, used_slots
@@ -173,7 +174,7 @@ def plan(p: Any, values: dict, extra_dir: str = "") -> Job:
         slot = slot_values(values, k)
         image_in = slot["image"]
         try:
-            image, mask = rx.prepare(
+            image, mask = redux_image.prepare(
                 redux_host.pil_to_tensor(image_in.image),
                 None if image_in.mask is None else redux_host.mask_to_tensor(image_in.mask),
                 slot["mode"],

@@ -7,7 +7,7 @@ over the API, drawn in the UI).
 
 from __future__ import annotations
 
-from lib_imgcond.redux.tokens import MODES
+from lib_imgcond.redux.image import MODES
 from lib_imgcond.spec.params import Param, Spec, step_window
 
 SLOTS = 4

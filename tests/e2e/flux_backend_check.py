@@ -51,8 +51,8 @@ from lib_imgcond.host import flux_attention, forge  # noqa: E402
 from lib_imgcond.redux import forge_bias as redux_bias  # noqa: E402
 from lib_imgcond.redux import forge_files  # noqa: E402
 from lib_imgcond.redux import forge_redux as host  # noqa: E402
+from lib_imgcond.redux.projector import ReduxProjector  # noqa: E402
 from lib_imgcond.redux.spec import SPEC  # noqa: E402
-from lib_imgcond.redux.tokens import ReduxProjector  # noqa: E402
 from lib_imgcond.spec.params import ImageInput  # noqa: E402
 from lib_imgcond.vision.config import VisionConfig  # noqa: E402
 from lib_imgcond.vision.transformer import VisionTransformer  # noqa: E402

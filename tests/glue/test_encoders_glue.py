@@ -15,8 +15,8 @@ from lib_imgcond.flexdiffuse import forge_flexdiffuse as flex
 from lib_imgcond.host import capabilities as webui
 from lib_imgcond.redux import forge_files as forge_redux_files
 from lib_imgcond.redux import forge_redux
+from lib_imgcond.redux.projector import ReduxProjector
 from lib_imgcond.redux.spec import SPEC as REDUX_SPEC
-from lib_imgcond.redux.tokens import ReduxProjector
 from lib_imgcond.spec.params import ImageInput
 from lib_imgcond.vision import forge_encoders as encoders
 from lib_imgcond.vision.config import VisionConfig

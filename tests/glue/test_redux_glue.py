@@ -22,8 +22,8 @@ from lib_imgcond.host import forge
 from lib_imgcond.redux import forge_bias as redux_bias
 from lib_imgcond.redux import forge_files as files
 from lib_imgcond.redux import forge_redux as host
+from lib_imgcond.redux.projector import ReduxProjector
 from lib_imgcond.redux.spec import SLOT_FIELDS, SLOTS, SPEC, expand_images
-from lib_imgcond.redux.tokens import ReduxProjector
 from lib_imgcond.spec.params import ImageInput
 from lib_imgcond.vision.config import VisionConfig
 from lib_imgcond.vision.transformer import VisionTransformer
@@ -194,8 +194,8 @@ def test_weight_strength_and_order(models):
 
 def test_each_image_is_encoded_once_per_job(models, monkeypatch):
     calls = []
-    real = host.rx.encode_tokens
-    monkeypatch.setattr(host.rx, "encode_tokens", lambda *a: calls.append(1) or real(*a))
+    real = host.redux_projector.encode_tokens
+    monkeypatch.setattr(host.redux_projector, "encode_tokens", lambda *a: calls.append(1) or real(*a))
     p = fake_p("flux")
     same = ImageInput(picture())  # slot 2 holds the same picture as slot 1, prepared the same way
     first = host.plan(p, values(image2=same, image3=ImageInput(picture(seed=5))))

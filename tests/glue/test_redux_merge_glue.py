@@ -32,7 +32,7 @@ def tokens_by_image(monkeypatch):
         seed = int(image.sum() * 1000) % 2**31
         return torch.randn(image.shape[0], 729, 64, generator=torch.Generator().manual_seed(seed))
 
-    monkeypatch.setattr(host.rx, "encode_tokens", encode_tokens)
+    monkeypatch.setattr(host.redux_projector, "encode_tokens", encode_tokens)
     return calls
 
 

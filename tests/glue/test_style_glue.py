@@ -16,6 +16,7 @@ from lib_imgcond.common.errors import ArgumentError, ImgcondError
 from lib_imgcond.flexdiffuse import forge_encoders
 from lib_imgcond.host import forge
 from lib_imgcond.redux import forge_redux
+from lib_imgcond.redux import image as redux_image
 from lib_imgcond.spec.params import ImageInput
 from lib_imgcond.style import adapter as sa
 from lib_imgcond.style import forge_style as host
@@ -187,7 +188,7 @@ def expected_tokens(models, image, mask=None):
     adapter = sa.load_style_adapter(adapter_state())
     from lib_imgcond.redux import tokens as rx
 
-    img, m = rx.prepare(forge_redux.pil_to_tensor(image), mask, "center_crop", 42, 0.1, patch=14)
+    img, m = redux_image.prepare(forge_redux.pil_to_tensor(image), mask, "center_crop", 42, 0.1, patch=14)
     hidden = encoder(vision.preprocess(img[None], encoder.config)).last_hidden_state
     return adapter(sa.select_tokens(hidden, None if m is None else rx.token_mask(m, 14)))
 

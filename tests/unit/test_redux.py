@@ -13,16 +13,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from lib_imgcond.common.errors import ArgumentError, ImgcondError
+from lib_imgcond.redux.image import _autocrop_box, prepare
+from lib_imgcond.redux.projector import ReduxProjector, encode_tokens, load_redux
 from lib_imgcond.redux.tokens import (
     PRESETS,
-    ReduxProjector,
-    _autocrop_box,
     apply_weight,
     attention_bias,
     downsample,
-    encode_tokens,
-    load_redux,
-    prepare,
     preset_tokens,
     select,
     token_count,
