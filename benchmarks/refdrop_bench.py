@@ -2,7 +2,7 @@
 
 Modes:
   off     no patch installed
-  record  lib_imgcond.refdrop.forge_refdrop.install with Job.record set: K/V of the cond row of all 70 blocks stay in
+  record  lib_imgcond.refdrop.forge_install.install with Job.record set: K/V of the cond row of all 70 blocks stay in
           GPU memory when they fit within --gpu-share of it (as the setting; the default), else go into host memory
           every evaluation (through the staging ring; page-locked in the background after the pass, which is
           waited for outside the timing and reported)
@@ -52,6 +52,7 @@ prefetch: Any = None
 checks: Any = None
 arena: Any = None
 host: Any = None
+installer: Any = None
 patch: Any = None
 library: Any = None
 blocks: Any = None  # lib_imgcond.memory.host_blocks where the measured copy has it
@@ -59,7 +60,7 @@ blocks: Any = None  # lib_imgcond.memory.host_blocks where the measured copy has
 
 def load_lib(folder: str) -> str:
     """Import lib_imgcond from ``folder`` (the repository root by default, or another copy to compare versions)."""
-    global rd, reference, prefetch, checks, arena, host, patch, library, blocks
+    global rd, reference, prefetch, checks, arena, host, installer, patch, library, blocks
     import importlib
     import logging
 
@@ -70,6 +71,7 @@ def load_lib(folder: str) -> str:
     checks = importlib.import_module("lib_imgcond.refdrop.checks")
     arena = importlib.import_module("lib_imgcond.memory.arena")
     host = importlib.import_module("lib_imgcond.refdrop.forge_refdrop")
+    installer = importlib.import_module("lib_imgcond.refdrop.forge_install")
     patch = importlib.import_module("lib_imgcond.refdrop.forge_patch")
     library = importlib.import_module("lib_imgcond.refdrop.forge_library")
     blocks = sys.modules.get("lib_imgcond.memory.host_blocks")
@@ -81,7 +83,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class FakeUnetPatcher:
-    """The part of Forge's UnetPatcher that forge_refdrop.install uses."""
+    """The part of Forge's UnetPatcher that forge_install.install uses."""
 
     def __init__(self, keys: list[tuple[str, int, int]]):
         self.keys = keys
@@ -205,7 +207,7 @@ class Bench:
             job.uses = [(ref, self.args.coefficient)]
         tracker = patch.PassTracker("first", steps)
         patcher = FakeUnetPatcher(self.keys)
-        host.install(patcher, job, tracker, attention)
+        installer.install(patcher, job, tracker, attention)
         return job, tracker, patcher
 
     def floor_patcher(self, kind: str) -> FakeUnetPatcher:
@@ -381,7 +383,7 @@ def batch_mode(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         if on:
             job = host.Job(values, "sdxl", bench.layers, batch_seed=1)
             patcher = FakeUnetPatcher(bench.keys)
-            host.install(patcher, job, patch.PassTracker("first", args.steps), attention)
+            installer.install(patcher, job, patch.PassTracker("first", args.steps), attention)
         opts = patcher.model_options if patcher else {"transformer_options": {}}
         sigmas = torch.linspace(14.6, 0.03, args.steps + 1).to(device)
         bench.sync()

@@ -53,7 +53,7 @@ def run(bench: Any, args: argparse.Namespace, main: Any) -> dict[str, Any]:
     """Record a trajectory reference, then time off and Use; `main` is refdrop_bench (its loaded library and fakes)."""
     import importlib
 
-    host, patch, arena = main.host, main.patch, main.arena
+    host, installer, patch, arena = main.host, main.installer, main.patch, main.arena
     rt = importlib.import_module("lib_imgcond.refdrop.trajectory")
 
     class Patcher(main.FakeUnetPatcher):
@@ -69,7 +69,7 @@ def run(bench: Any, args: argparse.Namespace, main: Any) -> dict[str, Any]:
             job.uses = [(ref, args.coefficient)]
         tracker = patch.PassTracker("first", args.steps)
         patcher = Patcher(bench.keys)
-        host.install(patcher, job, tracker, attention)
+        installer.install(patcher, job, tracker, attention)
         return job, tracker, patcher
 
     def timed(patcher: Any, x0: torch.Tensor) -> float:

@@ -2,7 +2,7 @@
 
 Modes, each a whole sampling pass of --steps Euler steps at batch 1 (Flux.1-dev is guidance-distilled: no uncond row):
   off     nothing installed
-  record  lib_imgcond.refdrop.forge_refdrop.install with Job.record: the image-token K/V of all 19 + 38 blocks go to
+  record  lib_imgcond.refdrop.forge_install.install with Job.record: the image-token K/V of all 19 + 38 blocks go to
           pinned host memory every evaluation (through refdrop/forge_dit and host/flux_attention, as on Forge 2.0)
   use     the same install with Job.uses = [(reference, c)] (a reference recorded from another seed): every block's
           image-token outputs blend attention over [text; reference image] K/V
@@ -64,7 +64,7 @@ def floor_handler(kind: str, bufs: list, n_layers: int, n_txt: int, c: float):
 
 
 class FakeUnetPatcher:
-    """The part of the hosts' UnetPatcher that forge_refdrop.install uses on a DiT."""
+    """The part of the hosts' UnetPatcher that forge_install.install uses on a DiT."""
 
     def __init__(self, model):
         self.model = SimpleNamespace(diffusion_model=model)
@@ -159,7 +159,7 @@ class Bench:
             tracker = rb.patch.PassTracker("first", steps)
             tracker.schedule = [float(s) for s in torch.linspace(1.0, 0.0, steps + 1)]
             patcher = FakeUnetPatcher(self.model)
-            rb.host.install(patcher, job, tracker, None)
+            rb.installer.install(patcher, job, tracker, None)
         self.sync()
         t0 = time.perf_counter()
         if mode.startswith("floor"):

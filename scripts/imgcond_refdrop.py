@@ -10,7 +10,7 @@ from lib_imgcond.common.errors import ArgumentError, ImgcondError
 from lib_imgcond.common.log import logger
 from lib_imgcond.host import forge, progress
 from lib_imgcond.refdrop import forge_estimate as estimate
-from lib_imgcond.refdrop import forge_library, forge_patch
+from lib_imgcond.refdrop import forge_install, forge_library, forge_patch
 from lib_imgcond.refdrop import forge_refdrop as host
 from lib_imgcond.refdrop.spec import SPEC
 from lib_imgcond.spec import registry
@@ -186,9 +186,9 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
         job.batch_seed = int((getattr(p, "seeds", None) or [getattr(p, "seed", 0) or 0])[0])
         tracker = forge_patch.PassTracker(pass_name, steps)
         state["trackers"][pass_name] = tracker  # a repeated hires call replaces the discarded one
-        host.capture_schedule(p, tracker)
+        forge_install.capture_schedule(p, tracker)
         attn = forge.attention_kernel()
-        forge.patch_unet(p, lambda unet: host.install(unet, job, tracker, attn))
+        forge.patch_unet(p, lambda unet: forge_install.install(unet, job, tracker, attn))
         skip = host.infotext_skip(job.values, int(getattr(p, "n_iter", 1) or 1))
         skip += () if job.record_every > 1 else ("record_every",)  # only a Record keeps a subset
         skip += () if job.values["mode"] == "Record" else ("storage",)  # a Record choice: Use reads the file's kind

@@ -1,6 +1,6 @@
 """RefDrop's patch machinery, written once for every attention site (UNet attn1, Flux double/single blocks).
 
-A site adapter (``forge_refdrop.install`` for UNets, ``forge_dit.install`` for Flux) turns each attention call into
+A site adapter (``forge_install.install`` for UNets, ``forge_dit.install`` for Flux) turns each attention call into
 ``Runner.attend(key, q, k, v, chunks, plain, attn, ...)``: batch-first tensors with tokens in dim −2, the host's own
 result as ``plain()`` and the kernel for reference branches as ``attn(q, k, v, rows)``. The runner records, plans
 each evaluation once, fetches reference K/V and blends; on a DiT (``joint``) the reference branch attends the

@@ -28,7 +28,7 @@ from lib_imgcond.host import capabilities as webui  # noqa: E402
 from lib_imgcond.host import flux_attention, forge  # noqa: E402
 from lib_imgcond.redux import forge_redux as redux_host  # noqa: E402
 from lib_imgcond.redux.spec import SPEC as REDUX  # noqa: E402
-from lib_imgcond.refdrop import file_format, forge_library, forge_patch, reference  # noqa: E402
+from lib_imgcond.refdrop import file_format, forge_install, forge_library, forge_patch, reference  # noqa: E402
 from lib_imgcond.refdrop import forge_refdrop as host  # noqa: E402
 from lib_imgcond.refdrop.spec import SPEC  # noqa: E402
 from lib_imgcond.spec.params import ImageInput  # noqa: E402
@@ -61,7 +61,7 @@ def run(unet, v: dict | None, *, w=64, h=64, batch=1, cfg=1.0, noise_seed=5, ima
             job.image_latent = image
         tracker = forge_patch.PassTracker("first", STEPS)
         tracker.schedule = [float(s) for s in sigmas]
-        host.install(pass_unet, job, tracker, None)
+        forge_install.install(pass_unet, job, tracker, None)
     g = torch.Generator().manual_seed(noise_seed)
     x = torch.randn(batch, 16, h // 8, w // 8, generator=g).to(tiny.DTYPE)
     cond, uncond = tiny.conds(batch, 10), tiny.conds(batch, 20) if cfg != 1.0 else None

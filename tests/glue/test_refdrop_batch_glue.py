@@ -7,7 +7,7 @@ import torch
 
 from lib_imgcond.common.errors import ArgumentError, ImgcondError
 from lib_imgcond.refdrop import batch as cb
-from lib_imgcond.refdrop import forge_patch
+from lib_imgcond.refdrop import forge_install, forge_patch
 from lib_imgcond.refdrop import forge_refdrop as host
 from lib_imgcond.refdrop import layers as rd
 from tests.glue.fakes import FakeUnetPatcher, fake_p
@@ -38,7 +38,7 @@ def make(job, pass_name="first"):
     unet = FakeUnetPatcher()
     tracker = forge_patch.PassTracker(pass_name, 3)
     tracker.schedule = [3.0, 2.0, 1.0, 0.0]
-    host.install(unet, job, tracker, attn)
+    forge_install.install(unet, job, tracker, attn)
     return unet
 
 

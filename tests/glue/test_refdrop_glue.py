@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lib_imgcond.common.errors import ArgumentError, ImgcondError
-from lib_imgcond.refdrop import forge_library, forge_patch
+from lib_imgcond.refdrop import forge_install, forge_library, forge_patch
 from lib_imgcond.refdrop import forge_refdrop as host
 from lib_imgcond.refdrop import layers as rd
 from lib_imgcond.refdrop.reference import Reference, RefKey
@@ -51,7 +51,7 @@ def record(name="r", **values):
     unet = FakeUnetPatcher()
     tracker = forge_patch.PassTracker("first", 3)
     tracker.schedule = [3.0, 2.0, 1.0, 0.0]
-    host.install(unet, job, tracker, attn)
+    forge_install.install(unet, job, tracker, attn)
     return job, unet, tracker
 
 
@@ -83,13 +83,13 @@ def test_use_with_identical_kv_is_bit_exact_and_other_kv_blends():
     unet2 = FakeUnetPatcher()
     t2 = forge_patch.PassTracker("first", 3)
     t2.schedule = [3.0, 2.0, 1.0, 0.0]
-    host.install(unet2, use, t2, attn)
+    forge_install.install(unet2, use, t2, attn)
     assert torch.equal(run_pass(unet2, 3.0, q, k, v), attn(q, k, v, HEADS))
     q2, k2, v2 = qkv(1)
     unet3 = FakeUnetPatcher()
     t3 = forge_patch.PassTracker("first", 3)
     t3.schedule = [3.0, 2.0, 1.0, 0.0]
-    host.install(unet3, use, t3, attn)
+    forge_install.install(unet3, use, t3, attn)
     out = run_pass(unet3, 3.0, q2, k2, v2)
     plain = attn(q2, k2, v2, HEADS)
     ref = attn(q2[1:], k[1:2], v[1:2], HEADS)
@@ -108,7 +108,7 @@ def test_window_and_layer_selection_leave_attention_alone():
         use = host.Job({**VALUES, **values}, "sd15", layers, uses=[(ref, 0.9)])
         unet2, t2 = FakeUnetPatcher(), forge_patch.PassTracker("first", 3)
         t2.schedule = [3.0, 2.0, 1.0, 0.0]
-        host.install(unet2, use, t2, attn)
+        forge_install.install(unet2, use, t2, attn)
         assert torch.equal(run_pass(unet2, 3.0, q2, k2, v2), attn(q2, k2, v2, HEADS))
 
 
@@ -122,12 +122,12 @@ def test_chains_to_an_existing_attn1_replace():
     job, _, tracker = record()
     unet = FakeUnetPatcher()
     unet.set_model_replace_all(theirs, "attn1")
-    host.install(unet, job, tracker, attn)
+    forge_install.install(unet, job, tracker, attn)
     q, k, v = qkv(0)
     out = run_pass(unet, 3.0, q, k, v)
     assert calls == [("output", 3)] and torch.equal(out, attn(q, k, v, HEADS) * 2)
     again = unet.clone()  # a clone of our own patch must not chain to itself
-    host.install(again, job, tracker, attn)
+    forge_install.install(again, job, tracker, attn)
     assert torch.equal(run_pass(again, 2.0, q, k, v), attn(q, k, v, HEADS) * 2)
 
 
@@ -173,7 +173,7 @@ def test_image_mode_captures_reference_before_each_evaluation():
     unet.model.predictor = SimpleNamespace(noise_scaling=lambda sigma, noise, latent: latent + sigma * noise)
     tracker = forge_patch.PassTracker("first", 2)
     tracker.schedule = [2.0, 1.0, 0.0]
-    host.install(unet, job, tracker, attn)
+    forge_install.install(unet, job, tracker, attn)
     calls = []
 
     def apply_model(x, t, c_crossattn=None, transformer_options=None):
@@ -263,7 +263,7 @@ def test_release_lets_a_deleted_reference_go_although_the_patched_clone_lives_on
     use = host.Job(dict(VALUES), "sd15", job.layers, uses=[(forge_library.REFERENCES["gone"], 0.5)])
     clone, t2 = FakeUnetPatcher(), forge_patch.PassTracker("first", 3)
     t2.schedule = [3.0, 2.0, 1.0, 0.0]
-    host.install(clone, use, t2, attn)  # the model keeps this clone (and its closures) until the next job
+    forge_install.install(clone, use, t2, attn)  # the model keeps this clone (and its closures) until the next job
     run_pass(clone, 3.0, *qkv(1))
     host.release(job)
     host.release(use)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lib_imgcond.host import forge as forge_host
-from lib_imgcond.refdrop import forge_library, forge_patch
+from lib_imgcond.refdrop import forge_install, forge_library, forge_patch
 from lib_imgcond.refdrop import forge_refdrop as host
 from lib_imgcond.refdrop.reference import Reference
 from tests.glue.fakes import FakeUnetPatcher, fake_p
@@ -94,7 +94,7 @@ def record_and_use(device: str, monkeypatch):
     job.record = Reference("r", "sd15", {"trace": {}}, keep_on=device)
     unet, tracker = FakeUnetPatcher(), forge_patch.PassTracker("first", 3)
     tracker.schedule = [3.0, 2.0, 1.0, 0.0]
-    host.install(unet, job, tracker, attn)
+    forge_install.install(unet, job, tracker, attn)
     q, k, v = (t.to(device) for t in qkv(0))
     for sigma in (3.0, 2.0, 1.0):
         run_pass(unet, sigma, q, k, v)
@@ -106,7 +106,7 @@ def record_and_use(device: str, monkeypatch):
     use = host.Job(dict(VALUES), "sd15", layers, uses=[(ref, 0.7)])
     unet2, t2 = FakeUnetPatcher(), forge_patch.PassTracker("first", 3)
     t2.schedule = [3.0, 2.0, 1.0, 0.0]
-    host.install(unet2, use, t2, attn)
+    forge_install.install(unet2, use, t2, attn)
     for sigma in (3.0, 2.0, 1.0):
         assert torch.equal(run_pass(unet2, sigma, q, k, v), attn(q, k, v, HEADS))
     q2, k2, v2 = (t.to(device) for t in qkv(1))

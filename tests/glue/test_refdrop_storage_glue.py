@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_imgcond.refdrop import forge_patch
+from lib_imgcond.refdrop import forge_install, forge_patch
 from lib_imgcond.refdrop import forge_refdrop as host
 from lib_imgcond.refdrop import layers as rd
 from tests.glue.fakes import FakeUnetPatcher, fake_p
@@ -26,7 +26,7 @@ def record(precision="as computed", **values):
     p = fake_p("sd15", width=64, height=64, sampler_name="Euler", steps=4)
     job = host.plan(p, {**VALUES, "mode": "Record", "record_every": 1, **values}, 0, precision)
     unet, t = FakeUnetPatcher(), tracker()
-    host.install(unet, job, t, attn)
+    forge_install.install(unet, job, t, attn)
     steps = [qkv(10 + i) for i in range(4)]
     for sigma, (q, k, v) in zip(SIGMAS, steps, strict=False):
         run_pass(unet, sigma, q, k, v)
@@ -36,7 +36,7 @@ def record(precision="as computed", **values):
 def use(ref, q, k, v, steps_done=0, c=0.5):
     job = host.Job({**VALUES, "record_every": 1}, "sd15", frozenset({LAYER}), uses=[(ref, c)])
     unet, t = FakeUnetPatcher(), tracker()
-    host.install(unet, job, t, attn)
+    forge_install.install(unet, job, t, attn)
     out = None
     for sigma in SIGMAS[: steps_done + 1]:
         out = run_pass(unet, sigma, q, k, v)

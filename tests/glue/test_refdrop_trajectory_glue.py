@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lib_imgcond.common.errors import ArgumentError
-from lib_imgcond.refdrop import forge_library, forge_patch
+from lib_imgcond.refdrop import forge_install, forge_library, forge_patch
 from lib_imgcond.refdrop import forge_refdrop as host
 from lib_imgcond.refdrop import layers as rd
 from lib_imgcond.refdrop import trajectory as rt
@@ -59,7 +59,7 @@ def run(job, latents, chunks=(1, 0), seed=0):
     unet = FakeUnetPatcher()
     tracker = forge_patch.PassTracker("first", len(SIGMAS))
     tracker.schedule = [*SIGMAS, 0.0]
-    host.install(unet, job, tracker, attn)
+    forge_install.install(unet, job, tracker, attn)
     model = Model(unet)
     ctx, y = conditioning(chunks)
     outs = []
