@@ -28,7 +28,7 @@ HEAD_DIM = 64
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, Nq, H·d), (B, Nk, H·d), (B, Nk, H·d) → (B, Nq, H·d) through torch SDPA.
 
-    Deliberately not imported from lib_imgcond (whose `core.refdrop.sdpa` is the same kernel): the benchmark model must
+    Deliberately not imported from lib_imgcond (its `refdrop.layers.sdpa` is the same kernel): the benchmark model must
     not depend on the library under test, so `refdrop_bench.py --lib` can load another copy of it."""
     b, n, inner = q.shape
     d = inner // heads

@@ -315,7 +315,7 @@ def in_window(model: Any, sigma: float, start: float, end: float) -> bool:
 
 
 def window_test(model: Any, start: float, end: float):
-    """`inside(sigma)` for the step window of `model` (core.window; the bounds computed once)."""
+    """`inside(sigma)` for the step window of `model` (common.window; the bounds computed once)."""
     predictor = getattr(model, "predictor", None)
     return window.sigma_test(start, end, None if predictor is None else predictor.percent_to_sigma)
 

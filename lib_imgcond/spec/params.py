@@ -1,6 +1,6 @@
 """Parameter specifications shared by the UI, the infotext, the API and the X/Y/Z plot.
 
-One `Spec` per technique lists its parameters once. From it come the Gradio components (`ui.panel`), the infotext keys
+One `Spec` per technique lists its parameters once. From it come the Gradio components (`webui`), the infotext keys
 (`<prefix>_<name>`), the paste-back converters, the validation of positional and named API arguments and the X/Y/Z axes.
 This module imports no WebUI code and no Gradio, so it is unit-tested on its own.
 """

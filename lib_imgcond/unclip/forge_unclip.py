@@ -5,7 +5,7 @@ the StableDiffusion2 engine, a UNet whose `label_emb` takes a 2048- / 1536-d `y`
 `y`, so sampling stops at the UNet's `y`-presence assertion. `plan` (in `process()`) checks the model, reads the
 noise augmentor's tensors from the checkpoint file (Forge's loader drops them), finds the CLIP vision encoder whose
 projection fits (reusing CLIP image guidance's encoder files and loading), encodes every image once and builds the
-positive `y` (core.unclip). `install` adds a conditioning modifier that puts `y` on every cond entry inside the step
+positive `y` (conditioning.py). `install` adds a conditioning modifier that puts `y` on every cond entry inside the step
 window, and a zero `y` on the uncond entries (and on cond outside the window): the reference implementations'
 negative side, and what makes the UNet run at all.
 """

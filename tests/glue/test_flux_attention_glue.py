@@ -1,4 +1,4 @@
-"""hosts/flux_attention: the one swap of a Flux module's `attention` for one model call, nested and restored."""
+"""host/flux_attention: the one swap of a Flux module's `attention` for one model call, nested and restored."""
 
 from __future__ import annotations
 

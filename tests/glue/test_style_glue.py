@@ -1,4 +1,4 @@
-"""Style model glue (hosts/forge_style + the spec) against fakes of Forge's documented API."""
+"""Style model glue (style/forge_style + the spec) against fakes of Forge's documented API."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""unCLIP glue (hosts/forge_unclip + the spec) against fakes of Forge's documented API."""
+"""unCLIP glue (unclip/forge_unclip + the spec) against fakes of Forge's documented API."""
 
 from __future__ import annotations
 

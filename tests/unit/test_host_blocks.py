@@ -1,4 +1,4 @@
-"""core.host_blocks: mapped host blocks for recordings, and their background page-locking (with a fake CUDA API)."""
+"""memory.host_blocks: mapped host blocks for recordings, and their background page-locking (with a fake CUDA API)."""
 
 from __future__ import annotations
 

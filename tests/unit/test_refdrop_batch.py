@@ -1,4 +1,4 @@
-"""RefDrop consistent batch maths (core.refdrop_batch)."""
+"""RefDrop consistent batch maths (refdrop.batch)."""
 
 from __future__ import annotations
 

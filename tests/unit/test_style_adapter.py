@@ -1,4 +1,4 @@
-"""The T2I style adapter (core.style_adapter) against small random modules in the real key layout."""
+"""The T2I style adapter (style.adapter) against small random modules in the real key layout."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""unCLIP's ADM input (core.unclip) with small noise augmentors in the checkpoint's key layout."""
+"""unCLIP's ADM input (unclip.conditioning) with small noise augmentors in the checkpoint's key layout."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The step window (core.window): bounds from percent_to_sigma, tested per sigma."""
+"""The step window (common.window): bounds from percent_to_sigma, tested per sigma."""
 
 import pytest
 
