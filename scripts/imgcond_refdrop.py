@@ -9,8 +9,8 @@ from modules.ui_components import InputAccordion
 from lib_imgcond.common.errors import ArgumentError, ImgcondError
 from lib_imgcond.common.log import logger
 from lib_imgcond.host import forge, progress
+from lib_imgcond.refdrop import forge_consistent, forge_install, forge_library, forge_patch
 from lib_imgcond.refdrop import forge_estimate as estimate
-from lib_imgcond.refdrop import forge_install, forge_library, forge_patch
 from lib_imgcond.refdrop import forge_refdrop as host
 from lib_imgcond.refdrop.spec import SPEC
 from lib_imgcond.spec import registry
@@ -75,7 +75,7 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
                 ("record_every",), ("rate",), ("prompt_lines",), ("batch_sets",),
             ]  # fmt: skip
             image_on_demand = {"visible": p["mode"].default == "Image"}  # shown in mode Image only
-            batch_on_demand = {"visible": p["mode"].default == host.consistent.MODE}  # shown in mode Batch only
+            batch_on_demand = {"visible": p["mode"].default == forge_consistent.MODE}  # shown in mode Batch only
             custom = {
                 "reference": reference,
                 "image": lambda param, elem_id: panel.component(param, elem_id, **image_on_demand),
@@ -147,7 +147,7 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
         batch_comps = [comps["rate"], comps["prompt_lines"], comps["batch_sets"]]
 
         def mode_fn(mode):
-            batch = gr.update(visible=mode == host.consistent.MODE)
+            batch = gr.update(visible=mode == forge_consistent.MODE)
             return gr.update(visible=mode == "Image"), *([batch] * len(batch_comps))
 
         comps["mode"].change(
