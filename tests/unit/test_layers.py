@@ -179,6 +179,12 @@ def test_shared_layers_stay_below_the_techniques():
     assert not errors, "\n".join(errors)
 
 
+def test_modules_stay_small():
+    """Split by concern before a module passes 400 lines (it carries on test_refdrop_store_split's size check)."""
+    long = {n: len(p.read_text().splitlines()) for n, p in layout.modules().items()}
+    assert not {n: k for n, k in long.items() if k >= 400}
+
+
 def test_graph_sees_every_module():
     graph = build_graph(layout.ROOT, layout.PACKAGE)
     assert "lib_imgcond.refdrop.layers" in graph["lib_imgcond.refdrop.forge_refdrop"]
