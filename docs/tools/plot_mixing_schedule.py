@@ -78,7 +78,8 @@ def draw(steps: int = STEPS) -> Image.Image:
         y = ly + 22 + 20 * k
         d.line([(lx, y + 6), (lx + 24, y + 6)], fill=colour, width=3)
         d.text((lx + 30, y), label, fill=BLACK, font=font)
-    notes = ("demofusion_cosine:", " DemoFusion's skip", " residual (default)", "im_cosine: Iterative", " Mixing's cosine")
+    notes = ("demofusion_cosine:", " DemoFusion's skip", " residual (default)", "im_cosine: Iterative", " Mixing's")
+    notes += (" cosine",)
     for k, line in enumerate(notes):
         d.text((lx, ly + 22 + 20 * len(CURVES) + 12 + 14 * k), line, fill=BLACK, font=font)
     return image
@@ -88,7 +89,7 @@ def main(argv: list[str]) -> int:
     out = Path(argv[0]) if argv else ROOT / "docs" / "images" / "mixing-schedule.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     draw().quantize(colors=16).save(out, optimize=True)
-    print(f"{out}: {out.stat().st_size} bytes")
+    sys.stdout.write(f"{out}: {out.stat().st_size} bytes\n")
     return 0
 
 
