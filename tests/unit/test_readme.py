@@ -1,6 +1,6 @@
 """The docs' API reference agrees with the specs: each technique's generated block in its page (docs/<technique>.md) is
 current, and — read back independently of the generator — every table and positional form names the spec's parameters
-in order, with their defaults, ranges and choices."""
+in order, with their defaults, ranges and choices. Also: every relative link of README.md and docs/*.md resolves."""
 
 from __future__ import annotations
 
@@ -29,9 +29,10 @@ def test_the_check_command_passes():
     assert api_docs.main([]) == 0
 
 
-def test_every_technique_has_its_own_page():
+def test_every_technique_has_its_own_page_and_the_readme_no_block():
     assert set(api_docs.DOC_FILES) == set(SPECS)
     assert len(set(api_docs.DOC_FILES.values())) == len(SPECS)
+    assert "<!-- api:" not in api_docs.README.read_text(encoding="utf-8")
 
 
 def block_of(prefix: str) -> str:
@@ -139,3 +140,45 @@ def test_a_page_without_its_markers_is_an_error(tmp_path, monkeypatch):
     page.write_text(page.read_text(encoding="utf-8").replace("<!-- /api:hrmix -->", ""), encoding="utf-8")
     with pytest.raises(ValueError, match=re.escape("docs/hires-mixing.md: no <!-- api:hrmix -->")):
         api_docs.main([])
+
+
+# --- links -----------------------------------------------------------------------------------------------------------
+# UI screenshots of the technique panels: the browser tier (tests/ui) takes them, and they are added to docs/images/
+# from there. Until then only these six names may be linked without existing; every other link must resolve.
+SCREENSHOTS = {
+    f"docs/images/{name}.png" for name in ("refdrop", "redux", "hires-mixing", "clip-guidance", "style-model", "unclip")
+}
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+
+
+def relative_links(text: str) -> list[str]:
+    """The link targets of a Markdown text that point into the repository (no scheme, not a bare #anchor)."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)  # code blocks hold no links
+    return [t for t in LINK.findall(text) if not re.match(r"[a-z][a-z0-9+.-]*:", t) and not t.startswith("#")]
+
+
+def markdown_files() -> list:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("path", markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(path):
+    broken = []
+    for target in relative_links(path.read_text(encoding="utf-8")):
+        file = (path.parent / target.split("#")[0]).resolve()
+        rel = file.relative_to(ROOT).as_posix() if file.is_relative_to(ROOT) else str(file)
+        if not file.exists() and rel not in SCREENSHOTS:
+            broken.append(target)
+    assert not broken, f"{path.name}: links to missing files {broken}"
+
+
+def test_the_link_check_finds_a_broken_link():
+    assert relative_links("see [a](docs/nope.md#x), ![b](img.png), [c](https://x.org), [d](#e)") == [
+        "docs/nope.md#x",
+        "img.png",
+    ]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "docs/images/mixing-schedule.png" in relative_links(readme)
+    assert (ROOT / "docs/images/mixing-schedule.png").exists()
+    shown = {(ROOT / t).resolve().relative_to(ROOT).as_posix() for t in relative_links(readme)}
+    assert shown >= SCREENSHOTS, "the README shows every technique's screenshot"
