@@ -1,14 +1,15 @@
-"""The README's API reference (positional form and argument table of each technique), generated from the specs.
+"""The API reference of each technique (positional form and argument table), generated from the specs.
 
 Names, order, kinds, defaults, ranges and choices come from the `Spec` of each technique; this module adds only the
 prose (a meaning per argument, and the allowed values where a type alone does not say them). Every spec parameter
 must have a meaning here (the spec's `info` serves when it says enough) and every entry here must name a parameter,
-so a parameter added, renamed or moved shows up as a stale README in `tests/unit/test_readme.py`.
+so a parameter added, renamed or moved shows up as a stale reference page in `tests/unit/test_readme.py`.
 
-    python -m lib_imgcond.ui.api_docs          # check README.md (exit status 1 when stale)
-    python -m lib_imgcond.ui.api_docs --write  # rewrite its generated blocks
+    python -m lib_imgcond.ui.api_docs          # check the docs pages (exit status 1 when one is stale)
+    python -m lib_imgcond.ui.api_docs --write  # rewrite their generated blocks
 
-In README.md each block sits between `<!-- api:<prefix> -->` and `<!-- /api:<prefix> -->`.
+Each technique's block lives in its own page, `DOC_FILES[prefix]` (e.g. docs/refdrop.md), between
+`<!-- api:<prefix> -->` and `<!-- /api:<prefix> -->`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,16 @@ from lib_imgcond.ui.unclip_spec import SPEC as UNCLIP
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 SLOT = "k"  # how a slot-numbered parameter is written in the table: `imagek`
-WIDTH = 120  # README prose line width
+WIDTH = 120  # prose line width of the generated blocks
+# the page each technique's generated block is written into, relative to the repository root (README.parent)
+DOC_FILES: dict[str, str] = {
+    "refdrop": "docs/refdrop.md",
+    "hrmix": "docs/hires-mixing.md",
+    "flexdiffuse": "docs/clip-guidance.md",
+    "redux": "docs/redux.md",
+    "style_model": "docs/style-model.md",
+    "unclip": "docs/unclip.md",
+}
 
 
 @dataclass(frozen=True)
@@ -321,7 +331,7 @@ def table(spec: Spec) -> str:
 
 
 def block(spec: Spec) -> str:
-    """The generated README block of one technique (without its markers)."""
+    """The generated block of one technique (without its markers)."""
     slots = any(n > 1 for _, n in groups(spec))
     lead = f"Positional form (`{SLOT}` = 1…{SLOTS}: the slot number)" if slots else "Positional form"
     return f"{_wrap(f'{lead}: `{positional(spec)}`.')}\n\n{table(spec)}"
@@ -342,25 +352,49 @@ def _marker(prefix: str) -> re.Pattern:
     return re.compile(rf"(<!-- api:{re.escape(prefix)} -->)(.*?)(<!-- /api:{re.escape(prefix)} -->)", re.S)
 
 
-def render(text: str) -> str:
-    """README text with every generated block brought up to date (ValueError when a block's markers are missing)."""
+def doc_path(prefix: str) -> Path:
+    """The page holding the generated block of the technique `prefix`."""
+    return README.parent / DOC_FILES[prefix]
+
+
+def render(text: str, prefixes: list[str] | None = None) -> str:
+    """`text` with the generated blocks of the techniques `prefixes` (default: every technique) brought up to date
+    (ValueError when a block's markers are missing)."""
     for spec in SPECS:
+        if prefixes is not None and spec.prefix not in prefixes:
+            continue
         pattern = _marker(spec.prefix)
         if not pattern.search(text):
-            raise ValueError(f"README.md has no <!-- api:{spec.prefix} --> … <!-- /api:{spec.prefix} --> block")
+            raise ValueError(f"no <!-- api:{spec.prefix} --> … <!-- /api:{spec.prefix} --> block")
         text = pattern.sub(lambda m, s=spec: f"{m.group(1)}\n{block(s)}\n{m.group(3)}", text)
     return text
 
 
+def pages() -> dict[Path, list[str]]:
+    """Each page with a generated block, and the techniques whose blocks it holds (every spec needs a page)."""
+    out: dict[Path, list[str]] = {}
+    for spec in SPECS:
+        if spec.prefix not in DOC_FILES:
+            raise ValueError(f"{spec.prefix}: no page in DOC_FILES for its generated block")
+        out.setdefault(doc_path(spec.prefix), []).append(spec.prefix)
+    return out
+
+
 def main(argv: list[str]) -> int:
-    current = README.read_text(encoding="utf-8")
-    fresh = render(current)
-    if "--write" in argv:
+    stale = []
+    for path, prefixes in pages().items():
+        current = path.read_text(encoding="utf-8")
+        try:
+            fresh = render(current, prefixes)
+        except ValueError as e:
+            raise ValueError(f"{path.relative_to(README.parent)}: {e}") from None
         if fresh != current:
-            README.write_text(fresh, encoding="utf-8")
-        return 0
-    if fresh != current:
-        sys.stderr.write("README.md's API blocks are stale: run python -m lib_imgcond.ui.api_docs --write\n")
+            if "--write" in argv:
+                path.write_text(fresh, encoding="utf-8")
+            else:
+                stale.append(str(path.relative_to(README.parent)))
+    if stale:
+        sys.stderr.write(f"stale API blocks in {', '.join(stale)}: run python -m lib_imgcond.ui.api_docs --write\n")
         return 1
     return 0
 
