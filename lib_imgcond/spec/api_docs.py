@@ -1,14 +1,15 @@
-"""The README's API reference (positional form and argument table of each technique), generated from the specs.
+"""The API reference of each technique (positional form and argument table), generated from the specs.
 
 Names, order, kinds, defaults, ranges and choices come from the `Spec` of each technique; this module adds only the
 prose (a meaning per argument, and the allowed values where a type alone does not say them). Every spec parameter
 must have a meaning here (the spec's `info` serves when it says enough) and every entry here must name a parameter,
-so a parameter added, renamed or moved shows up as a stale README in `tests/unit/test_readme.py`.
+so a parameter added, renamed or moved shows up as a stale reference page in `tests/unit/test_readme.py`.
 
-    python -m lib_imgcond.spec.api_docs          # check README.md (exit status 1 when stale)
-    python -m lib_imgcond.spec.api_docs --write  # rewrite its generated blocks
+    python -m lib_imgcond.spec.api_docs          # check the docs pages (exit status 1 when one is stale)
+    python -m lib_imgcond.spec.api_docs --write  # rewrite their generated blocks
 
-In README.md each block sits between `<!-- api:<prefix> -->` and `<!-- /api:<prefix> -->`.
+Each technique's block lives in its own page, `DOC_FILES[prefix]` (e.g. docs/refdrop.md), between
+`<!-- api:<prefix> -->` and `<!-- /api:<prefix> -->`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from lib_imgcond.flexdiffuse.spec import SPEC as FLEX
@@ -24,181 +24,24 @@ from lib_imgcond.mixing.spec import SPEC as MIXING
 from lib_imgcond.redux.spec import SLOTS
 from lib_imgcond.redux.spec import SPEC as REDUX
 from lib_imgcond.refdrop.spec import SPEC as REFDROP
+from lib_imgcond.spec.api_prose import DOCS, EXTRA_ROWS, Doc
 from lib_imgcond.spec.params import Param, Spec, _num
 from lib_imgcond.style.spec import SPEC as STYLE
 from lib_imgcond.unclip.spec import SPEC as UNCLIP
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 SLOT = "k"  # how a slot-numbered parameter is written in the table: `imagek`
-WIDTH = 120  # README prose line width
-
-
-@dataclass(frozen=True)
-class Doc:
-    meaning: str = ""  # empty: the spec's info
-    allowed: str = ""  # empty: from the spec (range, choices, kind)
-    note: str = ""  # appended to the spec's allowed values
-
-
-LAYERS = (
-    "`all`, `input`, `middle`, `output`, `output:0-5`, `input:0,2` … (SD1.5: input 0–5, middle 0, output 0–8; "
-    "SDXL: input 0–23, middle 0–9, output 0–35); Flux: `double`, `single`, `double:0-18`, `single:0-37` … "
-    "(Flux.1: double 0–18, single 0–37)"
-)
-
-DOCS: dict[str, dict[str, Doc]] = {
-    "refdrop": {
-        "mode": Doc(
-            "`Record`: store this generation's self-attention K/V as `reference`; `Use`: blend references into it; "
-            "`Image`: take the reference from `image` (the UNet runs once more per evaluation, on the image noised "
-            "to that evaluation's level) and blend it in; `Batch`: consistent batch, no reference: inside one batch "
-            "every image's self-attention also attends to a seeded random share `rate` of the other images' tokens, "
-            "`out_i = (1−c)·Attn(Q_i,K_i,V_i) + c·Attn(Q_i,[K_i; S(K_others)],[V_i; S(V_others)])` (batch size ≥ 2; "
-            "on Flux and Chroma image tokens only)"
-        ),
-        "reference": Doc("the reference to record into or to use (not used by `Batch`)", "a file-safe name"),
-        "coefficient": Doc("RFG coefficient c of `reference`; `Batch`: c of the shared-token attention"),
-        "more_references": Doc(
-            "Use / Image: further references, each with its own c: `Σ c_j·Attn_j + (1−Σ c_j)·Attn`", "`name:c, name:c`"
-        ),
-        "layers": Doc("Record: which layers to store; Use: which layers to blend", LAYERS),
-        "start": Doc("Use / Image / Batch: start of the step window, as a fraction of the sampling steps"),
-        "end": Doc("Use / Image / Batch: end of the step window"),
-        "hires": Doc("record / use the hires-fix pass too"),
-        "uncond": Doc("record / blend the negative-prompt branch too (cond only by default)"),
-        "save": Doc("Record / Image: also write `models/imgcond/refdrop/<reference>.safetensors`"),
-        "batch_item": Doc("Record: which image of the batch becomes the reference", note=", below the batch size"),
-        "image": Doc("mode Image: the reference image (VAE-encoded at the generation's size)", "base64 image or null"),
-        "rate": Doc(
-            "Batch: the share r of the other images' tokens each image attends to (the same random subset for K and "
-            "V, seeded by the batch's seed, new per layer and evaluation); 0: no effect"
-        ),
-        "prompt_lines": Doc(
-            "Batch: line j is appended (after `, `) to the prompt of image j of every batch, before conditioning; "
-            "the infotext shows each image's real prompt; blank lines leave a prompt alone",
-            "text, at most one line per batch image",
-        ),
-        "batch_sets": Doc(
-            "Batch, batch count > 1: each batch shares tokens within itself, or the first batch keeps a pooled "
-            "share `rate` of its tokens per layer and evaluation (host RAM, within the RAM budget) and the images of "
-            "later batches attend to those instead"
-        ),
-        "storage": Doc(
-            "Record: `K/V` stores every self-attention K/V (GiBs; Use reads them); `Trajectory` stores the model "
-            "inputs of the recorded image (latent, sigma and conditioning per evaluation; SDXL 1024² 20 steps: "
-            "6.5 MB) and Use replays them through the model, one extra model pass per step (SD1.5, SDXL)"
-        ),
-    },
-    "hrmix": {
-        "blend": Doc(
-            "how z′ and the sampler's latent x are combined: `addition` (linear), `slerp` (spherical), `norm_only` "
-            "(x's direction at z′'s norm)"
-        ),
-        "blend_min": Doc(note=" (at most `blend_max`)"),
-    },
-    "flexdiffuse": {
-        "image": Doc("guidance image", "base64 image or null"),
-        "weight": Doc("its weight (0 = skipped)"),
-        "image2": Doc("second guidance image", "base64 image or null"),
-        "weight2": Doc("its weight"),
-        "encoder": Doc(
-            "ViT-L/14 encoder (768-d projection); `Automatic`: among the files whose projection fits, the first (by "
-            "name) of the standard architecture, else the first that fits",
-            "a file name in the folders, or `Automatic`",
-        ),
-        "encoder_g": Doc(
-            "ViT-bigG/14 encoder (1280-d; SDXL only); `Automatic` as for `encoder`", "a file name, or `Automatic`"
-        ),
-        "priority": Doc("mapping priority: best scores first, prompt order, or image token i to position i"),
-        "reuse": Doc("an image token may serve several prompt tokens"),
-        "threshold_mult": Doc("threshold match multiplier"),
-        "threshold_floor": Doc("score from which the threshold weight applies"),
-        "linear_start": Doc("linear ramp at the first token of a chunk"),
-        "linear_end": Doc("linear ramp at the last token of a chunk"),
-        "clustered": Doc("clustered match multiplier"),
-        "max_guidance": Doc("cap on positive weights"),
-        "header_max": Doc("cap on the start token's weight"),
-        "concept": Doc("concept mapping prompt"),
-        "concept_threshold": Doc("concept match threshold"),
-        "direct": Doc("direct image guidance (ignores the prompt)"),
-        "compatible": Doc("FlexDiffuse-compatible mode (the original's mapping and image preprocessing)"),
-        "start": Doc("start of the window (fraction of the noise schedule, tested per model evaluation)"),
-        "end": Doc("end of the window (`end` = `start`: never applies)", note=", at least `start`"),
-        "hires": Doc("guide the hires-fix pass too"),
-    },
-    "redux": {
-        "siglip": Doc(
-            "SigLIP vision encoder",
-            "a file name in `models/imgcond/siglip/` (or an extra folder, `models/clip_vision/`, "
-            '`models/ControlNetPreprocessor/`); `""` = the first SigLIP file found',
-        ),
-        "redux_model": Doc(
-            "Redux projector", 'a file name in `models/imgcond/redux/`; `""` = the first Redux file found'
-        ),
-        "start": Doc("start of the step window (fraction of the noise schedule, tested per model evaluation)"),
-        "end": Doc("end of the step window (`end` = `start`: never applies)", note=", at least `start`"),
-        "use": Doc("slot k is used when on and `imagek` is given"),
-        "image": Doc("reference image k", 'base64 image, or `{"image", "mask"}`'),
-        "mask": Doc("uploaded mask k (white = keep); same size as the image", "base64 image"),
-        "mode": Doc("image preparation"),
-        "margin": Doc("autocrop margin (fraction of width / height)"),
-        "control": Doc("token control: a preset (729 / 169 / 81 / 36 / 25 tokens) or `advanced`"),
-        "factor": Doc("advanced: downsampling factor"),
-        "interpolation": Doc("advanced: downsampling interpolation"),
-        "weight": Doc("tokens × weight²"),
-        "strength_type": Doc("how `strengthk` acts"),
-        "strength": Doc("strength"),
-        "automerge": Doc("merge runs of similar neighbouring tokens (raster order) into their mean"),
-        "merge_threshold": Doc("cosine similarity to the run's mean from which a token joins it"),
-    },
-    "style_model": {
-        "encoder": Doc(
-            "CLIP ViT-L/14 vision encoder, found as for CLIP image guidance's `encoder`",
-            "a file name in `models/imgcond/clip_vision/` (or its extra folder), or `Automatic`",
-        ),
-        "adapter": Doc(
-            "T2I-Adapter style model; `Automatic`: the first file of `models/imgcond/style/`, else the first "
-            "`*style*` file of `models/ControlNet/`",
-            "a `.safetensors` or `.pth` file name, or `Automatic`",
-        ),
-        "strength": Doc("strength of every style token (0 removes them exactly)"),
-        "margin": Doc("autocrop margin (fraction of width / height)"),
-        "start": Doc("start of the step window (fraction of the noise schedule, tested per model evaluation)"),
-        "end": Doc("end of the step window (`end` = `start`: never applies)", note=", at least `start`"),
-        "image": Doc(
-            "style image k (a drawn / given mask keeps only the tokens it covers)",
-            'base64 image, or `{"image", "mask"}`',
-        ),
-        "weight": Doc("its tokens × weight (0: the image is skipped)"),
-        "mode": Doc("image preparation"),
-    },
-    "unclip": {
-        "encoder": Doc(
-            "CLIP vision encoder matching the checkpoint (ViT-H/14, 1024-d, for -h; ViT-L/14, 768-d, for -l); "
-            "`Automatic`: the first fitting file, the standard architecture first",
-            "a file name in `models/imgcond/clip_vision/` (or its extra folder), or `Automatic`",
-        ),
-        "start": Doc("start of the step window (fraction of the noise schedule, tested per model evaluation)"),
-        "end": Doc("end of the step window (`end` = `start`: never applies)", note=", at least `start`"),
-        "image": Doc("image k", "base64 image or null"),
-    },
+WIDTH = 120  # prose line width of the generated blocks
+# the page each technique's generated block is written into, relative to the repository root (README.parent)
+DOC_FILES: dict[str, str] = {
+    "refdrop": "docs/refdrop.md",
+    "hrmix": "docs/hires-mixing.md",
+    "flexdiffuse": "docs/clip-guidance.md",
+    "redux": "docs/redux.md",
+    "style_model": "docs/style-model.md",
+    "unclip": "docs/unclip.md",
 }
 
-EXTRA_ROWS: dict[str, list[tuple[str, str, str, str, str]]] = {
-    # arguments of the named-dict form that are not spec parameters: (name, type, default, allowed, meaning)
-    "flexdiffuse": [
-        ("images", "list", "`[]`", 'up to 16 images or `{"image", "weight"}`', "further images (dict form only)")
-    ],
-    "redux": [
-        (
-            "images",
-            "list",
-            "absent",
-            "up to 4 objects with the slot names without the number",
-            "the slots as a list (dict form only; slots not listed are switched off)",
-        )
-    ],
-}
 
 SPECS: tuple[Spec, ...] = (REFDROP, MIXING, FLEX, REDUX, STYLE, UNCLIP)
 
@@ -321,7 +164,7 @@ def table(spec: Spec) -> str:
 
 
 def block(spec: Spec) -> str:
-    """The generated README block of one technique (without its markers)."""
+    """The generated block of one technique (without its markers)."""
     slots = any(n > 1 for _, n in groups(spec))
     lead = f"Positional form (`{SLOT}` = 1…{SLOTS}: the slot number)" if slots else "Positional form"
     return f"{_wrap(f'{lead}: `{positional(spec)}`.')}\n\n{table(spec)}"
@@ -342,25 +185,49 @@ def _marker(prefix: str) -> re.Pattern:
     return re.compile(rf"(<!-- api:{re.escape(prefix)} -->)(.*?)(<!-- /api:{re.escape(prefix)} -->)", re.S)
 
 
-def render(text: str) -> str:
-    """README text with every generated block brought up to date (ValueError when a block's markers are missing)."""
+def doc_path(prefix: str) -> Path:
+    """The page holding the generated block of the technique `prefix`."""
+    return README.parent / DOC_FILES[prefix]
+
+
+def render(text: str, prefixes: list[str] | None = None) -> str:
+    """`text` with the generated blocks of the techniques `prefixes` (default: every technique) brought up to date
+    (ValueError when a block's markers are missing)."""
     for spec in SPECS:
+        if prefixes is not None and spec.prefix not in prefixes:
+            continue
         pattern = _marker(spec.prefix)
         if not pattern.search(text):
-            raise ValueError(f"README.md has no <!-- api:{spec.prefix} --> … <!-- /api:{spec.prefix} --> block")
+            raise ValueError(f"no <!-- api:{spec.prefix} --> … <!-- /api:{spec.prefix} --> block")
         text = pattern.sub(lambda m, s=spec: f"{m.group(1)}\n{block(s)}\n{m.group(3)}", text)
     return text
 
 
+def pages() -> dict[Path, list[str]]:
+    """Each page with a generated block, and the techniques whose blocks it holds (every spec needs a page)."""
+    out: dict[Path, list[str]] = {}
+    for spec in SPECS:
+        if spec.prefix not in DOC_FILES:
+            raise ValueError(f"{spec.prefix}: no page in DOC_FILES for its generated block")
+        out.setdefault(doc_path(spec.prefix), []).append(spec.prefix)
+    return out
+
+
 def main(argv: list[str]) -> int:
-    current = README.read_text(encoding="utf-8")
-    fresh = render(current)
-    if "--write" in argv:
+    stale = []
+    for path, prefixes in pages().items():
+        current = path.read_text(encoding="utf-8")
+        try:
+            fresh = render(current, prefixes)
+        except ValueError as e:
+            raise ValueError(f"{path.relative_to(README.parent)}: {e}") from None
         if fresh != current:
-            README.write_text(fresh, encoding="utf-8")
-        return 0
-    if fresh != current:
-        sys.stderr.write("README.md's API blocks are stale: run python -m lib_imgcond.spec.api_docs --write\n")
+            if "--write" in argv:
+                path.write_text(fresh, encoding="utf-8")
+            else:
+                stale.append(str(path.relative_to(README.parent)))
+    if stale:
+        sys.stderr.write(f"stale API blocks in {', '.join(stale)}: run python -m lib_imgcond.spec.api_docs --write\n")
         return 1
     return 0
 

@@ -224,7 +224,7 @@ class Spec:
         return out
 
     def api_table(self) -> str:
-        """A Markdown table of the named arguments, for the README."""
+        """A Markdown table of the named arguments, for the docs."""
         rows = ["| name | type | default | allowed |", "|---|---|---|---|", "| `enabled` | bool | true (dict form) | |"]
         for p in self.params:
             rows.append(f"| `{p.name}` | {p.kind} | `{p.default!r}` | {p.allowed} |")

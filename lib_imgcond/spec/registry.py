@@ -1,4 +1,4 @@
-"""The techniques this extension offers, for the /imgcond/v1/techniques route and the README tables."""
+"""The techniques this extension offers, for the /imgcond/v1/techniques route and the docs' tables."""
 
 from __future__ import annotations
 

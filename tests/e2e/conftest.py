@@ -19,6 +19,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.e2e)
             if not configured:
                 item.add_marker(pytest.mark.skip(reason=forge.SKIP_REASON))
+    # The SDXL server (~19 GB) fits beside no other server on a 24 GiB machine: its tests run last, and each stops
+    # whatever server is still up (the session's SD1.5 one) before starting, so one run can hold both
+    items.sort(key=lambda item: item.get_closest_marker("sdxl") is not None)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -71,6 +74,7 @@ def sdxl_server(request):
     """Forge with this extension and the SDXL checkpoint (about 19 GB of RAM: only with IMGCOND_E2E_SDXL=1)."""
     if os.environ.get("IMGCOND_E2E_SDXL") != "1":
         pytest.skip("SDXL e2e tests need about 19 GB of RAM: set IMGCOND_E2E_SDXL=1 to run them")
+    forge.stop_all()  # the SDXL tests run last: no other server is needed again
     yield from _serve(forge.ForgeServer(forge.checkpoint("sdxl"), with_extension=True))
 
 

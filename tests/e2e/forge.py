@@ -1,7 +1,7 @@
 """Start a real Stable Diffusion WebUI Forge headless on CPU and talk to its API.
 
-The WebUI installation is read from the environment (see README "End-to-end tests"); it may be Forge 2.0 or Forge
-Neo, told apart by `host_kind` (the start flags, the settings file and the hires upscaler differ):
+The WebUI installation is read from the environment (see docs/testing.md, "End-to-end tests"); it may be Forge 2.0 or
+Forge Neo, told apart by `host_kind` (the start flags, the settings file and the hires upscaler differ):
 
     IMGCOND_FORGE_DIR      the WebUI's folder: Forge 2.0 (launch.py, backend/, repositories/ with its three cloned
                            repositories) or Forge Neo (launch.py, backend/, modules_forge/packages/ vendored)
@@ -45,7 +45,7 @@ EXT_NAME = "sd-webui-imgcond"
 OURS = re.compile("|".join(re.escape(s) for s in (f"/{EXT_NAME}/", "lib_imgcond", str(REPO) + "/")))
 SKIP_REASON = (
     "end-to-end tests need a Forge installation: set IMGCOND_FORGE_DIR to Forge's folder and IMGCOND_FORGE_PYTHON "
-    "to the python of its virtual environment (README, 'End-to-end tests')"
+    "to the python of its virtual environment (docs/testing.md, 'End-to-end tests')"
 )
 
 

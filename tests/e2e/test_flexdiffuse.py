@@ -177,6 +177,7 @@ def test_routes(server, encoders):
 @pytest.mark.sdxl
 @pytest.mark.skipif(os.environ.get("IMGCOND_E2E_SDXL") != "1", reason="set IMGCOND_E2E_SDXL=1 (needs ~19 GB RAM)")
 def test_sdxl_two_encoders(tmp_path):
+    forge.stop_all()  # the SDXL tests run last (conftest): make room for the ~19 GB server
     srv = forge.ForgeServer(forge.checkpoint("sdxl"), with_extension=True).start()
     try:
         folder = Path(srv.data_dir) / "models" / "imgcond" / "clip_vision"
@@ -194,5 +195,6 @@ def test_sdxl_two_encoders(tmp_path):
         assert forge.max_diff(on.image, plain.image) > 0
         assert f"flexdiffuse_encoder_g: {ENCODER_G}" in on.infotext
         assert not srv.extension_tracebacks()
+        assert not srv.nan_lines()
     finally:
         srv.cleanup()

@@ -118,18 +118,18 @@ def test_hires_pass_uses_its_own_sampler_or_the_first_ones(host_samplers):
     assert host._estimate(p, "sd15", LAYERS, True, 1, 4) == first + 10 * hires
 
 
-def test_the_readmes_reference_listing_names_the_fields_the_api_returns(monkeypatch, tmp_path):
+def test_the_docs_reference_listing_names_the_fields_the_api_returns(monkeypatch, tmp_path):
     import re
 
-    from lib_imgcond.spec.api_docs import README
+    from lib_imgcond.spec.api_docs import doc_path
 
     monkeypatch.setattr(host.library, "references_dir", lambda: str(tmp_path))
     ref = Reference("hero", "sd15", {"width": 64, "height": 64, "steps": {"first": 3}, "layers": []})
     monkeypatch.setitem(forge_library.REFERENCES, "hero", ref)
     (entry,) = forge_library.describe()
-    text = README.read_text(encoding="utf-8")
+    text = doc_path("refdrop").read_text(encoding="utf-8")
     listing = re.search(r"`GET /imgcond/v1/refdrop/references` lists references, each with (.*?);\n", text, re.S)
-    assert listing, "the README's reference listing sentence moved"
+    assert listing, "docs/refdrop.md's reference listing sentence moved"
     names = re.findall(r"`(\w+)`", listing.group(1))
     assert len(names) == len(set(names)), "a field is named twice"
     assert set(names) == set(entry)
