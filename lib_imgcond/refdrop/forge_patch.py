@@ -71,6 +71,20 @@ class PassTracker:
         return self.step >= self.n_steps - 1
 
 
+def refuse_incomplete(name: str, trackers: dict[str, PassTracker], interrupted: bool) -> None:
+    """Raise, saying where it stopped, when a recording's job was interrupted or a pass stopped short of its last step
+    (a partial reference would blend steps that were never recorded as if they were)."""
+    short = [
+        f"{pass_name} pass: step {t.step + 1} of {t.n_steps}" for pass_name, t in trackers.items() if not t.complete
+    ]
+    if interrupted or short:
+        where = "; ".join(short) or "the job was interrupted"
+        raise ImgcondError(
+            f"RefDrop: the recording of '{name}' was interrupted ({where}) and was discarded; nothing was kept "
+            "or saved. Record it again."
+        )
+
+
 def _nearest(schedule: list[float], sigma: float) -> int | None:
     for i, s in enumerate(schedule[:-1]):
         if abs(s - sigma) <= 1e-4 * max(abs(s), 1e-8):

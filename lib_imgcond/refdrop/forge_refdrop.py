@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lib_imgcond.common.errors import ArgumentError, ImgcondError
+from lib_imgcond.common.errors import ArgumentError
 from lib_imgcond.common.log import logger
 from lib_imgcond.host import forge, samplers
 from lib_imgcond.memory import arena
@@ -24,7 +24,7 @@ from lib_imgcond.refdrop import layers as rd
 from lib_imgcond.refdrop import precision as prec
 from lib_imgcond.refdrop import trajectory as rtraj
 from lib_imgcond.refdrop.forge_library import REFERENCES, check_name, lookup
-from lib_imgcond.refdrop.forge_patch import PassTracker
+from lib_imgcond.refdrop.forge_patch import PassTracker, refuse_incomplete
 
 MODES = ("Record", "Use", "Image", consistent.MODE)
 PRECISIONS = prec.PRECISIONS
@@ -245,15 +245,9 @@ def finish_record(
         return replay.finish(job, trackers, save_file, interrupted)
     for flush in job.flushers:
         flush()
-    ref = job.record
-    short = [f"{name} pass: step {t.step + 1} of {t.n_steps}" for name, t in trackers.items() if not t.complete]
-    if interrupted or short:
-        job.record = None
-        where = "; ".join(short) or "the job was interrupted"
-        raise ImgcondError(
-            f"RefDrop: the recording of '{ref.name}' was interrupted ({where}) and was discarded; nothing was kept "
-            "or saved. Record it again."
-        )
+    ref, job.record = job.record, None  # kept again below only when the recording is whole
+    refuse_incomplete(ref.name, trackers, interrupted)
+    job.record = ref
     every = job.record_every
     ref.meta["steps"] = {name: t.n_steps for name, t in trackers.items()}
     ref.meta["trace"] = {name: rd.recorded_trace(t.trace, every) for name, t in trackers.items()}

@@ -14,13 +14,12 @@ from typing import Any
 
 import torch
 
-from lib_imgcond.common.errors import ImgcondError
 from lib_imgcond.common.log import logger
 from lib_imgcond.memory.arena import format_bytes, trim_host_memory
 from lib_imgcond.refdrop import forge_library as library
 from lib_imgcond.refdrop import layers as rd
 from lib_imgcond.refdrop import trajectory as traj
-from lib_imgcond.refdrop.forge_patch import PassTracker, _recorded_eval
+from lib_imgcond.refdrop.forge_patch import PassTracker, _recorded_eval, refuse_incomplete
 
 SKIP = ("control", "control_model", "transformer_options")  # not replayed (no ControlNet on the reference)
 
@@ -113,15 +112,9 @@ def install_replay(unet: Any, job: Any, tracker: PassTracker) -> None:
 
 def finish(job: Any, trackers: dict[str, PassTracker], save_file: bool, interrupted: bool) -> Any:
     """Keep the trajectory as a reference (and save it), or discard an interrupted one, saying so."""
-    ref = job.trajectory
-    short = [f"{name} pass: step {t.step + 1} of {t.n_steps}" for name, t in trackers.items() if not t.complete]
-    if interrupted or short:
-        job.trajectory = None
-        where = "; ".join(short) or "the job was interrupted"
-        raise ImgcondError(
-            f"RefDrop: the recording of '{ref.name}' was interrupted ({where}) and was discarded; nothing was kept "
-            "or saved. Record it again."
-        )
+    ref, job.trajectory = job.trajectory, None  # kept again below only when the trajectory is whole
+    refuse_incomplete(ref.name, trackers, interrupted)
+    job.trajectory = ref
     steps = {name: t.n_steps for name, t in trackers.items()}
     ref.finalize(steps, {name: t.trace for name, t in trackers.items()}, uncond=bool(job.values.get("uncond")))
     with library._LOCK:
