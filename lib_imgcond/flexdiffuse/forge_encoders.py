@@ -23,7 +23,8 @@ from lib_imgcond.vision import config as vision_cfg
 from lib_imgcond.vision import forge_encoders as encoders
 from lib_imgcond.vision import transformer as vision
 
-TECHNIQUE = "CLIP image guidance"
+TECHNIQUE = "CLIP image guidance"  # the default `technique` of the helpers; Style model and unCLIP pass their own
+PREFIX = "flexdiffuse"  # the default argument prefix (Style model: style_model, unCLIP: unclip)
 FOLDER = ("imgcond", "clip_vision")
 EXTENSIONS = encoders.EXTENSIONS
 
@@ -108,56 +109,62 @@ def _is_auto(name: str) -> bool:
     return (name or "").strip().lower() in ("", AUTO.lower(), "auto", "none")
 
 
-def find_file(name: str, extra_dir: str, arg: str) -> str:
-    """The path of the encoder choice `name` (a dropdown choice or a bare file name)."""
+def find_file(name: str, extra_dir: str, arg: str, technique: str = TECHNIQUE, prefix: str = PREFIX) -> str:
+    """The path of the encoder choice `name` (a dropdown choice or a bare file name); errors name `technique` (the
+    accordion title of the caller) and its argument `prefix.arg`."""
     name = name.strip()
     entry = encoders.find(entries(extra_dir), name)
     if entry is not None:
         return entry.path
     where = _describe_dirs(extra_dir)
     if os.path.basename(name) != name or name.startswith("."):
-        raise ArgumentError(f"flexdiffuse.{arg}", name, f"a file name from {where} (no folders)")
+        raise ArgumentError(f"{prefix}.{arg}", name, f"a file name from {where} (no folders)")
     raise ImgcondError(
-        f"{TECHNIQUE}: the encoder file '{name}' ({arg}) is not in {where}. Put it there, or choose "
+        f"{technique}: the encoder file '{name}' ({arg}) is not in {where}. Put it there, or choose "
         f"'{AUTO}' to use the first suitable file found."
     )
 
 
-def inspect(path: str) -> vision_cfg.VisionConfig:
-    """Architecture of an encoder file, read from its header only."""
+def inspect(path: str, technique: str = TECHNIQUE) -> vision_cfg.VisionConfig:
+    """Architecture of an encoder file, read from its header only; errors name `technique`."""
     name = os.path.basename(path)
     try:
         shapes = vision_cfg.read_shapes(path)
     except Exception as e:  # not a safetensors file, truncated, unreadable
-        raise ImgcondError(f"{TECHNIQUE}: cannot read {name} as a .safetensors file ({e})") from None
-    return vision_cfg.detect_config(shapes, name)
+        raise ImgcondError(f"{technique}: cannot read {name} as a .safetensors file ({e})") from None
+    try:
+        return vision_cfg.detect_config(shapes, name)
+    except ImgcondError as e:  # not a vision encoder, OpenCLIP layout, malformed
+        raise ImgcondError(f"{technique}: {e}") from None
 
 
-def check_role(cfg: vision_cfg.VisionConfig, role: str, family: str) -> None:
+def check_role(cfg: vision_cfg.VisionConfig, role: str, family: str, technique: str = TECHNIQUE) -> None:
     """Raise a clear error unless `cfg` is a CLIP vision encoder whose projection fits half `role` of the model."""
     label, dim, arg, wanted = HALVES[role]
     model = forge.FAMILY_LABELS.get(family, family)
     where = "the text embedding" if family == "sd15" else f"the {'CLIP-L' if role == 'L' else 'CLIP-G'} half"
     if cfg.kind != "clip":
         raise ImgcondError(
-            f"{TECHNIQUE} ({arg}): {cfg.source} is a {cfg.name} encoder, not a CLIP vision encoder with projection; "
+            f"{technique} ({arg}): {cfg.source} is a {cfg.name} encoder, not a CLIP vision encoder with projection; "
             f"use a {label} file such as {wanted}"
         )
     if cfg.proj_dim != dim:
         raise ImgcondError(
-            f"{TECHNIQUE} ({arg}): {cfg.source} is {cfg.name} with a {cfg.proj_dim}-d projection, but {where} of "
+            f"{technique} ({arg}): {cfg.source} is {cfg.name} with a {cfg.proj_dim}-d projection, but {where} of "
             f"{model} is {dim}-d: use a {label} encoder such as {wanted}"
         )
 
 
-def auto_pick(role: str, family: str, extra_dir: str = "") -> tuple[str, vision_cfg.VisionConfig]:
+def auto_pick(
+    role: str, family: str, extra_dir: str = "", technique: str = TECHNIQUE
+) -> tuple[str, vision_cfg.VisionConfig]:
     """The first file whose projection fits `role`, preferring the standard architecture."""
     label, dim, _arg, wanted = HALVES[role]
     found: list[tuple[int, int, str, vision_cfg.VisionConfig]] = []
     unfit: list[str] = []
     for order, entry in enumerate(entries(extra_dir)):
         try:
-            cfg = inspect(entry.path)
+            cfg = inspect(entry.path, technique)
         except ImgcondError:
             unfit.append(f"{entry.label}: not a vision encoder")
             continue
@@ -169,7 +176,7 @@ def auto_pick(role: str, family: str, extra_dir: str = "") -> tuple[str, vision_
         model = forge.FAMILY_LABELS.get(family, family)
         others = f" (found only {'; '.join(unfit[:4])})" if unfit else ""
         raise ImgcondError(
-            f"{TECHNIQUE} needs a {label} vision encoder ({dim}-d projection) for {model}, but none is in "
+            f"{technique} needs a {label} vision encoder ({dim}-d projection) for {model}, but none is in "
             f"{_describe_dirs(extra_dir)}{others}. Put {wanted} (Hugging Face CLIPVisionModelWithProjection format) "
             "there."
         )
@@ -177,20 +184,24 @@ def auto_pick(role: str, family: str, extra_dir: str = "") -> tuple[str, vision_
     return found[0][2], found[0][3]
 
 
-def resolve(value: str, role: str, family: str, extra_dir: str = "") -> tuple[str, vision_cfg.VisionConfig]:
-    """Path and architecture of the encoder for `role` ('L' or 'G'), checked against the model."""
+def resolve(
+    value: str, role: str, family: str, extra_dir: str = "", technique: str = TECHNIQUE, prefix: str = PREFIX
+) -> tuple[str, vision_cfg.VisionConfig]:
+    """Path and architecture of the encoder for `role` ('L' or 'G'), checked against the model. Errors name
+    `technique` (the caller's accordion title) and its argument under `prefix`."""
     if _is_auto(value):
-        return auto_pick(role, family, extra_dir)
-    path = find_file(value, extra_dir, HALVES[role][2])
-    cfg = inspect(path)
-    check_role(cfg, role, family)
+        return auto_pick(role, family, extra_dir, technique)
+    path = find_file(value, extra_dir, HALVES[role][2], technique, prefix)
+    cfg = inspect(path, technique)
+    check_role(cfg, role, family, technique)
     return path, cfg
 
 
 # --- loading and encoding ---------------------------------------------------------------------------------------------
-def load_encoder(path: str) -> encoders.Managed:
+def load_encoder(path: str, technique: str = TECHNIQUE) -> encoders.Managed:
     """The encoder in `path`, loaded once and kept (at most two, for SDXL's pair) inside the host's model
-    management. The result has `config`, `encode(images)` and `use()` (see `encoders.Managed`)."""
+    management. The result has `config`, `encode(images)` and `use()` (see `encoders.Managed`). Errors and the log
+    line name `technique`."""
     import safetensors.torch
 
     load, offload, dtype = encoders.placement()
@@ -201,10 +212,13 @@ def load_encoder(path: str) -> encoders.Managed:
         try:
             state = safetensors.torch.load_file(path, device="cpu")
         except Exception as e:
-            raise ImgcondError(f"{TECHNIQUE}: cannot load {name} ({e})") from None
-        module = vision.load_vision_model(state, dtype=dtype, device=offload, source=name)
+            raise ImgcondError(f"{technique}: cannot load {name} ({e})") from None
+        try:
+            module = vision.load_vision_model(state, dtype=dtype, device=offload, source=name)
+        except ImgcondError as e:  # not a vision encoder, wrong tensor names or shapes
+            raise ImgcondError(f"{technique}: {e}") from None
         del state
-        logger.info("%s: loaded %s (%s, %s)", TECHNIQUE, name, module.config.name, str(dtype).replace("torch.", ""))
+        logger.info("%s: loaded %s (%s, %s)", technique, name, module.config.name, str(dtype).replace("torch.", ""))
         return encoders.Managed(module, load, offload, key)
 
     return _MODELS.get(os.path.abspath(path), key, build)

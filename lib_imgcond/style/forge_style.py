@@ -31,7 +31,8 @@ from lib_imgcond.style import adapter as sa
 from lib_imgcond.style.spec import AUTO, SLOT_FIELDS, SLOTS, slot_values, used_slots
 from lib_imgcond.vision import forge_encoders as encoders
 
-TECHNIQUE = "Style model"
+TECHNIQUE = "Style model"  # the accordion title: every error, also of the shared encoder helpers, names it
+PREFIX = "style_model"  # the spec's argument prefix
 FAMILIES = ("sd15",)
 OWN_FOLDER = ("imgcond", "style")
 CONTROLNET_FOLDER = ("ControlNet",)  # where WebUI users keep t2iadapter_style_sd14v1.pth; files named *style* only
@@ -152,11 +153,11 @@ def encode_hidden(model: encoders.Managed, image: torch.Tensor) -> torch.Tensor:
 def plan(p: Any, values: dict, extra_dir: str = "") -> Job:
     """Validate and encode everything a job needs before any sampling; raise ImgcondError otherwise."""
     forge.require_family(p.sd_model, FAMILIES, TECHNIQUE)
-    window.check(float(values["start"]), float(values["end"]), "style_model")
+    window.check(float(values["start"]), float(values["end"]), PREFIX)
     slots = used_slots(values)
     if not slots:
         raise ImgcondError(f"{TECHNIQUE} is on but no style image was given: add image1, or turn {TECHNIQUE} off")
-    enc_path, cfg = forge_encoders.resolve(values["encoder"], "L", "sd15", extra_dir)
+    enc_path, cfg = forge_encoders.resolve(values["encoder"], "L", "sd15", extra_dir, TECHNIQUE, PREFIX)
     adapter_path = resolve_adapter(values["adapter"])
     adapter = load_adapter(adapter_path)
     acfg, aname = adapter.config, os.path.basename(adapter_path)
@@ -167,7 +168,7 @@ def plan(p: Any, values: dict, extra_dir: str = "") -> Job:
             f"{TECHNIQUE}: {aname} takes {acfg.width}-d CLIP vision states but {os.path.basename(enc_path)} gives "
             f"{cfg.hidden}-d ({cfg.name}); use the CLIP ViT-L/14 vision encoder"
         )
-    encoder = forge_encoders.load_encoder(enc_path)
+    encoder = forge_encoders.load_encoder(enc_path, TECHNIQUE)
     strength = float(values["strength"])
     pieces = []
     for k in slots:

@@ -28,7 +28,8 @@ from lib_imgcond.unclip.spec import AUTO, SLOT_FIELDS, SLOTS, used_slots
 from lib_imgcond.vision import config as vision_cfg
 from lib_imgcond.vision import forge_encoders as encoders
 
-TECHNIQUE = "unCLIP"
+TECHNIQUE = "unCLIP"  # the accordion title: every error, also of the shared encoder helpers, names it
+PREFIX = "unclip"  # the spec's argument prefix
 TOWERS = {  # ADM width → (tower, projection, standard architecture, file to get)
     2048: ("ViT-H/14", 1024, "clip-vit-h-14", "CLIP-ViT-H-14.safetensors"),
     1536: ("ViT-L/14", 768, "clip-vit-l-14", "clip_vision_l.safetensors"),
@@ -86,9 +87,9 @@ def resolve_encoder(value: str, width: int, extra_dir: str = "") -> tuple[str, v
     if (value or "").strip().lower() in ("", AUTO.lower(), "auto"):
         found = []
         for name in forge_encoders.list_encoders(extra_dir):
-            path = forge_encoders.find_file(name, extra_dir, "encoder")
+            path = forge_encoders.find_file(name, extra_dir, "encoder", TECHNIQUE, PREFIX)
             try:
-                cfg = forge_encoders.inspect(path)
+                cfg = forge_encoders.inspect(path, TECHNIQUE)
             except ImgcondError:
                 continue
             if cfg.kind == "clip" and cfg.proj_dim == dim:
@@ -99,8 +100,8 @@ def resolve_encoder(value: str, width: int, extra_dir: str = "") -> tuple[str, v
                 f"is in {where}. Put {example} (Hugging Face CLIPVisionModelWithProjection format) there."
             )
         return min(found)[2], min(found)[3]
-    path = forge_encoders.find_file(value, extra_dir, "encoder")
-    cfg = forge_encoders.inspect(path)
+    path = forge_encoders.find_file(value, extra_dir, "encoder", TECHNIQUE, PREFIX)
+    cfg = forge_encoders.inspect(path, TECHNIQUE)
     if cfg.kind != "clip" or cfg.proj_dim != dim:
         raise ImgcondError(
             f"{TECHNIQUE}: {os.path.basename(path)} is {cfg.name} ({cfg.proj_dim}-d), but this checkpoint needs a "
@@ -125,7 +126,7 @@ class Job:
 
 def plan(p: Any, values: dict, extra_dir: str = "") -> Job:
     width = require_unclip(p.sd_model)
-    window.check(float(values["start"]), float(values["end"]), "unclip")
+    window.check(float(values["start"]), float(values["end"]), PREFIX)
     slots = used_slots(values)
     if not slots:
         raise ImgcondError(f"{TECHNIQUE} is on but no image was given: add image1 (an unCLIP model needs one)")
@@ -133,7 +134,7 @@ def plan(p: Any, values: dict, extra_dir: str = "") -> Job:
     if 2 * augmentor.dim != width:
         raise ImgcondError(f"{TECHNIQUE}: the noise augmentor is {augmentor.dim}-d but the UNet takes {width}-d")
     path, _cfg = resolve_encoder(values["encoder"], width, extra_dir)
-    model = forge_encoders.load_encoder(path)
+    model = forge_encoders.load_encoder(path, TECHNIQUE)
     seeds = getattr(p, "all_seeds", None) or [getattr(p, "seed", 0)]
     generator = torch.Generator().manual_seed(int(seeds[0]))
     images = []
