@@ -141,7 +141,8 @@ def test_clear_errors_before_sampling(server, encoders, img, baseline):
     err = server.generate_error(guided(forge.payload(), image=img, encoder=ENCODER_H))
     assert "1024-d projection" in err and "SD1.5 is 768-d" in err and "ViT-L/14" in err
     err = server.generate_error(guided(forge.payload(), image=img, encoder="missing.safetensors"))
-    assert "'missing.safetensors' (encoder) is not in" in err and os.path.join("imgcond", "clip_vision") in err
+    assert "CLIP image guidance: the encoder file 'missing.safetensors' (encoder) is not in" in err, err
+    assert os.path.join("imgcond", "clip_vision") in err
     err = server.generate_error(guided(forge.payload()))
     assert "no guidance image was given" in err
     err = server.generate_error(guided(forge.payload(), image=img, max_guidance=2))

@@ -114,7 +114,8 @@ def test_clear_errors_before_sampling(server, files, img, baseline):
     err = server.generate_error(styled(forge.payload(), image1=img, adapter="imgcond-test-nested.pth"))
     assert "imgcond-test-nested.pth is not a plain state dict of tensors" in err
     err = server.generate_error(styled(forge.payload(), image1=img, encoder="missing.safetensors"))
-    assert "'missing.safetensors' (encoder) is not in" in err
+    assert "Style model: the encoder file 'missing.safetensors' (encoder) is not in" in err, err
+    assert "CLIP image guidance" not in err and "flexdiffuse." not in err, err
     err = server.generate_error(styled(forge.payload()))
     assert "no style image was given" in err
     err = server.generate_error(styled(forge.payload(), image1=img, start=0.6, end=0.5))

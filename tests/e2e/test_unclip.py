@@ -80,6 +80,9 @@ def test_settings_change_the_result(unclip_server, encoders, img, zero_y):
 def test_clear_errors_before_sampling(unclip_server, encoders, img):
     err = unclip_server.generate_error(conditioned(forge.payload(), image1=img, encoder=ENCODER_L))
     assert "768-d" in err and "1024-d projection" in err and "ViT-H/14" in err
+    err = unclip_server.generate_error(conditioned(forge.payload(), image1=img, encoder="missing.safetensors"))
+    assert "unCLIP: the encoder file 'missing.safetensors' (encoder) is not in" in err, err
+    assert "CLIP image guidance" not in err and "flexdiffuse." not in err, err
     err = unclip_server.generate_error(conditioned(forge.payload()))
     assert "no image was given" in err
     err = unclip_server.generate_error(conditioned(forge.payload(), image1=img, start=0.7, end=0.2))
