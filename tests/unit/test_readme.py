@@ -144,8 +144,7 @@ def test_a_page_without_its_markers_is_an_error(tmp_path, monkeypatch):
 
 
 # --- links -----------------------------------------------------------------------------------------------------------
-# UI screenshots of the technique panels: the browser tier (tests/ui) takes them, and they are added to docs/images/
-# from there. Until then only these six names may be linked without existing; every other link must resolve.
+# UI screenshots of the technique panels (the browser tier, tests/ui, takes them; docs/images/ keeps a copy)
 SCREENSHOTS = {
     f"docs/images/{name}.png" for name in ("refdrop", "redux", "hires-mixing", "clip-guidance", "style-model", "unclip")
 }
@@ -167,8 +166,7 @@ def test_relative_links_resolve(path):
     broken = []
     for target in relative_links(path.read_text(encoding="utf-8")):
         file = (path.parent / target.split("#")[0]).resolve()
-        rel = file.relative_to(ROOT).as_posix() if file.is_relative_to(ROOT) else str(file)
-        if not file.exists() and rel not in SCREENSHOTS:
+        if not file.exists():
             broken.append(target)
     assert not broken, f"{path.name}: links to missing files {broken}"
 
