@@ -15,6 +15,7 @@ from lib_imgcond.host import forge, progress
 from lib_imgcond.spec import registry
 from lib_imgcond.vision import forge_encoders as encoders
 from lib_imgcond.webui import panel, script, xyz
+from lib_imgcond.webui.settings import on_settings
 
 registry.register(SPEC)
 
@@ -130,6 +131,6 @@ def add_routes(_demo, app):
         }
 
 
-script_callbacks.on_ui_settings(on_ui_settings)
+on_settings(on_ui_settings)
 xyz.hook(SPEC, SPEC.title)
 script_callbacks.on_app_started(add_routes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import gradio as gr
-from modules import script_callbacks, scripts, shared
+from modules import scripts, shared
 from modules.ui_components import InputAccordion
 
 from lib_imgcond.common.errors import ImgcondError
@@ -16,6 +16,7 @@ from lib_imgcond.redux.spec import SLOTS, SPEC, automerge_paster, expand_images
 from lib_imgcond.spec import registry
 from lib_imgcond.vision import forge_encoders as encoders
 from lib_imgcond.webui import panel, script, xyz
+from lib_imgcond.webui.settings import on_settings
 
 registry.register(SPEC)
 STATE_KEY = "redux"
@@ -187,5 +188,5 @@ def on_ui_settings():
     )
 
 
-script_callbacks.on_ui_settings(on_ui_settings)
+on_settings(on_ui_settings)
 xyz.hook(SPEC, "Redux")

@@ -15,6 +15,7 @@ from lib_imgcond.refdrop import forge_refdrop as host
 from lib_imgcond.refdrop.spec import SPEC
 from lib_imgcond.spec import registry
 from lib_imgcond.webui import panel, script, xyz
+from lib_imgcond.webui.settings import on_settings
 
 registry.register(SPEC)
 
@@ -315,6 +316,6 @@ def add_routes(_demo, app):
         return forge_library.rename(name, new)
 
 
-script_callbacks.on_ui_settings(on_ui_settings)
+on_settings(on_ui_settings)
 xyz.hook(SPEC, "RefDrop", {"reference": forge_library.all_names})
 script_callbacks.on_app_started(add_routes)

@@ -94,7 +94,7 @@ def webui(monkeypatch):
 
 def _webui_stand_ins(monkeypatch) -> None:
     noop = lambda *a, **k: None  # noqa: E731
-    shared = _module("modules.shared", opts=SimpleNamespace(), OptionInfo=noop)
+    shared = _module("modules.shared", opts=SimpleNamespace(), OptionInfo=noop, cmd_opts=SimpleNamespace(nowebui=False))
     mods = {
         "gradio": _module("gradio", __version__="3.41.2", update=noop, Markdown=noop, Number=object),
         "modules": _module("modules"),
