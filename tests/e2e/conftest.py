@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.e2e import forge, guard
+from tests.e2e import forge, guard, webui
 
 
 def pytest_collection_modifyitems(config, items):
@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    forge.stop_all()  # whatever a failing fixture left behind
+    webui.stop_all()  # whatever a failing fixture left behind
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -39,13 +39,13 @@ def _no_nan_in_server_logs(request):
     if "tests/e2e/" not in str(request.node.fspath).replace("\\", "/"):
         yield
         return
-    marks = {srv: srv.log_size() for srv in list(forge._LIVE)}
+    marks = {srv: srv.log_size() for srv in list(webui._LIVE)}
     yield
-    found = [line for srv in list(forge._LIVE) for line in srv.nan_lines(marks.get(srv, 0))]
+    found = [line for srv in list(webui._LIVE) for line in srv.nan_lines(marks.get(srv, 0))]
     assert not found, "the server logged NaN during this test:\n" + "\n".join(found[:10])
 
 
-def _serve(srv: forge.ForgeServer):
+def _serve(srv: webui.ForgeServer):
     """Start `srv`, hand it to the tests, then fail if the extension logged an unexpected traceback; always stop it."""
     srv.start()
     yield srv
@@ -66,7 +66,7 @@ def sd15_ckpt():
 @pytest.fixture(scope="session")
 def server(sd15_ckpt):
     """Forge with this extension, SD1.5 random checkpoint. Fails the session if the extension logged a traceback."""
-    yield from _serve(forge.ForgeServer(sd15_ckpt, with_extension=True))
+    yield from _serve(webui.ForgeServer(sd15_ckpt, with_extension=True))
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +74,14 @@ def sdxl_server(request):
     """Forge with this extension and the SDXL checkpoint (about 19 GB of RAM: only with IMGCOND_E2E_SDXL=1)."""
     if os.environ.get("IMGCOND_E2E_SDXL") != "1":
         pytest.skip("SDXL e2e tests need about 19 GB of RAM: set IMGCOND_E2E_SDXL=1 to run them")
-    forge.stop_all()  # the SDXL tests run last: no other server is needed again
-    yield from _serve(forge.ForgeServer(forge.checkpoint("sdxl"), with_extension=True))
+    webui.stop_all()  # the SDXL tests run last: no other server is needed again
+    yield from _serve(webui.ForgeServer(forge.checkpoint("sdxl"), with_extension=True))
 
 
 @pytest.fixture(scope="session")
 def baseline(sd15_ckpt):
     """Render fixed requests on a Forge started with --disable-extra-extensions, then stop it (saves memory)."""
-    srv = forge.ForgeServer(sd15_ckpt, with_extension=False).start()
+    srv = webui.ForgeServer(sd15_ckpt, with_extension=False).start()
     try:
         txt = srv.generate(forge.payload())
         init = forge.encode(txt.image)
@@ -99,4 +99,4 @@ def unclip_server():
     """Forge 2.0 with this extension and a random SD2.1-unclip-h checkpoint (Forge Neo cannot load one)."""
     if forge.is_neo():
         pytest.skip("Forge Neo cannot load SD2.1 unCLIP checkpoints: its model detection has no SD2.x models at all")
-    yield from _serve(forge.ForgeServer(forge.checkpoint("sd21unclip_h"), with_extension=True))
+    yield from _serve(webui.ForgeServer(forge.checkpoint("sd21unclip_h"), with_extension=True))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.e2e import forge
+from tests.e2e import forge, webui
 
 TITLE = "clip image guidance"
 ENCODER_L = "imgcond-test-vit-l.safetensors"
@@ -178,8 +178,8 @@ def test_routes(server, encoders):
 @pytest.mark.sdxl
 @pytest.mark.skipif(os.environ.get("IMGCOND_E2E_SDXL") != "1", reason="set IMGCOND_E2E_SDXL=1 (needs ~19 GB RAM)")
 def test_sdxl_two_encoders(tmp_path):
-    forge.stop_all()  # the SDXL tests run last (conftest): make room for the ~19 GB server
-    srv = forge.ForgeServer(forge.checkpoint("sdxl"), with_extension=True).start()
+    webui.stop_all()  # the SDXL tests run last (conftest): make room for the ~19 GB server
+    srv = webui.ForgeServer(forge.checkpoint("sdxl"), with_extension=True).start()
     try:
         folder = Path(srv.data_dir) / "models" / "imgcond" / "clip_vision"
         body = forge.payload(width=128, height=128, steps=2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.e2e import forge
+from tests.e2e import forge, webui
 
 CYCLES = 6
 # Each 20-step 128² SD1.5 reference is ~110 MiB. After the first cycle (allocator warm-up, one-time imports) the RSS
@@ -20,11 +20,11 @@ def _cycle(server, i: int) -> None:
 
 def test_record_delete_cycles_plateau(server):
     _cycle(server, 0)
-    after_first = forge.rss_mib(server)
+    after_first = webui.rss_mib(server)
     readings = []
     for i in range(1, CYCLES):
         _cycle(server, i)
-        readings.append(forge.rss_mib(server))
+        readings.append(webui.rss_mib(server))
     growth = max(readings) - after_first
     (forge.cache_dir() / "logs").mkdir(exist_ok=True)
     (forge.cache_dir() / "logs" / f"memory-{forge.host_kind()}.json").write_text(

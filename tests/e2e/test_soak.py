@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import forge
+from tests.e2e import forge, webui
 from tests.e2e.test_flexdiffuse import ENCODER_L, guidance_image, write_encoder
 
 REQUESTS = 50
@@ -52,7 +52,7 @@ def test_soak(server):
     write_encoder(Path(server.data_dir) / "models" / "imgcond" / "clip_vision", ENCODER_L, 768, seed=1)
     image = guidance_image(3)
     first = server.generate(forge.payload(seed=1)).image
-    start = forge.rss_mib(server)
+    start = webui.rss_mib(server)
     rng = random.Random(0)
     errors, unclear = 0, []
     for _ in range(REQUESTS):
@@ -67,7 +67,7 @@ def test_soak(server):
                 unclear.append((expected, status, text[:300]))
     server.delete("/imgcond/v1/refdrop/references/soak")
     last = server.generate(forge.payload(seed=1)).image
-    end = forge.rss_mib(server)
+    end = webui.rss_mib(server)
     figures = {"requests": REQUESTS, "errors": errors, "rss_start_mib": start, "rss_end_mib": end}
     (forge.cache_dir() / "logs").mkdir(exist_ok=True)
     (forge.cache_dir() / "logs" / f"soak-{forge.host_kind()}.json").write_text(json.dumps(figures))

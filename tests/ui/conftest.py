@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import forge
+from tests.e2e import forge, webui
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -41,7 +41,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    forge.stop_all()
+    webui.stop_all()
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +57,7 @@ def shots() -> Path:
 def ui_server():
     from tests.e2e.test_flexdiffuse import ENCODER_L, write_encoder
 
-    srv = forge.ForgeServer(forge.checkpoint("sd15"), with_extension=True, ui=True)
+    srv = webui.ForgeServer(forge.checkpoint("sd15"), with_extension=True, ui=True)
     write_encoder(srv.data_dir / "models" / "imgcond" / "clip_vision", ENCODER_L, 768, seed=1)
     srv.start(timeout=420)
     yield srv

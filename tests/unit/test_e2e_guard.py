@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.e2e import forge, guard
+from tests.e2e import forge, guard, webui
 
 
 def _png(img: np.ndarray) -> str:
@@ -62,7 +62,7 @@ FORGE_LOG = "modules.devices.NansException: A tensor with NaNs was produced in U
 
 
 def test_nan_reports_in_a_server_log_are_found(tmp_path):
-    srv = forge.ForgeServer.__new__(forge.ForgeServer)
+    srv = webui.ForgeServer.__new__(webui.ForgeServer)
     srv.log_path = tmp_path / "server.log"
     srv.log_path.write_text("Startup time: 12.3s\nModel loaded in 2.1s (Nano banana, nanny, NANDA)\n")
     assert srv.nan_lines() == []  # words that merely contain the letters do not count

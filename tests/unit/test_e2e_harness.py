@@ -10,17 +10,17 @@ import time
 
 import pytest
 
-from tests.e2e import forge
+from tests.e2e import forge, webui
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="process-group and PDEATHSIG semantics are Linux's")
 
 SUITE = """
 import subprocess, sys, time
-from tests.e2e import forge
-child = subprocess.Popen(["sleep", "120"], start_new_session=True, preexec_fn=forge._die_with_parent)
-srv = forge.ForgeServer.__new__(forge.ForgeServer)
+from tests.e2e import webui
+child = subprocess.Popen(["sleep", "120"], start_new_session=True, preexec_fn=webui._die_with_parent)
+srv = webui.ForgeServer.__new__(webui.ForgeServer)
 srv.proc, srv._log = child, None
-forge._LIVE.add(srv)
+webui._LIVE.add(srv)
 print(child.pid, flush=True)
 time.sleep(120)
 """
@@ -56,9 +56,9 @@ def test_server_dies_with_the_suite(sig):
 
 
 def test_refuses_to_start_without_ram(monkeypatch, tmp_path):
-    monkeypatch.setattr(forge, "available_gib", lambda: 3.0)
+    monkeypatch.setattr(webui, "available_gib", lambda: 3.0)
     monkeypatch.setattr(forge, "forge_paths", lambda: (tmp_path, tmp_path / "python"))
-    srv = forge.ForgeServer(tmp_path / "imgcond-random-sd15.safetensors", data_dir=tmp_path)
+    srv = webui.ForgeServer(tmp_path / "imgcond-random-sd15.safetensors", data_dir=tmp_path)
     with pytest.raises(RuntimeError, match=r"3\.0 GiB of RAM available, it needs about 8 GiB"):
         srv.start()
 
@@ -74,7 +74,7 @@ KeyError: 'oops'
 
 
 def test_only_tracebacks_through_our_code_count(tmp_path):
-    srv = forge.ForgeServer.__new__(forge.ForgeServer)
+    srv = webui.ForgeServer.__new__(webui.ForgeServer)
     found = srv.extension_tracebacks(text=HOST_ERROR + OUR_ERROR)
     assert len(found) == 1 and "KeyError" in found[0]
     assert not srv.extension_tracebacks(text=OUR_ERROR.replace("KeyError", "ImgcondError"))
