@@ -20,6 +20,8 @@ import time
 from typing import Any
 
 import torch
+from refdrop_bench_lib import Lib
+from refdrop_bench_runner import FakeUnetPatcher, make_values
 from sdxl_shaped import attention
 
 
@@ -49,19 +51,19 @@ def sample_wrapped(bench: Any, patcher: Any, steps: int, x0: torch.Tensor) -> to
     return x
 
 
-def run(bench: Any, args: argparse.Namespace, main: Any) -> dict[str, Any]:
-    """Record a trajectory reference, then time off and Use; `main` is refdrop_bench (its loaded library and fakes)."""
+def run(bench: Any, args: argparse.Namespace, lib: Lib) -> dict[str, Any]:
+    """Record a trajectory reference, then time off and Use; `lib` is the lib_imgcond under test (load_lib's)."""
     import importlib
 
-    host, installer, patch, arena = main.host, main.installer, main.patch, main.arena
+    host, installer, patch, arena = lib.host, lib.installer, lib.patch, lib.arena
     rt = importlib.import_module("lib_imgcond.refdrop.trajectory")
 
-    class Patcher(main.FakeUnetPatcher):
+    class Patcher(FakeUnetPatcher):
         def set_model_unet_function_wrapper(self, fn) -> None:
             self.model_options["model_function_wrapper"] = fn
 
     def patched(mode: str, ref: Any = None) -> tuple:
-        values = {**main.make_values(mode, args.coefficient), "storage": "Trajectory"}
+        values = {**make_values(mode, args.coefficient), "storage": "Trajectory"}
         job = host.Job(values, "sdxl", bench.layers)
         if mode == "Record":
             job.trajectory = rt.Trajectory("bench", "sdxl", {"width": args.width, "height": args.height})

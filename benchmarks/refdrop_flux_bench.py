@@ -36,8 +36,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import flux_shaped
-import refdrop_bench as rb
 from flux_shaped import FluxShaped
+from refdrop_bench_lib import ROOT, Lib, load_lib
+from refdrop_bench_measure import drop_references
+from refdrop_bench_runner import DTYPES, Run, make_values
 
 
 def floor_handler(kind: str, bufs: list, n_layers: int, n_txt: int, c: float):
@@ -78,9 +80,9 @@ class FakeUnetPatcher:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace):
-        self.args, self.device = args, torch.device(args.device)
-        dtype = rb.DTYPES[args.dtype]
+    def __init__(self, args: argparse.Namespace, lib: Lib):
+        self.args, self.device, self.lib = args, torch.device(args.device), lib
+        dtype = DTYPES[args.dtype]
         with torch.device("meta"):
             model = FluxShaped(hidden=args.hidden, heads=args.hidden // 128, double=args.double, single=args.single)
         model = model.to_empty(device=self.device).to(dtype).eval()
@@ -94,8 +96,8 @@ class Bench:
                 else:
                     prm.zero_()
         self.model = model
-        self.family = rb.rd.dit_family("flux", args.double, args.single, args.hidden)
-        self.layers = frozenset(tuple(x[:3]) for x in rb.rd.layer_table(self.family))
+        self.family = lib.rd.dit_family("flux", args.double, args.single, args.hidden)
+        self.layers = frozenset(tuple(x[:3]) for x in lib.rd.layer_table(self.family))
         lat_h, lat_w = args.height // 8, args.width // 8
         gc = torch.Generator().manual_seed(1)
         self.x0 = torch.randn(1, 16, lat_h, lat_w, generator=gc).to(self.device, dtype)
@@ -146,39 +148,40 @@ class Bench:
             self.last_issue += time.perf_counter() - t0
         return x
 
-    def run_once(self, mode: str, steps: int, ref: Any = None) -> rb.Run:
+    def run_once(self, mode: str, steps: int, ref: Any = None) -> Run:
+        lib = self.lib
         job = tracker = patcher = None
         if mode in ("use", "record"):
-            values = rb.make_values("Record" if mode == "record" else "Use", self.args.coefficient)
-            job = rb.host.Job(values, self.family, self.layers, budget=0)
+            values = make_values("Record" if mode == "record" else "Use", self.args.coefficient)
+            job = lib.host.Job(values, self.family, self.layers, budget=0)
             if mode == "record":
                 meta = {"width": self.args.width, "height": self.args.height}
-                job.record = rb.reference.Reference("bench", self.family, meta)
+                job.record = lib.reference.Reference("bench", self.family, meta)
             else:
                 job.uses = [(ref, self.args.coefficient)]
-            tracker = rb.patch.PassTracker("first", steps)
+            tracker = lib.patch.PassTracker("first", steps)
             tracker.schedule = [float(s) for s in torch.linspace(1.0, 0.0, steps + 1)]
             patcher = FakeUnetPatcher(self.model)
-            rb.installer.install(patcher, job, tracker, None)
+            lib.installer.install(patcher, job, tracker, None)
         self.sync()
         t0 = time.perf_counter()
         if mode.startswith("floor"):
             self.last_x = self.floor(mode.split()[-1], steps, self.x0_use)
         else:
             self.last_x = self.sample(patcher, steps, self.x0_use if mode == "use" else self.x0)
-        recorded = rb.host.finish_record(job, {"first": tracker}, save_file=False) if mode == "record" else None
+        recorded = lib.host.finish_record(job, {"first": tracker}, save_file=False) if mode == "record" else None
         self.sync()
         seconds = time.perf_counter() - t0
         if mode == "use":
-            rb.host.release(job)
-        return rb.Run(seconds, self.last_issue, recorded)
+            lib.host.release(job)
+        return Run(seconds, self.last_issue, recorded)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dtype", choices=tuple(rb.DTYPES), default="bf16")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--height", type=int, default=1024)
     parser.add_argument("--coefficient", type=float, default=0.3)
@@ -190,16 +193,16 @@ def main() -> None:
         "--profile-steps", type=int, default=0, help="also profile floor use and use for this many steps"
     )
     parser.add_argument("--out", default=os.environ.get("OUT"))
-    parser.add_argument("--lib", default=rb.ROOT)
+    parser.add_argument("--lib", default=ROOT)
     args = parser.parse_args()
-    lib = rb.load_lib(args.lib)
+    lib = load_lib(args.lib)  # before anything imports lib_imgcond, so that --lib is the copy measured
     cuda = args.device.startswith("cuda")
     name = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"device {name}, torch {torch.__version__}, {args.dtype}, {args.width}x{args.height}, batch 1, ", end="")
-    print(f"{args.steps} steps x {args.repeats} repeats; lib_imgcond from {lib}", flush=True)
+    print(f"{args.steps} steps x {args.repeats} repeats; lib_imgcond from {lib.folder}", flush=True)
     results: dict[str, Any] = {"device": name, "torch": torch.__version__, "args": vars(args)}
     with torch.inference_mode():
-        bench = Bench(args)
+        bench = Bench(args, lib)
         params = sum(p.numel() for p in bench.model.parameters())
         print(f"model: {params / 1e9:.2f} B params, family {bench.family}", flush=True)
         bench.run_once("off", 2)
@@ -211,13 +214,13 @@ def main() -> None:
         bench.run_once("use", 2, ref)
         bench.run_once("floor use", 2)
         bench.run_once("floor record", 2)
-        runs: dict[str, list[rb.Run]] = {m: [] for m in ("off", "floor use", "use", "floor record", "record (warm)")}
+        runs: dict[str, list[Run]] = {m: [] for m in ("off", "floor use", "use", "floor record", "record (warm)")}
         for _ in range(args.repeats):
             runs["off"].append(bench.run_once("off", args.steps))
             runs["floor use"].append(bench.run_once("floor use", args.steps))
             runs["use"].append(bench.run_once("use", args.steps, ref))
             runs["floor record"].append(bench.run_once("floor record", args.steps))
-            rb.drop_references()
+            drop_references(lib.library)
             ref = None
             run = bench.run_once("record", args.steps)
             ref = run.recorded
@@ -237,7 +240,7 @@ def main() -> None:
     off = runs["off"]
     rows = []
 
-    def row(label: str, rs: list[rb.Run], ratios: list[float]) -> None:
+    def row(label: str, rs: list[Run], ratios: list[float]) -> None:
         ms = [1e3 * r.seconds / args.steps for r in rs]
         issue = statistics.median(1e3 * r.issue / args.steps for r in rs)
         med, ratio = statistics.median(ms), statistics.median(ratios)
