@@ -78,3 +78,32 @@ def test_only_tracebacks_through_our_code_count(tmp_path):
     found = srv.extension_tracebacks(text=HOST_ERROR + OUR_ERROR)
     assert len(found) == 1 and "KeyError" in found[0]
     assert not srv.extension_tracebacks(text=OUR_ERROR.replace("KeyError", "ImgcondError"))
+
+
+SESSION = """
+import time
+from tests.e2e import webui
+
+def test_a_long_one():
+    print("started", flush=True)
+    time.sleep(60)
+
+def test_after_it():
+    print("went on", flush=True)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signalled_suite_stops_instead_of_running_on(tmp_path, sig):
+    """A suite ended by SIGTERM/SIGINT in the middle of a test ends; it does not run the next test."""
+    (tmp_path / "test_session.py").write_text(SESSION)
+    env = {**os.environ, "PYTHONPATH": str(forge.REPO)}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", str(tmp_path / "test_session.py")]
+    suite = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    for line in suite.stdout:
+        if "started" in line:
+            break
+    suite.send_signal(sig)
+    rest = suite.communicate(timeout=30)[0]
+    assert "went on" not in rest, rest
+    assert suite.returncode != 0
