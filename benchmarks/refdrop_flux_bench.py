@@ -96,7 +96,7 @@ class Bench:
                 else:
                     prm.zero_()
         self.model = model
-        self.family = lib.rd.dit_family("flux", args.double, args.single, args.hidden)
+        self.family = f"flux:{args.double}+{args.single}@{args.hidden}"  # the tag, as every lib version writes it
         self.layers = frozenset(tuple(x[:3]) for x in lib.rd.layer_table(self.family))
         lat_h, lat_w = args.height // 8, args.width // 8
         gc = torch.Generator().manual_seed(1)

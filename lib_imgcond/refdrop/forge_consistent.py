@@ -2,7 +2,7 @@
 
 `BatchRunner` has the `Runner` interface the attention sites drive (`on_eval`, `attend`): the UNet attn1 replace
 (`forge_refdrop._install_attn1`, (B, N, C) tensors) and, on Flux and Chroma, the joint attention of every double/single
-block (`forge_dit`, roped (B, heads, tokens, head_dim) tensors whose first `n_txt` tokens are text: only the image
+block (`forge_dit`, roped (B, heads, tokens, head_dim) tensors whose `joint.image` tokens are the image: only the image
 tokens are shared and only the image-token outputs are blended, text tokens keep their own attention). Each chunk of the
 model call whose branch is selected (cond; uncond too with "Uncond branch too") is one group: its rows share tokens with
 each other only. The maths is `refdrop.batch`; this module picks the groups, the seeds and the first batch's pool.
@@ -82,7 +82,7 @@ class BatchRunner:
             seed = cb.derive_seed(job.batch_seed, *site)
             kr, vr = k[rows], v[rows]
             # a DiT's call also holds the text tokens: only image tokens are shared, only their outputs blended
-            ki, vi = (kr[:, :, joint.n_txt :], vr[:, :, joint.n_txt :]) if joint is not None else (kr, vr)
+            ki, vi = (kr[:, :, joint.image], vr[:, :, joint.image]) if joint is not None else (kr, vr)
             shared = None
             if self.read:
                 kept = job.pool.get(site)
@@ -95,7 +95,7 @@ class BatchRunner:
             if shared[0].shape[-2] == 0:
                 continue
             out = attn(q[rows], *cb.joint(kr, vr, shared), rows)
-            tokens = slice(joint.n_txt, None) if joint is not None else slice(None)
+            tokens = joint.image if joint is not None else slice(None)
             cb.blend(base[rows, tokens], out[:, tokens], self.c)
         return base
 

@@ -1,10 +1,13 @@
-"""RefDrop's attention sites on Flux: the joint attention of every double- and single-stream block.
+"""RefDrop's attention sites on DiTs: Flux's double- and single-stream blocks, and the families of `host/sites`.
 
 A model function wrapper runs each model call with `flux_attention.handling` active (the blocks' attention runs our
 handler, restored in `finally`). The handler knows its block from Neo's `transformer_options` (block type and index)
 or, on Forge 2.0, by counting calls in execution order (double blocks, then single blocks); it applies the host's
 RoPE itself only for selected blocks and hands `Runner.attend` the roped (B, heads, tokens, head_dim) tensors with the
 call's text length, so the reference branch attends [current text; reference image] K/V (refdrop/joint.py).
+
+The other DiTs (`install_site`) go through `host.dit_attention`: the family's site names its self-attention modules
+and where a call's image tokens are; every other token of the call is context the reference branch keeps.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lib_imgcond.host import flux_attention
+from lib_imgcond.host import dit_attention, flux_attention
+from lib_imgcond.refdrop import joint as joint_kv
 from lib_imgcond.refdrop.forge_patch import Joint, Runner
 
 
@@ -25,14 +29,19 @@ def blocks(model: Any) -> tuple[int, int, int]:
     return double, single, int(channels)
 
 
-def _reference_mask(mask: torch.Tensor, rows: slice | None, n_txt: int, length: int) -> torch.Tensor:
-    """Another technique's additive mask for the reference branch: its text columns, no bias on reference tokens."""
+def _reference_mask(mask: torch.Tensor, rows: slice | None, image: slice, length: int) -> torch.Tensor:
+    """A mask of the current call for the reference branch's keys: its context columns kept, the reference's image
+    columns open (0 for an additive mask, True for a boolean one)."""
     while mask.ndim < 4:
         mask = mask.unsqueeze(0 if mask.ndim == 2 else 1)
     if rows is not None and mask.shape[0] > 1:
         mask = mask[rows]
-    pad = torch.zeros(*mask.shape[:-1], length - n_txt, dtype=mask.dtype, device=mask.device)
-    return torch.cat((mask[..., :n_txt], pad), dim=-1)
+    n = mask.shape[-1]
+    start, end = image.start or 0, n if image.stop is None else image.stop
+    n_ref = length - start - (n - end)
+    open_ = torch.ones if mask.dtype == torch.bool else torch.zeros
+    ref = open_(*mask.shape[:-1], n_ref, dtype=mask.dtype, device=mask.device)
+    return torch.cat((mask[..., :start], ref, mask[..., end:]), dim=-1)
 
 
 def install(unet: Any, runner: Runner) -> None:
@@ -64,7 +73,7 @@ def install(unet: Any, runner: Runner) -> None:
         def attend_ref(qx, kx, vx, rows):
             if mask is None:
                 return kernel(qx, kx, vx, qx.shape[1], skip_reshape=True)
-            m = _reference_mask(mask, rows, n_txt, kx.shape[2]).to(qx.dtype)
+            m = _reference_mask(mask, rows, slice(n_txt, None), kx.shape[2]).to(qx.dtype)
             out = F.scaled_dot_product_attention(qx, kx, vx, attn_mask=m, dropout_p=0.0, is_causal=False)
             b, heads, length, dim = out.shape
             return out.transpose(1, 2).reshape(b, length, heads * dim)
@@ -85,6 +94,43 @@ def install(unet: Any, runner: Runner) -> None:
     def wrapper(apply_model, args):
         run = model_call(apply_model)
         with flux_attention.handling(model, handler):
+            if inner is not None:
+                return inner(run, args)
+            return run(args["input"], args["timestep"], **args["c"])
+
+    unet.set_model_unet_function_wrapper(wrapper)
+
+
+def install_site(unet: Any, runner: Runner, site: dit_attention.Site, groups: tuple[str, ...]) -> None:
+    """Wrap the pass's model function so RefDrop's handler runs in the family's self-attention for each model call."""
+    model = unet.model.diffusion_model
+    inner = unet.model_options.get("model_function_wrapper")
+    layers = runner.job.layers
+    call: dict = {"chunks": [0], "x": None}
+
+    def handler(key, q, k, v, heads, mask, kw, original):
+        if key not in layers:
+            return original(q, k, v, heads, mask=mask, **kw)
+        split = not kw.get("skip_reshape", False)  # (B, tokens, heads·d) in: attend in (B, heads, tokens, d)
+        q4, k4, v4 = (joint_kv.unpack(t, heads) for t in (q, k, v)) if split else (q, k, v)
+        image = slice(*site.span(model, call["x"], q4.shape[2]))
+
+        def plain():
+            return original(q, k, v, heads, mask=mask, **kw)
+
+        def attend_ref(qx, kx, vx, rows):
+            m = None if mask is None else _reference_mask(mask, rows, image, kx.shape[2])
+            return original(qx, kx, vx, heads, mask=m, **{**kw, "skip_reshape": True})
+
+        return runner.attend(key, q4, k4, v4, call["chunks"], plain, attend_ref, joint=Joint(image.start, image.stop))
+
+    def wrapper(apply_model, args):
+        def run(x, t, **c):
+            call["chunks"] = list((c.get("transformer_options") or {}).get("cond_or_uncond") or [0])
+            call["x"] = x
+            return apply_model(x, t, **c)
+
+        with dit_attention.handling(site, model, groups, handler):
             if inner is not None:
                 return inner(run, args)
             return run(args["input"], args["timestep"], **args["c"])

@@ -13,9 +13,10 @@ from typing import Any
 import torch
 
 from lib_imgcond.host import forge
+from lib_imgcond.host.sites import registry as sites
 from lib_imgcond.refdrop import forge_consistent as consistent
 from lib_imgcond.refdrop import forge_replay as replay
-from lib_imgcond.refdrop import layers as rd
+from lib_imgcond.refdrop.families import DIT, dit_shape
 from lib_imgcond.refdrop.forge_patch import PassTracker, Runner
 from lib_imgcond.refdrop.forge_refdrop import Job
 
@@ -40,10 +41,15 @@ def install(unet: Any, job: Job, tracker: PassTracker, attn) -> None:
         install_image_capture(unet, job, tracker, runner.flush)
     if any(getattr(ref, "replayed", False) for ref, _c in job.uses):  # its replay runs before Image mode's capture
         replay.install_replay(unet, job, tracker)
-    if rd.dit_shape(job.family) is not None:  # after the capture wrapper: its reference call runs inside ours
+    dit = dit_shape(job.family)
+    if dit is not None:  # after the capture wrapper: its reference call runs inside ours
         from lib_imgcond.refdrop import forge_dit as refdrop_dit
 
-        refdrop_dit.install(unet, runner)
+        site = sites.site(dit[0])
+        if site is None:
+            refdrop_dit.install(unet, runner)
+        else:
+            refdrop_dit.install_site(unet, runner, site, DIT[dit[0]].groups)
     else:
         _install_attn1(unet, runner, attn)
 

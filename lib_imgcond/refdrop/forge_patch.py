@@ -104,9 +104,15 @@ def _recorded_eval(ref: reference.Reference, pass_name: str, e: int, progress: f
 
 
 class Joint(NamedTuple):
-    """A DiT attention call: the first `n_txt` tokens are text; K/V are (B, heads, tokens, head_dim)."""
+    """A DiT attention call whose image tokens are `start:end` (None: to the end); every other token is context (the
+    prompt's text, padding) that the reference branch keeps from the current call. K/V are (B, heads, tokens, d)."""
 
-    n_txt: int
+    start: int
+    end: int | None = None
+
+    @property
+    def image(self) -> slice:
+        return slice(self.start, self.end)
 
 
 class Runner:
@@ -196,7 +202,7 @@ class Runner:
                 full = reference.RefKey(self.branch_names[branch], step, *key)
                 kv = (k[row : row + 1], v[row : row + 1])
                 if joint is not None:
-                    kv = tuple(joint_kv.pack(t[:, :, joint.n_txt :]) for t in kv)
+                    kv = tuple(joint_kv.pack(t[:, :, joint.image]) for t in kv)
                 if keep:
                     self.pending.append((full, *kv))
                 if capturing:  # the real call reads them straight from the device
@@ -232,11 +238,13 @@ class Runner:
             else:
                 for j in js:
                     rows = slice(j * b, (j + 1) * b)
-                    entries.append((j, *(joint_kv.with_text(t[rows], r, joint.n_txt) for t, r in ((k, kr), (v, vr)))))
+                    entries.append(
+                        (j, *(joint_kv.with_context(t[rows], r, joint.image) for t, r in ((k, kr), (v, vr))))
+                    )
         if not plan:
             return plain()
         if joint is not None:  # on CUDA only the image-token queries attend the reference (no fused call)
-            return _blend(plain(), q, k, v, b, plan, job.uses, attn, slice(joint.n_txt, None), joint_queries=True)
+            return _blend(plain(), q, k, v, b, plan, job.uses, attn, joint.image, joint_queries=True)
         if fusable and q.is_cuda and q.shape[-2] < FUSE_BELOW_TOKENS:
             fused = _fused(q, k, v, b, plan, job.uses, attn)
             if fused is not None:

@@ -13,7 +13,8 @@ import torch
 
 from lib_imgcond.common.errors import ArgumentError
 from lib_imgcond.common.log import logger
-from lib_imgcond.host import forge, samplers
+from lib_imgcond.host import dit_attention, forge, samplers
+from lib_imgcond.host.sites import registry as sites
 from lib_imgcond.memory import arena
 from lib_imgcond.refdrop import batch as cb
 from lib_imgcond.refdrop import checks, file_format, reference
@@ -23,13 +24,14 @@ from lib_imgcond.refdrop import forge_replay as replay
 from lib_imgcond.refdrop import layers as rd
 from lib_imgcond.refdrop import precision as prec
 from lib_imgcond.refdrop import trajectory as rtraj
+from lib_imgcond.refdrop.families import DIT, dit_family, dit_shape
 from lib_imgcond.refdrop.forge_library import REFERENCES, check_name, lookup
 from lib_imgcond.refdrop.forge_patch import PassTracker, refuse_incomplete
 
 MODES = ("Record", "Use", "Image", consistent.MODE)
 PRECISIONS = prec.PRECISIONS
 precision_from_settings = prec.from_settings
-FAMILIES = ("sd15", "sdxl", "flux", "chroma")  # the families RefDrop was tested on; others are refused by name
+FAMILIES = ("sd15", "sdxl", *DIT)  # the families RefDrop serves; others are refused by name
 
 
 def release(job: Job) -> None:
@@ -122,7 +124,7 @@ def plan(
     if values.get("storage") == "Trajectory" and values["mode"] != "Use":
         if values["mode"] != "Record":
             raise ArgumentError("refdrop.storage", "Trajectory", "'K/V' in mode Image (it keeps the K/V it captures)")
-        if rd.dit_shape(family) is not None:
+        if dit_shape(family) is not None:
             allowed = f"'K/V' on {rd.family_label(family)} (trajectory references are recorded on SD1.5 and SDXL)"
             raise ArgumentError("refdrop.storage", "Trajectory", allowed)
         meta = {"width": int(p.width), "height": int(p.height), "source": "generation"}
@@ -160,10 +162,16 @@ def plan(
 
 def _family_and_layers(p: Any, values: dict) -> tuple[str, frozenset]:
     family = forge.require_family(p.sd_model, FAMILIES, "RefDrop")
-    if family in rd.DIT_FAMILIES:  # tagged with its layer shapes: a reference never crosses DiT architectures
-        from lib_imgcond.refdrop import forge_dit as refdrop_dit
+    if family in DIT:  # tagged with its layer shapes: a reference never crosses DiT architectures
+        model = p.sd_model.forge_objects.unet.model.diffusion_model
+        site = sites.site(family)
+        if site is None:  # Flux's own blocks
+            from lib_imgcond.refdrop import forge_dit as refdrop_dit
 
-        family = rd.dit_family(family, *refdrop_dit.blocks(p.sd_model.forge_objects.unet.model.diffusion_model))
+            double, single, channels = refdrop_dit.blocks(model)
+            family = dit_family(family, (double, single), channels)
+        else:
+            family = dit_family(family, dit_attention.counts(site, model), site.channels(model))
     layers = frozenset(tuple(x[:3]) for x in rd.parse_layers(values["layers"], family))
     if not layers:
         raise ArgumentError("refdrop.layers", values["layers"], "at least one layer")

@@ -29,16 +29,25 @@ def unpack(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.view(b, n, heads, c // heads).transpose(1, 2)
 
 
-def with_text(current: torch.Tensor, ref_packed: torch.Tensor, n_txt: int) -> torch.Tensor:
-    """The reference branch's K (or V) for `current`'s rows: their first `n_txt` tokens, then the reference's
-    image tokens (broadcast from batch 1). Joined in the packed layout (one contiguous copy; a head-major join of
-    a packed reference would be a strided gather) and returned as a (B, heads, tokens, head_dim) view."""
-    b, heads = current.shape[:2]
+def with_context(current: torch.Tensor, ref_packed: torch.Tensor, image: slice) -> torch.Tensor:
+    """The reference branch's K (or V) for `current`'s rows: `current`'s context tokens (all but its `image` span)
+    around the reference's image tokens (broadcast from batch 1), in `current`'s order. Joined in the packed layout
+    (one contiguous copy; a head-major join of a packed reference would be a strided gather) and returned as a
+    (B, heads, tokens, head_dim) view."""
+    b, heads, n = current.shape[:3]
+    start, end = image.start or 0, n if image.stop is None else image.stop
     ref = ref_packed.to(device=current.device, dtype=current.dtype)
     if ref.shape[0] != b:
         ref = ref.expand(b, *ref.shape[1:])
-    joined = torch.cat((pack(current[:, :, :n_txt]), ref), dim=1)
-    return unpack(joined, heads)
+    parts = [pack(current[:, :, :start]), ref] if start else [ref]
+    if end < n:
+        parts.append(pack(current[:, :, end:]))
+    return unpack(torch.cat(parts, dim=1), heads)
+
+
+def with_text(current: torch.Tensor, ref_packed: torch.Tensor, n_txt: int) -> torch.Tensor:
+    """`with_context` for a call whose first `n_txt` tokens are text and the rest the image (Flux's layout)."""
+    return with_context(current, ref_packed, slice(n_txt, None))
 
 
 def joint_blend(

@@ -16,15 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from lib_imgcond.common.errors import ArgumentError, ImgcondError
+from lib_imgcond.refdrop.families import DIT, dit_label, dit_shape
 
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 RefTriple = tuple[torch.Tensor, torch.Tensor, float]
 
 FAMILIES = ("sd15", "sdxl")
 GROUPS = ("input", "middle", "output")
-DIT_FAMILIES = ("flux", "chroma")
-DIT_GROUPS = ("double", "single")
-_DIT = re.compile(r"(?P<base>[a-z0-9]+):(?P<double>\d+)\+(?P<single>\d+)@(?P<channels>\d+)")
 
 # ---------------------------------------------------------------------------------------------
 # Attention blend
@@ -124,51 +122,33 @@ _BLOCKS: dict[str, dict[str, list[tuple[int, int, int, int]]]] = {
 }
 
 
-def dit_family(base: str, double: int, single: int, channels: int) -> str:
-    """The family tag of a DiT model: its base family and its layer shapes, e.g. 'flux:19+38@3072' for Flux.1
-    (19 double-stream and 38 single-stream blocks, 3072 attention channels). References carry it, so a reference
-    from one DiT is never used on another with other blocks or widths."""
-    if base not in DIT_FAMILIES:
-        raise ImgcondError(f"RefDrop supports the DiT families {', '.join(DIT_FAMILIES)}, not {base!r}")
-    return f"{base}:{int(double)}+{int(single)}@{int(channels)}"
-
-
-def dit_shape(family: str) -> tuple[str, int, int, int] | None:
-    """(base, double blocks, single blocks, channels) of a DiT family tag; None for a UNet family."""
-    m = _DIT.fullmatch(family)
-    if m is None:
-        return None
-    return m["base"], int(m["double"]), int(m["single"]), int(m["channels"])
-
-
 def family_label(family: str) -> str:
     """The family as messages name it: 'sdxl', 'Flux (19 double + 38 single blocks, 3072 channels)'."""
-    dit = dit_shape(family)
-    if dit is None:
-        return family
-    base, double, single, channels = dit
-    return f"{base.capitalize()} ({double} double + {single} single blocks, {channels} channels)"
+    return dit_label(family) or family
 
 
 def check_family(family: str) -> str:
     """Return ``family`` if it is supported, else raise ImgcondError."""
-    dit = dit_shape(family)
-    if family not in FAMILIES and (dit is None or dit[0] not in DIT_FAMILIES):
-        raise ImgcondError(f"RefDrop supports SD1.5 and SDXL UNets (family 'sd15' or 'sdxl') and Flux, not {family!r}")
+    if family not in FAMILIES and dit_shape(family) is None:
+        names = ", ".join(f.label for f in DIT.values())
+        raise ImgcondError(
+            f"RefDrop supports SD1.5 and SDXL UNets (family 'sd15' or 'sdxl') and {names}, not {family!r}"
+        )
     return family
 
 
 def groups(family: str) -> tuple[str, ...]:
     """The layer groups of ``family``: input/middle/output on a UNet, double/single on a DiT."""
-    return DIT_GROUPS if dit_shape(check_family(family)) else GROUPS
+    dit = dit_shape(check_family(family))
+    return DIT[dit[0]].groups if dit else GROUPS
 
 
 @cache
 def _table(family: str) -> tuple[LayerId, ...]:
     dit = dit_shape(family)
     if dit is not None:
-        _, double, single = dit[:3]
-        return tuple(LayerId(g, i, 0, i) for g, n in zip(DIT_GROUPS, (double, single), strict=True) for i in range(n))
+        base, counts, _ = dit
+        return tuple(LayerId(g, i, 0, i) for g, n in zip(DIT[base].groups, counts, strict=True) for i in range(n))
     out = []
     for group in GROUPS:
         index = 0
@@ -205,10 +185,12 @@ def layer_shape(family: str, layer: Sequence[Any], width: int, height: int) -> t
     """(tokens, channels) of a layer's self-attention K or V for an image of width×height pixels."""
     group, block_id = str(layer[0]), int(layer[1])
     dit = dit_shape(check_family(family))
-    if dit is not None:  # image tokens: 8× VAE downsampling, then 2×2 patches
-        if group not in DIT_GROUPS or not 0 <= block_id < dit[1 + DIT_GROUPS.index(group)]:
+    if dit is not None:  # image tokens: the family's pixels per token side (VAE downscale × patch size)
+        base, counts, channels = dit
+        fam = DIT[base]
+        if group not in fam.groups or not 0 <= block_id < counts[fam.groups.index(group)]:
             raise ImgcondError(f"{group}:{block_id} is not a block of {family_label(family)}")
-        return math.ceil(width / 16) * math.ceil(height / 16), dit[3]
+        return math.ceil(width / fam.patch) * math.ceil(height / fam.patch), channels
     for bid, _, level, channels in _BLOCKS[check_family(family)].get(group, []):
         if bid == block_id:
             w, h = math.ceil(width / 8), math.ceil(height / 8)

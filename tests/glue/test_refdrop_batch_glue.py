@@ -7,7 +7,7 @@ import torch
 
 from lib_imgcond.common.errors import ArgumentError, ImgcondError
 from lib_imgcond.refdrop import batch as cb
-from lib_imgcond.refdrop import forge_install, forge_patch
+from lib_imgcond.refdrop import families, forge_install, forge_patch
 from lib_imgcond.refdrop import forge_refdrop as host
 from lib_imgcond.refdrop import layers as rd
 from tests.glue.fakes import FakeUnetPatcher, fake_p
@@ -129,7 +129,7 @@ def test_dit_joint_call_shares_image_tokens_only_and_blends_image_outputs_only()
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
         return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
-    family = rd.dit_family("flux", 2, 2, 8)
+    family = families.dit_family("flux", (2, 2), 8)
     key = ("double", 1, 0)
     job = host.Job(dict(VALUES), family, frozenset({key}), batch_seed=3)
     tracker = forge_patch.PassTracker("first", 3)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lib_imgcond.common.errors import ArgumentError, ImgcondError
-from lib_imgcond.refdrop import joint
+from lib_imgcond.refdrop import families, joint
 from lib_imgcond.refdrop import layers as rd
 
 B, H, D, TXT, IMG = 2, 3, 4, 5, 7
@@ -91,12 +91,12 @@ def test_several_references_add_up():
 
 
 # --- DiT layer tables -------------------------------------------------------------------------------------------------
-FLUX = rd.dit_family("flux", 19, 38, 3072)
+FLUX = families.dit_family("flux", (19, 38), 3072)
 
 
 def test_dit_family_tag_and_table():
     assert FLUX == "flux:19+38@3072"
-    assert rd.dit_shape(FLUX) == ("flux", 19, 38, 3072) and rd.dit_shape("sdxl") is None
+    assert families.dit_shape(FLUX) == ("flux", (19, 38), 3072) and families.dit_shape("sdxl") is None
     table = rd.layer_table(FLUX)
     assert len(table) == 57 and table[0][:3] == ("double", 0, 0) and table[19][:3] == ("single", 0, 0)
     assert rd.groups(FLUX) == ("double", "single")
@@ -122,6 +122,10 @@ def test_dit_layer_errors_name_the_valid_ranges(spec):
 
 def test_unknown_dit_families_are_refused():
     with pytest.raises(ImgcondError, match="qwen"):
-        rd.dit_family("qwen", 1, 1, 64)
-    with pytest.raises(ImgcondError, match="not 'wan:1\\+1@64'"):
-        rd.check_family("wan:1+1@64")
+        families.dit_family("qwen", (1, 1), 64)
+    with pytest.raises(ImgcondError, match="not 'sd3:1\\+1@64'"):
+        rd.check_family("sd3:1+1@64")
+    with pytest.raises(ImgcondError, match="layer groups double, single"):
+        families.dit_family("flux", (1,), 64)
+    with pytest.raises(ImgcondError, match="not 'flux:3@64'"):
+        rd.check_family("flux:3@64")

@@ -1,0 +1,100 @@
+"""RefDrop on Forge Neo's newer DiT families through the host's own backend: for each family a tiny model built from
+Neo's own class (tests/e2e/tiny_dits/), sampled through its UnetPatcher and sampling_function on the CPU
+(tests/e2e/refdrop_dit_check.py, run with the host's python). Forge 2.0 has none of these families."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.e2e import forge
+from tests.e2e.tiny_dit import builders
+
+CHECK = forge.REPO / "tests" / "e2e" / "refdrop_dit_check.py"
+
+
+@pytest.fixture(scope="module", params=sorted(builders()))
+def result(request):
+    paths = forge.forge_paths()
+    if paths is None:
+        pytest.skip(forge.SKIP_REASON)
+    if not forge.is_neo():
+        pytest.skip(f"Forge 2.0 has no {request.param} backend: the family exists on Forge Neo only")
+    forge_dir, python = paths
+    proc = subprocess.run(
+        [str(python), str(CHECK), "--family", request.param],
+        cwd=forge_dir, env=forge.offline_env(), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, (
+        f"check failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def test_the_plain_image_is_real(result):
+    assert (
+        result["plain_finite"] and result["plain_std"] > 0.1
+    )  # not NaN, not constant: the identities below mean something
+
+
+def test_the_image_tokens_are_where_the_host_puts_them(result):
+    if not result["span_checked"]:
+        pytest.skip(f"{result['family_key']}: the image tokens are the whole attention call (no span to find)")
+    for size, (ours, hosts) in result["spans"].items():
+        assert ours == hosts, size
+
+
+def test_the_reference_is_tagged_and_holds_image_tokens_of_every_block(result):
+    family = result["family"]
+    assert family.startswith(result["family_key"] + ":") and result["saved_family"] == family
+    blocks = len(result["ref_layers"])
+    assert blocks >= 2 and result["ref_keys"] == 3 * blocks  # 3 evaluations × every block
+    assert result["ref_kv_shape"][:2] == [1, 16]  # image tokens only: 64² → 4×4 patches, no text, no padding
+
+
+def test_recording_and_c0_leave_the_image_bit_identical(result):
+    for key in ("record_vs_plain", "same_c0_vs_plain", "other_c0_vs_plain", "batch_c0_vs_plain", "image_c0_vs_plain",
+                "consistent_c0_vs_plain"):  # fmt: skip
+        assert result[key] == 0.0, key
+
+
+def test_same_seed_record_then_use_gives_the_plain_image(result):
+    assert result["same_c07_vs_plain"] <= 1e-6
+    assert result["cfg_same_c07_vs_plain"] <= 1e-6  # CFG 3 with the uncond branch recorded and blended
+
+
+def test_other_references_blend_and_c_sign_matters(result):
+    for key in ("other_c05_vs_plain", "other_cm03_vs_plain", "other_c05_vs_cm03", "batch_c05_vs_plain",
+                "image_c05_vs_plain", "wide_vs_plain"):  # fmt: skip
+        assert result[key] > 1e-3, key
+    assert min(result["consistent_rows_vs_plain"]) > 1e-3
+    assert result["wide_finite"]
+
+
+def test_every_block_matters(result):
+    assert all(d > 1e-4 for d in result["layer_vs_plain"].values()), result["layer_vs_plain"]
+    assert result["layers_distinct"] > 1e-4
+
+
+def test_the_uncond_branch_is_untouched_unless_asked(result):
+    assert result["cfg_uncond_diff"] == 0.0
+    assert result["cfg_cond_diff"] > 1e-3 and result["cfg_uncond_asked_diff"] > 1e-3
+
+
+def test_the_reload_of_a_saved_reference_blends_the_same(result):
+    assert result["saved_reload_diff"] == 0.0
+
+
+def test_references_of_other_families_are_clear_errors(result):
+    label = result["family_key"]
+    assert "recorded on sd15" in result["err_sd_ref"] and "the loaded model is" in result["err_sd_ref"]
+    assert "Flux (19 double + 38 single" in result["err_flux_ref"]
+    assert "valid indices on" in result["err_layers"], label
+
+
+def test_the_host_is_left_as_it_was(result):
+    assert result["functions_restored"]  # the attention functions are the host's own objects again
+    assert result["hooks_left"] == 0
