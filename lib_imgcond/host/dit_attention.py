@@ -9,7 +9,8 @@ else (a text-only refiner, a cross-attention) reaches the host's function untouc
 
 A handler is `handler(key, q, k, v, heads, mask, kwargs, original)`: `key` is (group, index, 0), q/k/v as the block
 passed them ((B, tokens, heads·d), or (B, heads, tokens, d) with `skip_reshape`), and `original(q, k, v, heads,
-mask=…, **kwargs)` the host's own function.
+mask=…, **kwargs)` the host's own function. `handling` yields a `Calling`: the calling layer and that module's own
+inputs, for a family whose image tokens are placed by them (`image_span`).
 """
 
 from __future__ import annotations
@@ -30,12 +31,42 @@ class Site:
 
     modules: Callable[[Any], Sequence[Sequence[Any]]]
     functions: tuple[tuple[str, str], ...]
-    span: Callable[[Any, Any, int], tuple[int, int]]
+    span: Callable[..., tuple[int, int]]
     channels: Callable[[Any], int]
+    # span takes a fourth argument, the calling module's `Inputs`: for a family whose calls hold tokens that the
+    # latent and the token count do not place (Qwen-Image: the prompt before the image, edit references after it)
+    span_inputs: bool = False
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The positional and keyword arguments a site's module was called with."""
+
+    args: tuple
+    kwargs: dict
+
+    def get(self, name: str, position: int) -> Any:
+        """The argument `name`, passed by keyword or at `position`; None when not passed."""
+        if name in self.kwargs:
+            return self.kwargs[name]
+        return self.args[position] if position < len(self.args) else None
+
+
+@dataclass
+class Calling:
+    """The site's module running now (None between them): its layer key and its inputs."""
+
+    key: tuple | None = None
+    inputs: Inputs | None = None
 
 
 def counts(site: Site, model: Any) -> tuple[int, ...]:
     return tuple(len(group) for group in site.modules(model))
+
+
+def image_span(site: Site, model: Any, x: Any, tokens: int, inputs: Inputs | None) -> tuple[int, int]:
+    """The image tokens' [start, end) in an attention call of `tokens` tokens from the calling module (`inputs`)."""
+    return site.span(model, x, tokens, inputs) if site.span_inputs else site.span(model, x, tokens)
 
 
 def _bind(original: Callable) -> Callable:
@@ -48,15 +79,25 @@ def _bind(original: Callable) -> Callable:
 
 
 @contextmanager
-def handling(site: Site, model: Any, groups: Sequence[str], handler: Callable) -> Iterator[None]:
-    """For the duration of the block: calls of the site's functions from its modules run `handler`."""
-    current: list = [None]
+def handling(site: Site, model: Any, groups: Sequence[str], handler: Callable) -> Iterator[Calling]:
+    """For the duration of the block: calls of the site's functions from its modules run `handler`. Yields the
+    `Calling` that names the module running (its inputs are kept only while it runs)."""
+    calling = Calling()
+
+    def enter(key):
+        def hook(_module, args, kwargs):
+            calling.key, calling.inputs = key, Inputs(args, kwargs)
+
+        return hook
+
+    def leave(_module, _args, _out):
+        calling.key = calling.inputs = None
+
     hooks = []
     for group, modules in zip(groups, site.modules(model), strict=True):
         for index, module in enumerate(modules):
-            key = (group, index, 0)
-            hooks.append(module.register_forward_pre_hook(lambda _m, _a, key=key: current.__setitem__(0, key)))
-            hooks.append(module.register_forward_hook(lambda _m, _a, _o: current.__setitem__(0, None)))
+            hooks.append(module.register_forward_pre_hook(enter((group, index, 0)), with_kwargs=True))
+            hooks.append(module.register_forward_hook(leave))
     swapped = []
     try:
         for module_name, name in site.functions:
@@ -65,7 +106,7 @@ def handling(site: Site, model: Any, groups: Sequence[str], handler: Callable) -
             bind = _bind(original)
 
             def attention(*args, _original=original, _bind=bind, **kwargs):
-                key = current[0]
+                key = calling.key
                 if key is None:
                     return _original(*args, **kwargs)
                 bound = _bind(*args, **kwargs)
@@ -76,9 +117,10 @@ def handling(site: Site, model: Any, groups: Sequence[str], handler: Callable) -
 
             swapped.append((module, name, original))
             setattr(module, name, attention)
-        yield
+        yield calling
     finally:
         for module, name, original in reversed(swapped):
             setattr(module, name, original)
         for hook in hooks:
             hook.remove()
+        calling.key = calling.inputs = None

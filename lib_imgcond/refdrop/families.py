@@ -26,6 +26,7 @@ class DitFamily:
 
 FLUX_GROUPS = ("double", "single")
 _JOINT = "joint text + image attention of every block; image tokens blended, the prompt's tokens kept"
+_JOINT_EDIT = _JOINT + "; Qwen-Image-Edit's reference-image tokens kept as context"
 _SELF = "self-attention over the image tokens of every block (text enters by cross-attention)"
 
 DIT = {
@@ -35,6 +36,7 @@ DIT = {
         DitFamily("chroma", "Chroma", FLUX_GROUPS, what=_JOINT),
         DitFamily("zimage", "Z-Image", ("layers",), what=_JOINT),
         DitFamily("lumina2", "Lumina 2", ("layers",), what=_JOINT),
+        DitFamily("qwen_image", "Qwen-Image", ("blocks",), patch=16, what=_JOINT_EDIT),
     )
 }
 

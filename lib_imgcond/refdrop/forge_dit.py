@@ -106,14 +106,14 @@ def install_site(unet: Any, runner: Runner, site: dit_attention.Site, groups: tu
     model = unet.model.diffusion_model
     inner = unet.model_options.get("model_function_wrapper")
     layers = runner.job.layers
-    call: dict = {"chunks": [0], "x": None}
+    call: dict = {"chunks": [0], "x": None, "calling": None}
 
     def handler(key, q, k, v, heads, mask, kw, original):
         if key not in layers:
             return original(q, k, v, heads, mask=mask, **kw)
         split = not kw.get("skip_reshape", False)  # (B, tokens, heads·d) in: attend in (B, heads, tokens, d)
         q4, k4, v4 = (joint_kv.unpack(t, heads) for t in (q, k, v)) if split else (q, k, v)
-        image = slice(*site.span(model, call["x"], q4.shape[2]))
+        image = slice(*dit_attention.image_span(site, model, call["x"], q4.shape[2], call["calling"].inputs))
 
         def plain():
             return original(q, k, v, heads, mask=mask, **kw)
@@ -130,7 +130,8 @@ def install_site(unet: Any, runner: Runner, site: dit_attention.Site, groups: tu
             call["x"] = x
             return apply_model(x, t, **c)
 
-        with dit_attention.handling(site, model, groups, handler):
+        with dit_attention.handling(site, model, groups, handler) as calling:
+            call["calling"] = calling
             if inner is not None:
                 return inner(run, args)
             return run(args["input"], args["timestep"], **args["c"])

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -85,20 +86,59 @@ def functions() -> list:
     return [getattr(importlib.import_module(m), n) for m, n in site.functions]
 
 
-def _first_call_tokens(model, site, x) -> int:
-    """The token count of the first selected attention call of a plain model call (q's tokens)."""
+def _first_call_span(model, site, x) -> list[int]:
+    """The site's image span in the first selected attention call of a plain model call."""
     from lib_imgcond.host import dit_attention
 
-    seen = []
+    seen, calling = [], []
 
     def handler(key, q, k, v, heads, mask, kw, original):
-        seen.append(q.shape[2] if kw.get("skip_reshape") else q.shape[1])
+        tokens = q.shape[2] if kw.get("skip_reshape") else q.shape[1]
+        seen.append(list(dit_attention.image_span(site, model, x, tokens, calling[0].inputs)))
         return original(q, k, v, heads, mask=mask, **kw)
 
     groups = [f"g{i}" for i in range(len(site.modules(model)))]
-    with dit_attention.handling(site, model, groups, handler):
+    with dit_attention.handling(site, model, groups, handler) as state:
+        calling.append(state)
         model(x, torch.full((x.shape[0],), 0.5), TINY.cond(x.shape[0], 10))
     return seen[0]
+
+
+@contextmanager
+def first_output(module):
+    """Collects the output of `module`'s first call inside the block."""
+    seen: list = []
+    hook = module.register_forward_hook(lambda _m, _a, out: seen.append(out) if not seen else None)
+    try:
+        yield seen
+    finally:
+        hook.remove()
+
+
+def edit_checks(unet, plain) -> dict:
+    """An edit model: Record and Use with reference latents in the model calls blend the generated image's tokens only
+    (the reference latents' tokens and the text are context: their attention output is the plain one)."""
+    model = unet.model.diffusion_model
+    site = sites.site(forge.model_family(tb.engine(TINY, None)))
+    out: dict = {}
+    with TINY.edit([tb.latent(TINY, 1, 96, 64, 7)]):  # a reference image of another size: 24 tokens after the 16
+        x = tb.latent(TINY, 1, 64, 64, 1)
+        start, end = TINY.host_span(model, x, TINY.cond(1, 10))
+        out["edit_spans"] = [_first_call_span(model, site, x), [start, end]]
+        with first_output(site.modules(model)[0][0]) as plain_out:
+            plain_edit, _ = run(unet, None)
+        out["edit_plain_vs_plain"] = diff(plain_edit, plain)  # the references reach the model
+        run(unet, values(mode="Record", reference="edit_same"))
+        ref = forge_library.REFERENCES["edit_same"]
+        out["edit_ref_kv_shape"] = list(ref.get(next(iter(ref)))[0].shape)
+        out["edit_same_c07_vs_plain"] = diff(run(unet, values(reference="edit_same", coefficient=0.7))[0], plain_edit)
+        with first_output(site.modules(model)[0][0]) as use_out:
+            blended, _ = run(unet, values(reference="other", coefficient=0.5))
+        out["edit_c05_vs_plain"] = diff(blended, plain_edit)
+        (img_p, rest_p), (img_u, rest_u) = (TINY.split_output(o[0], end - start) for o in (plain_out, use_out))
+        out["edit_image_rows_diff"], out["edit_other_rows_diff"] = diff(img_u, img_p), diff(rest_u, rest_p)
+        out["edit_other_rows"] = int(rest_p.shape[1])
+    return out
 
 
 def main() -> None:
@@ -118,8 +158,7 @@ def main() -> None:
         for w in (64, 96):
             x = tb.latent(TINY, 1, w, 64, 1)
             start, end = TINY.host_span(unet.model.diffusion_model, x, TINY.cond(1, 10))
-            tokens = _first_call_tokens(unet.model.diffusion_model, site, x)
-            spans[w] = [list(site.span(unet.model.diffusion_model, x, tokens)), [start, end]]
+            spans[w] = [_first_call_span(unet.model.diffusion_model, site, x), [start, end]]
         out["spans"] = spans
     out["plain_std"] = float(plain.double().std())
     out["plain_finite"] = bool(torch.isfinite(plain).all())
@@ -137,6 +176,9 @@ def main() -> None:
     out["other_c05_vs_plain"] = diff(half, plain)
     out["other_cm03_vs_plain"] = diff(neg, plain)
     out["other_c05_vs_cm03"] = diff(half, neg)
+    out["edit_checked"] = TINY.edit is not None
+    if TINY.edit is not None:
+        out.update(edit_checks(unet, plain))
     layers = {}  # every block matters: each one alone moves the image, and differently
     for name in out["ref_layers"]:
         group, index = name.split(":")[:2]

@@ -98,3 +98,17 @@ def test_references_of_other_families_are_clear_errors(result):
 def test_the_host_is_left_as_it_was(result):
     assert result["functions_restored"]  # the attention functions are the host's own objects again
     assert result["hooks_left"] == 0
+
+
+def test_an_edit_models_reference_latents_stay_context(result):
+    if not result["edit_checked"]:
+        pytest.skip(f"{result['family_key']}: no edit reference latents in this family's model calls")
+    ours, hosts = result["edit_spans"]
+    assert ours == hosts and hosts[1] - hosts[0] == 16  # the generated image's 4×4 tokens, not the reference's 6×4
+    assert result["edit_plain_vs_plain"] > 1e-3  # the reference latents reach the model
+    assert result["edit_ref_kv_shape"][:2] == [1, 16]  # recorded: the generated image's tokens only
+    assert result["edit_same_c07_vs_plain"] <= 1e-6
+    assert result["edit_c05_vs_plain"] > 1e-3
+    # the first block's attention: the generated image's outputs blended, the reference latents' and text's plain
+    assert result["edit_image_rows_diff"] > 1e-4 and result["edit_other_rows"] == 24 + 11
+    assert result["edit_other_rows_diff"] == 0.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,11 @@ class Tiny:
     # the image tokens' (start, end) in the first attention call of a model call, read from the host's own
     # intermediates (e.g. the caption length its patchify returns): checks the site's span rule
     host_span: Callable[[Any, torch.Tensor, Any], tuple[int, int]] | None = None
+    # edit models (reference latents appended to the image tokens): `edit(latents)` is a context in which the model
+    # calls carry those latents the way the engine passes them; `split_output(output, n)` splits the output of the
+    # first attention module into (the generated image's n tokens, every other token), by the host's output layout
+    edit: Callable[[list[torch.Tensor]], AbstractContextManager] | None = None
+    split_output: Callable[[Any, int], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def builders() -> dict[str, Callable[[], Tiny]]:
