@@ -25,17 +25,26 @@ from typing import Any
 class Site:
     """How a family's blocks reach their attention. `modules(model)`: the self-attention modules of each layer group,
     in the family's group order; `functions`: (module, name) of every function they call for it; `span(model, x,
-    tokens)`: the image tokens' [start, end) in an attention call over `tokens` tokens of the model call whose
-    latent is `x`, from the host's own inputs; `channels(model)`: the attention width that tags a reference."""
+    tokens, **inputs)`: the image tokens' [start, end) in an attention call over `tokens` tokens of the model call whose
+    latent is `x`, from the host's own inputs; `channels(model)`: the attention width that tags a reference;
+    `inputs(model, x, c)` (optional): what `span` needs from the model call's other arguments `c` (e.g. reference
+    latents whose tokens the host appends to the image's), as keyword arguments; it may refuse a call it cannot
+    serve, before the model runs."""
 
     modules: Callable[[Any], Sequence[Sequence[Any]]]
     functions: tuple[tuple[str, str], ...]
-    span: Callable[[Any, Any, int], tuple[int, int]]
+    span: Callable[..., tuple[int, int]]
     channels: Callable[[Any], int]
+    inputs: Callable[[Any, Any, dict], dict] | None = None
 
 
 def counts(site: Site, model: Any) -> tuple[int, ...]:
     return tuple(len(group) for group in site.modules(model))
+
+
+def span_inputs(site: Site, model: Any, x: Any, c: dict) -> dict:
+    """The keyword arguments of `site.span` for one model call (latent `x`, other arguments `c`)."""
+    return {} if site.inputs is None else site.inputs(model, x, c)
 
 
 def _bind(original: Callable) -> Callable:

@@ -9,6 +9,7 @@ tests/e2e/test_refdrop_dit_backend.py asserts.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -23,7 +24,7 @@ tb = importlib.import_module("tests.e2e.dit_backend")  # sets up the host's back
 import torch  # noqa: E402
 
 from lib_imgcond.common import errors as imgcond_errors  # noqa: E402
-from lib_imgcond.host import forge  # noqa: E402
+from lib_imgcond.host import dit_attention, forge  # noqa: E402
 from lib_imgcond.host.sites import registry as sites  # noqa: E402
 from lib_imgcond.refdrop import file_format, forge_install, forge_library, forge_patch, reference  # noqa: E402
 from lib_imgcond.refdrop import forge_refdrop as host  # noqa: E402
@@ -46,7 +47,7 @@ def processing(unet, w: int, h: int, batch: int = 1):
     )  # fmt: skip
 
 
-def run(unet, v: dict | None, *, w=64, h=64, batch=1, cfg=1.0, noise_seed=5, image=None):
+def run(unet, v: dict | None, *, w=64, h=64, batch=1, cfg=1.0, noise_seed=5, image=None, frames=None):
     """STEPS Euler steps of a w×h generation with RefDrop per `v` (None: off); (final latent, per-step preds)."""
     p = processing(unet, w, h, batch)
     job, pass_unet = None, unet.clone()
@@ -58,7 +59,7 @@ def run(unet, v: dict | None, *, w=64, h=64, batch=1, cfg=1.0, noise_seed=5, ima
         if image is not None:
             job.image_latent = image
         forge_install.install(pass_unet, job, tracker, None)
-    x = tb.latent(TINY, batch, w, h, noise_seed)
+    x = tb.latent(TINY if frames is None else dataclasses.replace(TINY, frames=frames), batch, w, h, noise_seed)
     cond, uncond = TINY.cond(batch, 10), TINY.cond(batch, 20) if cfg != 1.0 else None
     x, preds = tb.sample(pass_unet, TINY, x, sigmas, cfg, cond, uncond)
     if job is not None and job.record is not None and v["mode"] == "Record":
@@ -85,10 +86,12 @@ def functions() -> list:
     return [getattr(importlib.import_module(m), n) for m, n in site.functions]
 
 
-def _first_call_tokens(model, site, x) -> int:
-    """The token count of the first selected attention call of a plain model call (q's tokens)."""
-    from lib_imgcond.host import dit_attention
+def call_kwargs(batch: int) -> dict:
+    return TINY.call_kwargs(batch) if TINY.call_kwargs is not None else {}
 
+
+def _site_span(model, site, x) -> list[int]:
+    """The site's span for the first selected attention call of a plain model call, from the call's token count."""
     seen = []
 
     def handler(key, q, k, v, heads, mask, kw, original):
@@ -96,13 +99,14 @@ def _first_call_tokens(model, site, x) -> int:
         return original(q, k, v, heads, mask=mask, **kw)
 
     groups = [f"g{i}" for i in range(len(site.modules(model)))]
+    c = call_kwargs(x.shape[0])
     with dit_attention.handling(site, model, groups, handler):
-        model(x, torch.full((x.shape[0],), 0.5), TINY.cond(x.shape[0], 10))
-    return seen[0]
+        model(x, torch.full((x.shape[0],), 0.5), TINY.cond(x.shape[0], 10), **c)
+    return list(site.span(model, x, seen[0], **dit_attention.span_inputs(site, model, x, c)))
 
 
 def main() -> None:
-    out: dict = {"family_key": tb.OPTS.family}
+    out: dict = {"family_key": forge.model_family(tb.engine(TINY, None)), "builder": tb.OPTS.family}
     tmp = Path(tempfile.mkdtemp(prefix="imgcond-refdrop-dit-"))
     host.library.references_dir = lambda: str(tmp)
     forge.models_dir = lambda *parts: str(tmp.joinpath(*parts))
@@ -118,8 +122,7 @@ def main() -> None:
         for w in (64, 96):
             x = tb.latent(TINY, 1, w, 64, 1)
             start, end = TINY.host_span(unet.model.diffusion_model, x, TINY.cond(1, 10))
-            tokens = _first_call_tokens(unet.model.diffusion_model, site, x)
-            spans[w] = [list(site.span(unet.model.diffusion_model, x, tokens)), [start, end]]
+            spans[w] = [_site_span(unet.model.diffusion_model, site, x), [start, end]]
         out["spans"] = spans
     out["plain_std"] = float(plain.double().std())
     out["plain_finite"] = bool(torch.isfinite(plain).all())
@@ -186,6 +189,10 @@ def main() -> None:
     out["err_sd_ref"] = error_of(lambda: host.plan(p, values(reference="sdref"), 0, False))
     out["err_flux_ref"] = error_of(lambda: host.plan(p, values(reference="fluxref"), 0, False))
     out["err_layers"] = error_of(lambda: host.plan(p, values(reference="same", layers="output:0"), 0, False))
+    if TINY.refused_frames:  # a latent of several frames: refused before the model runs, the host left as it was
+        out["err_frames"] = error_of(
+            lambda: run(unet, values(mode="Record", reference="f"), frames=TINY.refused_frames)
+        )
     out["functions_restored"] = all(a is b for a, b in zip(functions(), originals, strict=True))
     out["hooks_left"] = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in unet.model.modules())
     print("RESULT " + json.dumps(out))

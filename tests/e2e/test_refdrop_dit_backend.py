@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from lib_imgcond.refdrop.families import DIT
 from tests.e2e import forge
 from tests.e2e.tiny_dit import builders
 
@@ -98,3 +99,11 @@ def test_references_of_other_families_are_clear_errors(result):
 def test_the_host_is_left_as_it_was(result):
     assert result["functions_restored"]  # the attention functions are the host's own objects again
     assert result["hooks_left"] == 0
+
+
+def test_a_latent_of_several_frames_is_a_clear_error(result):
+    if "err_frames" not in result:
+        pytest.skip(f"{result['builder']}: no frame count is refused")
+    message = result["err_frames"]
+    assert message and "RefDrop" in message and "frames" in message, message
+    assert DIT[result["family_key"]].label in message, message  # names the family

@@ -31,9 +31,17 @@ class Tiny:
     # the image tokens' (start, end) in the first attention call of a model call, read from the host's own
     # intermediates (e.g. the caption length its patchify returns): checks the site's span rule
     host_span: Callable[[Any, torch.Tensor, Any], tuple[int, int]] | None = None
+    multiplier: float = 1.0  # the family's sampling_settings multiplier (timestep = sigma × multiplier)
+    downscale: int = 8  # the VAE's pixels per latent side
+    # (batch) -> keyword arguments added to every model call, as another extension would add them (Krea 2's
+    # ref_latents); a model-function wrapper set on the patcher before RefDrop's
+    call_kwargs: Callable[[int], dict] | None = None
+    refused_frames: int = 0  # a latent frame count RefDrop refuses on this family (checked: a clear error); 0: none
 
 
 def builders() -> dict[str, Callable[[], Tiny]]:
+    """Builder name -> builder: the family key, or a variant of a family ('krea2_refs'; its family comes from the
+    Tiny's engine)."""
     out: dict[str, Callable[[], Tiny]] = {}
     folder = Path(__file__).with_name("tiny_dits")
     for info in pkgutil.iter_modules([str(folder)]):
