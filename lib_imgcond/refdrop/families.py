@@ -35,6 +35,7 @@ DIT = {
         DitFamily("chroma", "Chroma", FLUX_GROUPS, what=_JOINT),
         DitFamily("zimage", "Z-Image", ("layers",), what=_JOINT),
         DitFamily("lumina2", "Lumina 2", ("layers",), what=_JOINT),
+        DitFamily("krea2", "Krea 2", ("blocks",), what=_JOINT),  # VAE 8 × patch 2
     )
 }
 
