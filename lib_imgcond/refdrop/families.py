@@ -36,6 +36,7 @@ DIT = {
         DitFamily("zimage", "Z-Image", ("layers",), what=_JOINT),
         DitFamily("lumina2", "Lumina 2", ("layers",), what=_JOINT),
         DitFamily("krea2", "Krea 2", ("blocks",), what=_JOINT),  # VAE 8 × patch 2
+        DitFamily("ernie_image", "ERNIE-Image", ("layers",), what=_JOINT),  # VAE 16 × patch 1
     )
 }
 

@@ -11,6 +11,7 @@ MODULES = {
     "zimage": "lumina",
     "lumina2": "lumina",
     "krea2": "krea",
+    "ernie_image": "ernie",
 }
 
 
