@@ -26,8 +26,11 @@ from typing import Any
 class Site:
     """How a family's blocks reach their attention. `modules(model)`: the self-attention modules of each layer group,
     in the family's group order; `functions`: (module, name) of every function they call for it; `span(model, x,
-    tokens)`: the image tokens' [start, end) in an attention call over `tokens` tokens of the model call whose
-    latent is `x`, from the host's own inputs; `channels(model)`: the attention width that tags a reference."""
+    tokens, **inputs)`: the image tokens' [start, end) in an attention call over `tokens` tokens of the model call whose
+    latent is `x`, from the host's own inputs; `channels(model)`: the attention width that tags a reference;
+    `inputs(model, x, c)` (optional): what `span` needs from the model call's other arguments `c` (e.g. reference
+    latents whose tokens the host appends to the image's), as keyword arguments; it may refuse a call it cannot
+    serve, before the model runs."""
 
     modules: Callable[[Any], Sequence[Sequence[Any]]]
     functions: tuple[tuple[str, str], ...]
@@ -36,6 +39,9 @@ class Site:
     # span takes a fourth argument, the calling module's `Inputs`: for a family whose calls hold tokens that the
     # latent and the token count do not place (Qwen-Image: the prompt before the image, edit references after it)
     span_inputs: bool = False
+    # keyword arguments of `span` read once per model call from its other arguments (`inputs(model, x, c)`; it may
+    # also refuse the call before the model runs): Krea 2's reference-latent tokens
+    inputs: Callable[[Any, Any, dict], dict] | None = None
 
 
 @dataclass(frozen=True)
@@ -64,9 +70,18 @@ def counts(site: Site, model: Any) -> tuple[int, ...]:
     return tuple(len(group) for group in site.modules(model))
 
 
-def image_span(site: Site, model: Any, x: Any, tokens: int, inputs: Inputs | None) -> tuple[int, int]:
-    """The image tokens' [start, end) in an attention call of `tokens` tokens from the calling module (`inputs`)."""
-    return site.span(model, x, tokens, inputs) if site.span_inputs else site.span(model, x, tokens)
+def image_span(
+    site: Site, model: Any, x: Any, tokens: int, inputs: Inputs | None, extra: dict | None = None
+) -> tuple[int, int]:
+    """The image tokens' [start, end) in an attention call of `tokens` tokens from the calling module (`inputs`),
+    with the model call's `span_inputs` (`extra`)."""
+    args = (model, x, tokens, inputs) if site.span_inputs else (model, x, tokens)
+    return site.span(*args, **(extra or {}))
+
+
+def call_inputs(site: Site, model: Any, x: Any, c: dict) -> dict:
+    """The keyword arguments of `site.span` for one model call (latent `x`, other arguments `c`)."""
+    return {} if site.inputs is None else site.inputs(model, x, c)
 
 
 def _bind(original: Callable) -> Callable:

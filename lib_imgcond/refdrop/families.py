@@ -37,6 +37,8 @@ DIT = {
         DitFamily("zimage", "Z-Image", ("layers",), what=_JOINT),
         DitFamily("lumina2", "Lumina 2", ("layers",), what=_JOINT),
         DitFamily("qwen_image", "Qwen-Image", ("blocks",), patch=16, what=_JOINT_EDIT),
+        DitFamily("krea2", "Krea 2", ("blocks",), what=_JOINT),  # VAE 8 × patch 2
+        DitFamily("ernie_image", "ERNIE-Image", ("layers",), what=_JOINT),  # VAE 16 × patch 1
     )
 }
 

@@ -106,14 +106,15 @@ def install_site(unet: Any, runner: Runner, site: dit_attention.Site, groups: tu
     model = unet.model.diffusion_model
     inner = unet.model_options.get("model_function_wrapper")
     layers = runner.job.layers
-    call: dict = {"chunks": [0], "x": None, "calling": None}
+    call: dict = {"chunks": [0], "x": None, "calling": None, "inputs": {}}
 
     def handler(key, q, k, v, heads, mask, kw, original):
         if key not in layers:
             return original(q, k, v, heads, mask=mask, **kw)
         split = not kw.get("skip_reshape", False)  # (B, tokens, heads·d) in: attend in (B, heads, tokens, d)
         q4, k4, v4 = (joint_kv.unpack(t, heads) for t in (q, k, v)) if split else (q, k, v)
-        image = slice(*dit_attention.image_span(site, model, call["x"], q4.shape[2], call["calling"].inputs))
+        image = slice(*dit_attention.image_span(site, model, call["x"], q4.shape[2], call["calling"].inputs,
+                                                call["inputs"]))  # fmt: skip
 
         def plain():
             return original(q, k, v, heads, mask=mask, **kw)
@@ -127,7 +128,7 @@ def install_site(unet: Any, runner: Runner, site: dit_attention.Site, groups: tu
     def wrapper(apply_model, args):
         def run(x, t, **c):
             call["chunks"] = list((c.get("transformer_options") or {}).get("cond_or_uncond") or [0])
-            call["x"] = x
+            call["x"], call["inputs"] = x, dit_attention.call_inputs(site, model, x, c)
             return apply_model(x, t, **c)
 
         with dit_attention.handling(site, model, groups, handler) as calling:

@@ -40,11 +40,19 @@ def build_unet(tiny: Tiny) -> UnetPatcher:
     model.load_device = mm.get_torch_device()
     model.initial_device = torch.device("cpu")
     model.offload_device = mm.unet_offload_device()
-    settings = SimpleNamespace(sampling_settings={"shift": tiny.shift, "multiplier": 1.0})
+    settings = SimpleNamespace(sampling_settings={"shift": tiny.shift, "multiplier": tiny.multiplier})
     pred = PredictionDiscreteFlow(settings)
     backend_args.dynamic_args.ops = "ForgeOperations"  # what Neo's loader sets before building a KModel
-    return UnetPatcher.from_model(model=model, diffusers_scheduler=None, k_predictor=pred,
+    unet = UnetPatcher.from_model(model=model, diffusers_scheduler=None, k_predictor=pred,
                                   config=SimpleNamespace(memory_usage_factor=1.0))  # fmt: skip
+    if tiny.call_kwargs is not None:
+        extra = tiny.call_kwargs
+
+        def with_extra(apply_model, args):
+            return apply_model(args["input"], args["timestep"], **args["c"], **extra(args["input"].shape[0]))
+
+        unet.set_model_unet_function_wrapper(with_extra)
+    return unet
 
 
 def engine(tiny: Tiny, unet: UnetPatcher) -> Any:
@@ -54,7 +62,7 @@ def engine(tiny: Tiny, unet: UnetPatcher) -> Any:
 
 def latent(tiny: Tiny, batch: int, w: int, h: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    shape = (batch, tiny.channels, *((tiny.frames,) if tiny.frames else ()), h // 8, w // 8)
+    shape = (batch, tiny.channels, *((tiny.frames,) if tiny.frames else ()), h // tiny.downscale, w // tiny.downscale)
     return torch.randn(shape, generator=g).to(DTYPE)
 
 

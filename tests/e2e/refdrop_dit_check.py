@@ -9,6 +9,7 @@ tests/e2e/test_refdrop_dit_backend.py asserts.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -24,7 +25,7 @@ tb = importlib.import_module("tests.e2e.dit_backend")  # sets up the host's back
 import torch  # noqa: E402
 
 from lib_imgcond.common import errors as imgcond_errors  # noqa: E402
-from lib_imgcond.host import forge  # noqa: E402
+from lib_imgcond.host import dit_attention, forge  # noqa: E402
 from lib_imgcond.host.sites import registry as sites  # noqa: E402
 from lib_imgcond.refdrop import file_format, forge_install, forge_library, forge_patch, reference  # noqa: E402
 from lib_imgcond.refdrop import forge_refdrop as host  # noqa: E402
@@ -47,7 +48,7 @@ def processing(unet, w: int, h: int, batch: int = 1):
     )  # fmt: skip
 
 
-def run(unet, v: dict | None, *, w=64, h=64, batch=1, cfg=1.0, noise_seed=5, image=None):
+def run(unet, v: dict | None, *, w=64, h=64, batch=1, cfg=1.0, noise_seed=5, image=None, frames=None):
     """STEPS Euler steps of a w×h generation with RefDrop per `v` (None: off); (final latent, per-step preds)."""
     p = processing(unet, w, h, batch)
     job, pass_unet = None, unet.clone()
@@ -59,7 +60,7 @@ def run(unet, v: dict | None, *, w=64, h=64, batch=1, cfg=1.0, noise_seed=5, ima
         if image is not None:
             job.image_latent = image
         forge_install.install(pass_unet, job, tracker, None)
-    x = tb.latent(TINY, batch, w, h, noise_seed)
+    x = tb.latent(TINY if frames is None else dataclasses.replace(TINY, frames=frames), batch, w, h, noise_seed)
     cond, uncond = TINY.cond(batch, 10), TINY.cond(batch, 20) if cfg != 1.0 else None
     x, preds = tb.sample(pass_unet, TINY, x, sigmas, cfg, cond, uncond)
     if job is not None and job.record is not None and v["mode"] == "Record":
@@ -86,21 +87,25 @@ def functions() -> list:
     return [getattr(importlib.import_module(m), n) for m, n in site.functions]
 
 
+def call_kwargs(batch: int) -> dict:
+    return TINY.call_kwargs(batch) if TINY.call_kwargs is not None else {}
+
+
 def _first_call_span(model, site, x) -> list[int]:
     """The site's image span in the first selected attention call of a plain model call."""
-    from lib_imgcond.host import dit_attention
-
     seen, calling = [], []
+    c = call_kwargs(x.shape[0])
+    extra = dit_attention.call_inputs(site, model, x, c)
 
     def handler(key, q, k, v, heads, mask, kw, original):
         tokens = q.shape[2] if kw.get("skip_reshape") else q.shape[1]
-        seen.append(list(dit_attention.image_span(site, model, x, tokens, calling[0].inputs)))
+        seen.append(list(dit_attention.image_span(site, model, x, tokens, calling[0].inputs, extra)))
         return original(q, k, v, heads, mask=mask, **kw)
 
     groups = [f"g{i}" for i in range(len(site.modules(model)))]
     with dit_attention.handling(site, model, groups, handler) as state:
         calling.append(state)
-        model(x, torch.full((x.shape[0],), 0.5), TINY.cond(x.shape[0], 10))
+        model(x, torch.full((x.shape[0],), 0.5), TINY.cond(x.shape[0], 10), **c)
     return seen[0]
 
 
@@ -142,7 +147,7 @@ def edit_checks(unet, plain) -> dict:
 
 
 def main() -> None:
-    out: dict = {"family_key": tb.OPTS.family}
+    out: dict = {"family_key": forge.model_family(tb.engine(TINY, None)), "builder": tb.OPTS.family}
     tmp = Path(tempfile.mkdtemp(prefix="imgcond-refdrop-dit-"))
     host.library.references_dir = lambda: str(tmp)
     forge.models_dir = lambda *parts: str(tmp.joinpath(*parts))
@@ -228,6 +233,10 @@ def main() -> None:
     out["err_sd_ref"] = error_of(lambda: host.plan(p, values(reference="sdref"), 0, False))
     out["err_flux_ref"] = error_of(lambda: host.plan(p, values(reference="fluxref"), 0, False))
     out["err_layers"] = error_of(lambda: host.plan(p, values(reference="same", layers="output:0"), 0, False))
+    if TINY.refused_frames:  # a latent of several frames: refused before the model runs, the host left as it was
+        out["err_frames"] = error_of(
+            lambda: run(unet, values(mode="Record", reference="f"), frames=TINY.refused_frames)
+        )
     out["functions_restored"] = all(a is b for a, b in zip(functions(), originals, strict=True))
     out["hooks_left"] = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in unet.model.modules())
     print("RESULT " + json.dumps(out))

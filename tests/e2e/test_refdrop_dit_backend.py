@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from lib_imgcond.refdrop.families import DIT
 from tests.e2e import forge
 from tests.e2e.tiny_dit import builders
 
@@ -112,3 +113,11 @@ def test_an_edit_models_reference_latents_stay_context(result):
     # the first block's attention: the generated image's outputs blended, the reference latents' and text's plain
     assert result["edit_image_rows_diff"] > 1e-4 and result["edit_other_rows"] == 24 + 11
     assert result["edit_other_rows_diff"] == 0.0
+
+
+def test_a_latent_of_several_frames_is_a_clear_error(result):
+    if "err_frames" not in result:
+        pytest.skip(f"{result['builder']}: no frame count is refused")
+    message = result["err_frames"]
+    assert message and "RefDrop" in message and "frames" in message, message
+    assert DIT[result["family_key"]].label in message, message  # names the family

@@ -37,9 +37,17 @@ class Tiny:
     # first attention module into (the generated image's n tokens, every other token), by the host's output layout
     edit: Callable[[list[torch.Tensor]], AbstractContextManager] | None = None
     split_output: Callable[[Any, int], tuple[torch.Tensor, torch.Tensor]] | None = None
+    multiplier: float = 1.0  # the family's sampling_settings multiplier (timestep = sigma × multiplier)
+    downscale: int = 8  # the VAE's pixels per latent side
+    # (batch) -> keyword arguments added to every model call, as another extension would add them (Krea 2's
+    # ref_latents); a model-function wrapper set on the patcher before RefDrop's
+    call_kwargs: Callable[[int], dict] | None = None
+    refused_frames: int = 0  # a latent frame count RefDrop refuses on this family (checked: a clear error); 0: none
 
 
 def builders() -> dict[str, Callable[[], Tiny]]:
+    """Builder name -> builder: the family key, or a variant of a family ('krea2_refs'; its family comes from the
+    Tiny's engine)."""
     out: dict[str, Callable[[], Tiny]] = {}
     folder = Path(__file__).with_name("tiny_dits")
     for info in pkgutil.iter_modules([str(folder)]):

@@ -105,6 +105,17 @@ def test_dit_family_tag_and_table():
 
 
 @pytest.mark.parametrize(
+    ("base", "count", "channels", "label"), [("krea2", 28, 6144, "Krea 2"), ("ernie_image", 36, 4096, "ERNIE-Image")]
+)
+def test_single_group_dit_families(base, count, channels, label):
+    tag = families.dit_family(base, (count,), channels)
+    assert tag == f"{base}:{count}@{channels}" and families.dit_shape(tag) == (base, (count,), channels)
+    assert families.dit_label(tag) == f"{label} ({count} blocks, {channels} channels)"
+    group = families.DIT[base].groups[0]
+    assert rd.layer_shape(tag, (group, count - 1, 0), 1024, 768) == (64 * 48, channels)  # 16 pixels per token side
+
+
+@pytest.mark.parametrize(
     ("spec", "count"),
     [("all", 57), ("double", 19), ("single:0-9", 10), ("double:0-18, single:0-37", 57), ("double:3, single:1,5", 3)],
 )

@@ -11,6 +11,8 @@ MODULES = {
     "zimage": "lumina",
     "lumina2": "lumina",
     "qwen_image": "qwen",
+    "krea2": "krea",
+    "ernie_image": "ernie",
 }
 
 
