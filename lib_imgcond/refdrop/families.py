@@ -27,6 +27,7 @@ class DitFamily:
 FLUX_GROUPS = ("double", "single")
 _JOINT = "joint text + image attention of every block; image tokens blended, the prompt's tokens kept"
 _SELF = "self-attention over the image tokens of every block (text enters by cross-attention)"
+_VIDEO = "self-attention over the video tokens (every frame) of every block (text enters by cross-attention)"
 
 DIT = {
     f.base: f
@@ -35,6 +36,8 @@ DIT = {
         DitFamily("chroma", "Chroma", FLUX_GROUPS, what=_JOINT),
         DitFamily("zimage", "Z-Image", ("layers",), what=_JOINT),
         DitFamily("lumina2", "Lumina 2", ("layers",), what=_JOINT),
+        DitFamily("anima", "Anima", ("blocks",), what=_SELF),  # Wan VAE (8×) × patch 2
+        DitFamily("wan", "Wan", ("blocks",), what=_VIDEO),  # Wan 2.1 and 2.2 A14B; per frame: Wan VAE (8×) × patch 2
     )
 }
 

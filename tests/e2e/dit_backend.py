@@ -40,7 +40,7 @@ def build_unet(tiny: Tiny) -> UnetPatcher:
     model.load_device = mm.get_torch_device()
     model.initial_device = torch.device("cpu")
     model.offload_device = mm.unet_offload_device()
-    settings = SimpleNamespace(sampling_settings={"shift": tiny.shift, "multiplier": 1.0})
+    settings = SimpleNamespace(sampling_settings={"shift": tiny.shift, "multiplier": tiny.multiplier})
     pred = PredictionDiscreteFlow(settings)
     backend_args.dynamic_args.ops = "ForgeOperations"  # what Neo's loader sets before building a KModel
     return UnetPatcher.from_model(model=model, diffusers_scheduler=None, k_predictor=pred,
@@ -49,12 +49,13 @@ def build_unet(tiny: Tiny) -> UnetPatcher:
 
 def engine(tiny: Tiny, unet: UnetPatcher) -> Any:
     """A stand-in for the WebUI's `sd_model`: named as the family's engine class, holding the patcher."""
-    return type(tiny.engine, (), {"forge_objects": SimpleNamespace(unet=unet)})()
+    return type(tiny.engine, (), {"forge_objects": SimpleNamespace(unet=unet), **tiny.engine_attrs})()
 
 
-def latent(tiny: Tiny, batch: int, w: int, h: int, seed: int) -> torch.Tensor:
+def latent(tiny: Tiny, batch: int, w: int, h: int, seed: int, frames: int | None = None) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    shape = (batch, tiny.channels, *((tiny.frames,) if tiny.frames else ()), h // 8, w // 8)
+    frames = tiny.frames if frames is None else frames
+    shape = (batch, tiny.channels, *((frames,) if frames else ()), h // 8, w // 8)
     return torch.randn(shape, generator=g).to(DTYPE)
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,17 @@ class Tiny:
     model: Any
     channels: int
     cond: Callable[[int, int], Any]  # (batch, seed) -> what the engine's get_learned_conditioning returns
-    frames: int = 0  # video families: latent frames (the latent is (B, C, T, H, W))
+    frames: int = 0  # families with a 5-D latent (B, C, T, H, W): its frames (1 for an image)
     shift: float = 3.0
+    multiplier: float = 1.0  # the flow predictor's timestep multiplier (the model config's `sampling_settings`)
     # the image tokens' (start, end) in the first attention call of a model call, read from the host's own
     # intermediates (e.g. the caption length its patchify returns): checks the site's span rule
     host_span: Callable[[Any, torch.Tensor, Any], tuple[int, int]] | None = None
+    engine_attrs: dict[str, Any] = field(default_factory=dict)  # flags the engine has (e.g. Neo's `is_wan`)
+    # a host state under which a model call of latent x carries tokens besides the image's (Anima: Neo's reference
+    # latent): the span is checked under it too, and a same-seed Record → Use under it must give the plain image
+    extra_tokens: Callable[[torch.Tensor], AbstractContextManager] | None = None
+    clip_frames: int = 0  # a video family: the latent frames of its multi-frame checks (0: none)
 
 
 def builders() -> dict[str, Callable[[], Tiny]]:

@@ -10,6 +10,8 @@ from lib_imgcond.host.dit_attention import Site
 MODULES = {
     "zimage": "lumina",
     "lumina2": "lumina",
+    "anima": "anima",
+    "wan": "wan",
 }
 
 
