@@ -75,7 +75,7 @@ class Job:
     uses: list[tuple[reference.Reference, float]] = field(default_factory=list)
     record: reference.Reference | None = None
     budget: int = 0
-    image_latent: torch.Tensor | None = None  # mode Image: the VAE-encoded reference image (1, C, h, w)
+    image_latent: torch.Tensor | None = None  # mode Image: the VAE-encoded reference image (`encode_image`)
     image_seed: int = 0
     capturing: bool = False
     captured_eval: tuple = ()
@@ -243,13 +243,19 @@ def _estimate(p: Any, family: str, layers: frozenset, hires: bool, rows: int, dt
 
 
 def encode_image(p: Any, image: Any) -> torch.Tensor:
-    """VAE-encode a PIL image at the generation's size: (1, C, h, w) latent."""
+    """VAE-encode a PIL image at the generation's size: a (1, C, h, w) latent, (1, C, 1, h, w) on Neo's engines with
+    the Wan VAE. Those are encoded by their VAE alone: their `encode_first_stage` also sets the engine's edit or video
+    state (Anima's reference latent, Wan's first frame, Qwen-Image-Edit's image), which RefDrop's image must not."""
     import numpy as np
-    from modules import sd_samplers_common
 
     img = image.convert("RGB").resize((int(p.width), int(p.height)))
     t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).unsqueeze(0)
     with torch.no_grad():
+        if getattr(p.sd_model, "is_wan", False):
+            vae = p.sd_model.forge_objects.vae
+            return vae.first_stage_model.process_in(vae.encode(t.movedim(1, -1))).detach()
+        from modules import sd_samplers_common
+
         return sd_samplers_common.images_tensor_to_samples(t, model=p.sd_model).detach()
 
 

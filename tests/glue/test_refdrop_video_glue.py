@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 
 from lib_imgcond.common.errors import ArgumentError, ImgcondError
 from lib_imgcond.host import video
@@ -99,3 +100,23 @@ def test_the_sites_span_the_image_tokens_of_every_frame():
     assert wan.span(wan_model(), x, 60) == (0, 60) and wan.span(wan_model(), x, 80) == (0, 60)
     with pytest.raises(ImgcondError, match=r"Wan: .*20 tokens"):
         wan.span(wan_model(), x, 20)
+
+
+def test_image_mode_encodes_with_the_vae_alone_on_wan_vae_engines():
+    calls = []
+
+    class Vae:
+        first_stage_model = SimpleNamespace(process_in=lambda s: s * 2)
+
+        def encode(self, pixels):  # (B, H, W, 3) in [0, 1], as the engines pass it
+            calls.append(tuple(pixels.shape))
+            return torch.full((1, 16, 1, pixels.shape[1] // 8, pixels.shape[2] // 8), float(pixels.max()))
+
+    def encode_first_stage(self, x):
+        raise AssertionError("the engine's encode_first_stage sets its reference latent / first frame")
+
+    sd_model = engine("Anima", encode_first_stage=encode_first_stage)
+    sd_model.forge_objects.vae = Vae()
+    latent = host.encode_image(p_of(sd_model, width=64, height=48), Image.new("RGB", (30, 20), (255, 0, 0)))
+    assert calls == [(1, 48, 64, 3)] and latent.shape == (1, 16, 1, 6, 8)
+    assert float(latent.max()) == 2.0  # [0, 1] pixels in, the engine's latent scaling applied
