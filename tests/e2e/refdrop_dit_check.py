@@ -271,6 +271,20 @@ def clip_checks(unet, frames: int) -> dict:
         out["fewer_frames_vs_plain"], out["fewer_frames_finite"] = diff(fewer, fewer_plain), finite(fewer)
         one, _ = run(unet, values(reference="other", coefficient=0.5), clip=frames)  # one image's reference
         out["one_frame_ref_vs_plain"], out["one_frame_ref_finite"] = diff(one, plain), finite(one)
+        # mode Image: the image's one-frame latent runs as a still clip of the clip's frames (Wan I2V concatenates
+        # its per-frame start-image latent to every model input, which must have the clip's frames)
+        image = tb.latent(TINY, 1, 64, 64, 3)
+        picture = ImageInput(__import__("PIL.Image").Image.new("RGB", (64, 64), (90, 120, 200)))
+        inputs = []
+        hook = model.register_forward_pre_hook(lambda _m, a: inputs.append(list(a[0].shape)))
+        try:
+            zero, _ = run(unet, values(mode="Image", coefficient=0.0, image=picture), image=image, clip=frames)
+        finally:
+            hook.remove()
+        out["image_inputs"] = inputs
+        out["image_c0_vs_plain"] = diff(zero, plain)
+        half, _ = run(unet, values(mode="Image", coefficient=0.5, image=picture), image=image, clip=frames)
+        out["image_c05_vs_plain"] = diff(half, plain)
         out["err_batch_item"] = error_of(lambda: host.plan(p, values(mode="Record", batch_item=1), 0, False))
         batch = values(mode="Batch", coefficient=0.5, rate=0.5)
         out["err_batch_mode"] = error_of(lambda: host.plan(p, batch, 0, False))

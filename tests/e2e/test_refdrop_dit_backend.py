@@ -126,6 +126,15 @@ def test_a_video_clip_blends_every_frame(result):
     assert clip["other_c05_vs_plain"] > 1e-3
 
 
+def test_an_images_reference_runs_as_a_still_clip(result):
+    clip = result.get("clip")
+    if clip is None:
+        pytest.skip(f"{result['family_key']}: an image family")
+    assert clip["image_c0_vs_plain"] == 0.0 and clip["image_c05_vs_plain"] > 1e-3
+    assert len(clip["image_inputs"]) == 6  # 3 steps × (the reference's forward, the clip's)
+    assert all(shape[2] == clip["frames"] for shape in clip["image_inputs"])
+
+
 def test_a_reference_of_another_frame_count_blends(result):
     clip = result.get("clip")
     if clip is None:
