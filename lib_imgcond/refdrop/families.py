@@ -28,6 +28,7 @@ FLUX_GROUPS = ("double", "single")
 _JOINT = "joint text + image attention of every block; image tokens blended, the prompt's tokens kept"
 _JOINT_EDIT = _JOINT + "; Qwen-Image-Edit's reference-image tokens kept as context"
 _SELF = "self-attention over the image tokens of every block (text enters by cross-attention)"
+_VIDEO = "self-attention over the video tokens (every frame) of every block (text enters by cross-attention)"
 
 DIT = {
     f.base: f
@@ -39,6 +40,8 @@ DIT = {
         DitFamily("qwen_image", "Qwen-Image", ("blocks",), patch=16, what=_JOINT_EDIT),
         DitFamily("krea2", "Krea 2", ("blocks",), what=_JOINT),  # VAE 8 × patch 2
         DitFamily("ernie_image", "ERNIE-Image", ("layers",), what=_JOINT),  # VAE 16 × patch 1
+        DitFamily("anima", "Anima", ("blocks",), what=_SELF),  # Wan VAE (8×) × patch 2
+        DitFamily("wan", "Wan", ("blocks",), what=_VIDEO),  # Wan 2.1 and 2.2 A14B; per frame: Wan VAE (8×) × patch 2
     )
 }
 

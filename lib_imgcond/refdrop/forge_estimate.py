@@ -1,8 +1,8 @@
 """The size a RefDrop Record will take, estimated before it runs from the UI's generation settings.
 
-The panel's 📏 button sends the tab's width, height, steps, sampler, batch size and hires settings (`GEN_FIELDS`);
-this module stands them up as the processing object `forge_refdrop.estimate_record` reads (the same `_estimate`
-the budget check uses) with the loaded model, and words the result.
+The panel's 📏 button sends the tab's width, height, steps, batch size (a Wan clip's frames), sampler and hires
+settings (`GEN_FIELDS`); this module stands them up as the processing object `forge_refdrop.estimate_record` reads
+(the same `_estimate` the budget check uses) with the loaded model, and words the result.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from lib_imgcond.common.errors import ImgcondError
+from lib_imgcond.host import video
 from lib_imgcond.memory.arena import format_bytes
 from lib_imgcond.refdrop import forge_refdrop as host
 
@@ -20,6 +21,7 @@ GEN_FIELDS = {
     "width": "width",
     "height": "height",
     "steps": "steps",
+    "batch_size": "batch_size",  # on Neo's Wan engine: the clip's frames
     "sampler_name": "sampling",
     "enable_hr": "hr",
     "hr_scale": "hr_scale",
@@ -44,7 +46,7 @@ def generation_p(sd_model: Any, gen: Mapping[str, Any]) -> SimpleNamespace:
         height=height,
         steps=int(gen.get("steps") or 20),
         sampler_name=str(gen.get("sampler_name") or ""),
-        batch_size=1,
+        batch_size=int(gen.get("batch_size") or 1),
         enable_hr=bool(gen.get("enable_hr")),
         hr_upscale_to_x=rx,
         hr_upscale_to_y=ry,
@@ -63,6 +65,9 @@ def record_size_line(sd_model: Any, gen: Mapping[str, Any], values: Mapping[str,
         return f"Record size: ⚠️ {e}"
     every = int(values.get("record_every") or 1)
     parts = [f"{p.width}×{p.height}", f"{p.steps} steps", f"{precision} storage"]
+    frames = video.clip_frames(p)
+    if frames is not None:
+        parts.insert(1, f"a clip of {frames} latent frame{'s' if frames > 1 else ''}")
     if every > 1:
         parts.append(f"every {every}-th model evaluation")
     if p.enable_hr and values.get("hires"):

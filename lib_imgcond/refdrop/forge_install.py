@@ -114,6 +114,8 @@ def install_image_capture(unet: Any, job: Job, tracker: PassTracker, flush) -> N
             b = x.shape[0] // len(chunks)
             row = chunks.index(0) * b
             z = job.image_latent.to(device=x.device, dtype=x.dtype)
+            if z.ndim == 5 and x.ndim == 5 and z.shape[2] != x.shape[2]:  # a video clip: the image as a still clip
+                z = z[:, :, :1].expand(-1, -1, x.shape[2], -1, -1)  # (the model may concat per-frame inputs to it)
             key = (tuple(z.shape), str(x.device), x.dtype)
             if key not in noise_cache:
                 gen = torch.Generator().manual_seed(job.image_seed)

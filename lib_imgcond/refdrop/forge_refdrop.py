@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from lib_imgcond.common.errors import ArgumentError
+from lib_imgcond.common.errors import ArgumentError, ImgcondError
 from lib_imgcond.common.log import logger
-from lib_imgcond.host import dit_attention, forge, samplers
+from lib_imgcond.host import dit_attention, forge, samplers, video
 from lib_imgcond.host.sites import registry as sites
 from lib_imgcond.memory import arena
 from lib_imgcond.refdrop import batch as cb
@@ -75,7 +75,7 @@ class Job:
     uses: list[tuple[reference.Reference, float]] = field(default_factory=list)
     record: reference.Reference | None = None
     budget: int = 0
-    image_latent: torch.Tensor | None = None  # mode Image: the VAE-encoded reference image (1, C, h, w)
+    image_latent: torch.Tensor | None = None  # mode Image: the VAE-encoded reference image (`encode_image`)
     image_seed: int = 0
     capturing: bool = False
     captured_eval: tuple = ()
@@ -113,9 +113,10 @@ def plan(
         precision = prec.FP16 if precision else prec.AS_COMPUTED
     precision = prec.check_precision(precision)
     family, layers = _family_and_layers(p, values)
-    batch = int(getattr(p, "batch_size", 1))
+    batch, frames = video.model_batch(p), video.clip_frames(p)
     if values["batch_item"] >= batch:
-        raise ArgumentError("refdrop.batch_item", values["batch_item"], f"an index below the batch size {batch}")
+        clip = " (a Wan video generation samples one clip: its batch size counts the clip's frames)" if frames else ""
+        raise ArgumentError("refdrop.batch_item", values["batch_item"], f"an index below the batch size {batch}{clip}")
     hires = bool(getattr(p, "enable_hr", False)) and values["hires"]
     if values["mode"] == consistent.MODE:
         return _plan_batch(p, values, family, layers, hires, budget_bytes)
@@ -191,6 +192,11 @@ def estimate_record(p: Any, values: dict, precision: str) -> int:
 def _plan_batch(p: Any, values: dict, family: str, layers: frozenset, hires: bool, budget_bytes: int) -> Job:
     """Mode Batch: check the batch and the pool's budget, then write the prompt lines into the job's prompts (before
     any conditioning is computed, so each image's infotext shows its real prompt)."""
+    if video.clip_frames(p) is not None:
+        raise ImgcondError(
+            "RefDrop mode Batch shares self-attention between the images of a batch, but a Wan video generation "
+            "samples one clip (its batch size counts the clip's frames); use mode Record, Use or Image"
+        )
     batch = int(getattr(p, "batch_size", 1))
     cb.check_batch(batch)
     cb.check_rate(values["rate"])
@@ -218,28 +224,38 @@ def _estimate(p: Any, family: str, layers: frozenset, hires: bool, rows: int, dt
     """Bytes a recording will take: one K/V set per recorded model evaluation (every `every`-th), counted as the
     host counts them (its sampler configuration: twice per step for the samplers it marks second order). The
     recording itself counts its real evaluations and stops at the budget, so a sampler the host says nothing about
-    is not refused early."""
+    is not refused early. A video clip's K/V hold every frame's tokens (`layer_shape` counts one image's)."""
     width, height = int(p.width), int(p.height)
+    frames = video.clip_frames(p) or 1
+
+    def shapes(w: int, h: int) -> list[tuple[int, int]]:
+        return [(tokens * frames, channels) for tokens, channels in (rd.layer_shape(family, x, w, h) for x in layers)]
+
     steps = rd.recorded_count(samplers.evaluations(samplers.pass_sampler_name(p, hires=False), int(p.steps)), every)
-    needed = checks.estimate_bytes([rd.layer_shape(family, x, width, height) for x in layers], steps, rows, dtype_bytes)
+    needed = checks.estimate_bytes(shapes(width, height), steps, rows, dtype_bytes)
     if hires:
         sw = int(getattr(p, "hr_upscale_to_x", 0) or width * 2)
         sh = int(getattr(p, "hr_upscale_to_y", 0) or height * 2)
         hr_steps = int(getattr(p, "hr_second_pass_steps", 0) or p.steps)
         hr_steps = rd.recorded_count(samplers.evaluations(samplers.pass_sampler_name(p, hires=True), hr_steps), every)
-        shapes = [rd.layer_shape(family, x, sw, sh) for x in layers]
-        needed += checks.estimate_bytes(shapes, hr_steps, rows, dtype_bytes)
+        needed += checks.estimate_bytes(shapes(sw, sh), hr_steps, rows, dtype_bytes)
     return needed
 
 
 def encode_image(p: Any, image: Any) -> torch.Tensor:
-    """VAE-encode a PIL image at the generation's size: (1, C, h, w) latent."""
+    """VAE-encode a PIL image at the generation's size: a (1, C, h, w) latent, (1, C, 1, h, w) on Neo's engines with
+    the Wan VAE. Those are encoded by their VAE alone: their `encode_first_stage` also sets the engine's edit or video
+    state (Anima's reference latent, Wan's first frame, Qwen-Image-Edit's image), which RefDrop's image must not."""
     import numpy as np
-    from modules import sd_samplers_common
 
     img = image.convert("RGB").resize((int(p.width), int(p.height)))
     t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).unsqueeze(0)
     with torch.no_grad():
+        if getattr(p.sd_model, "is_wan", False):
+            vae = p.sd_model.forge_objects.vae
+            return vae.first_stage_model.process_in(vae.encode(t.movedim(1, -1))).detach()
+        from modules import sd_samplers_common
+
         return sd_samplers_common.images_tensor_to_samples(t, model=p.sd_model).detach()
 
 

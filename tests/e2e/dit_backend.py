@@ -57,12 +57,13 @@ def build_unet(tiny: Tiny) -> UnetPatcher:
 
 def engine(tiny: Tiny, unet: UnetPatcher) -> Any:
     """A stand-in for the WebUI's `sd_model`: named as the family's engine class, holding the patcher."""
-    return type(tiny.engine, (), {"forge_objects": SimpleNamespace(unet=unet)})()
+    return type(tiny.engine, (), {"forge_objects": SimpleNamespace(unet=unet), **tiny.engine_attrs})()
 
 
-def latent(tiny: Tiny, batch: int, w: int, h: int, seed: int) -> torch.Tensor:
+def latent(tiny: Tiny, batch: int, w: int, h: int, seed: int, frames: int | None = None) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    shape = (batch, tiny.channels, *((tiny.frames,) if tiny.frames else ()), h // tiny.downscale, w // tiny.downscale)
+    frames = tiny.frames if frames is None else frames
+    shape = (batch, tiny.channels, *((frames,) if frames else ()), h // tiny.downscale, w // tiny.downscale)
     return torch.randn(shape, generator=g).to(DTYPE)
 
 

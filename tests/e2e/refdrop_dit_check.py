@@ -9,7 +9,6 @@ tests/e2e/test_refdrop_dit_backend.py asserts.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import os
@@ -48,9 +47,12 @@ def processing(unet, w: int, h: int, batch: int = 1):
     )  # fmt: skip
 
 
-def run(unet, v: dict | None, *, w=64, h=64, batch=1, cfg=1.0, noise_seed=5, image=None, frames=None):
-    """STEPS Euler steps of a w×h generation with RefDrop per `v` (None: off); (final latent, per-step preds)."""
-    p = processing(unet, w, h, batch)
+def run(unet, v: dict | None, *, w=64, h=64, batch=1, cfg=1.0, noise_seed=5, image=None, frames=None, clip=0):
+    """STEPS Euler steps of a w×h generation with RefDrop per `v` (None: off); (final latent, per-step preds).
+    `frames`: a latent of that many frames (default: the family's); `clip`: a video generation of that many latent
+    frames as Neo's Wan engine runs it (one clip; the batch size counts its 4·(T − 1) + 1 pixel frames;
+    `dynamic_args.wan` set by the caller)."""
+    p = processing(unet, w, h, 4 * (clip - 1) + 1 if clip else batch)
     job, pass_unet = None, unet.clone()
     sigmas = torch.linspace(0.9, 0.05, STEPS + 1)
     tracker = forge_patch.PassTracker("first", STEPS)
@@ -60,7 +62,7 @@ def run(unet, v: dict | None, *, w=64, h=64, batch=1, cfg=1.0, noise_seed=5, ima
         if image is not None:
             job.image_latent = image
         forge_install.install(pass_unet, job, tracker, None)
-    x = tb.latent(TINY if frames is None else dataclasses.replace(TINY, frames=frames), batch, w, h, noise_seed)
+    x = tb.latent(TINY, batch, w, h, noise_seed, frames=clip or frames)
     cond, uncond = TINY.cond(batch, 10), TINY.cond(batch, 20) if cfg != 1.0 else None
     x, preds = tb.sample(pass_unet, TINY, x, sigmas, cfg, cond, uncond)
     if job is not None and job.record is not None and v["mode"] == "Record":
@@ -72,6 +74,10 @@ def run(unet, v: dict | None, *, w=64, h=64, batch=1, cfg=1.0, noise_seed=5, ima
 
 def diff(a, b) -> float:
     return float((a.double() - b.double()).abs().max())
+
+
+def finite(t) -> bool:
+    return bool(torch.isfinite(t).all())
 
 
 def error_of(fn) -> str | None:
@@ -91,6 +97,14 @@ def call_kwargs(batch: int) -> dict:
     return TINY.call_kwargs(batch) if TINY.call_kwargs is not None else {}
 
 
+def _spans(unet, site, w: int) -> list:
+    """[the site's span, the host's] of the first selected attention call of a plain w×64 model call."""
+    model = unet.model.diffusion_model
+    x = tb.latent(TINY, 1, w, 64, 1)
+    start, end = TINY.host_span(model, x, TINY.cond(1, 10))
+    return [_first_call_span(model, site, x), [start, end]]
+
+
 def _first_call_span(model, site, x) -> list[int]:
     """The site's image span in the first selected attention call of a plain model call."""
     seen, calling = [], []
@@ -106,6 +120,20 @@ def _first_call_span(model, site, x) -> list[int]:
     with dit_attention.handling(site, model, groups, handler) as state:
         calling.append(state)
         model(x, torch.full((x.shape[0],), 0.5), TINY.cond(x.shape[0], 10), **c)
+    return seen[0]
+
+
+def _first_call_tokens(model, site, x) -> int:
+    """The token count of the first selected attention call of a plain model call (q's tokens)."""
+    seen = []
+
+    def handler(key, q, k, v, heads, mask, kw, original):
+        seen.append(q.shape[2] if kw.get("skip_reshape") else q.shape[1])
+        return original(q, k, v, heads, mask=mask, **kw)
+
+    groups = [f"g{i}" for i in range(len(site.modules(model)))]
+    with dit_attention.handling(site, model, groups, handler):
+        model(x, torch.full((x.shape[0],), 0.5), TINY.cond(x.shape[0], 10), **call_kwargs(x.shape[0]))
     return seen[0]
 
 
@@ -161,9 +189,10 @@ def main() -> None:
         site = sites.site(forge.model_family(tb.engine(TINY, None)))
         spans = {}
         for w in (64, 96):
-            x = tb.latent(TINY, 1, w, 64, 1)
-            start, end = TINY.host_span(unet.model.diffusion_model, x, TINY.cond(1, 10))
-            spans[w] = [_first_call_span(unet.model.diffusion_model, site, x), [start, end]]
+            spans[w] = _spans(unet, site, w)
+            if TINY.extra_tokens is not None:  # the host's extra tokens in the call: the image span stays its own
+                with TINY.extra_tokens(tb.latent(TINY, 1, w, 64, 1)):
+                    spans[f"{w}+extra"] = _spans(unet, site, w)
         out["spans"] = spans
     out["plain_std"] = float(plain.double().std())
     out["plain_finite"] = bool(torch.isfinite(plain).all())
@@ -237,9 +266,96 @@ def main() -> None:
         out["err_frames"] = error_of(
             lambda: run(unet, values(mode="Record", reference="f"), frames=TINY.refused_frames)
         )
+    if TINY.extra_tokens is not None:
+        out["extra"] = extra_checks(unet)
+    if TINY.clip_frames:
+        out["clip"] = clip_checks(unet, TINY.clip_frames)
     out["functions_restored"] = all(a is b for a, b in zip(functions(), originals, strict=True))
     out["hooks_left"] = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in unet.model.modules())
     print("RESULT " + json.dumps(out))
+
+
+def extra_checks(unet) -> dict:
+    """Under the host state that adds tokens besides the image's (Anima's reference latent): they are context the
+    reference branch keeps, so a same-seed Record → Use gives the plain image and a reference holds image tokens."""
+    out: dict = {}
+    without, _ = run(unet, None)
+    x = tb.latent(TINY, 1, 64, 64, 1)
+    with TINY.extra_tokens(x):
+        site = sites.site(forge.model_family(tb.engine(TINY, None)))
+        out["call_tokens"] = _first_call_tokens(unet.model.diffusion_model, site, x)
+        plain, _ = run(unet, None)
+        out["record_vs_plain"] = diff(run(unet, values(mode="Record", reference="xsame"))[0], plain)
+        ref = forge_library.REFERENCES["xsame"]
+        out["ref_kv_shape"] = list(ref.get(next(iter(ref)))[0].shape)
+        out["same_c07_vs_plain"] = diff(run(unet, values(reference="xsame", coefficient=0.7))[0], plain)
+        run(unet, values(mode="Record", reference="xother"), noise_seed=9)
+        out["other_c05_vs_plain"] = diff(run(unet, values(reference="xother", coefficient=0.5))[0], plain)
+    out["plain_vs_without"] = diff(plain, without)  # the extra tokens do reach the image
+    return out
+
+
+def clip_checks(unet, frames: int) -> dict:
+    """A video family's clips of several frames, as Neo's Wan engine generates them (`dynamic_args.wan`: one clip,
+    the batch size counts its pixel frames): the K/V of every frame recorded and blended, the size estimate counts
+    frames, references of another frame count blend, and what a clip cannot do is refused."""
+    from backend.args import dynamic_args
+
+    from lib_imgcond.refdrop import precision
+
+    out: dict = {"frames": frames}
+    before, dynamic_args.wan = dynamic_args.wan, True
+    try:
+        site = sites.site(forge.model_family(tb.engine(TINY, None)))
+        model = unet.model.diffusion_model
+        x = tb.latent(TINY, 1, 64, 64, 1, frames=frames)
+        out["span"] = [_first_call_span(model, site, x), list(TINY.host_span(model, x, TINY.cond(1, 10)))]
+        p = processing(unet, 64, 64, 4 * (frames - 1) + 1)
+        record = values(mode="Record", reference="clip")
+        out["estimate"] = host.estimate_record(p, record, precision.AS_COMPUTED)
+        out["estimate_one_frame"] = host.estimate_record(processing(unet, 64, 64, 1), record, precision.AS_COMPUTED)
+        plain, _ = run(unet, None, clip=frames)
+        out["plain_std"], out["plain_finite"] = float(plain.double().std()), finite(plain)
+        out["record_vs_plain"] = diff(run(unet, record, clip=frames)[0], plain)
+        ref = forge_library.REFERENCES["clip"]
+        out["recorded_bytes"] = ref.nbytes
+        out["ref_kv_shape"] = list(ref.get(next(iter(ref)))[0].shape)
+        out["same_c07_vs_plain"] = diff(run(unet, values(reference="clip", coefficient=0.7), clip=frames)[0], plain)
+        run(unet, values(mode="Record", reference="clip_other"), clip=frames, noise_seed=9)
+        out["other_c0_vs_plain"] = diff(run(unet, values(reference="clip_other", coefficient=0.0), clip=frames)[0],
+                                        plain)  # fmt: skip
+        half, _ = run(unet, values(reference="clip_other", coefficient=0.5), clip=frames)
+        out["other_c05_vs_plain"] = diff(half, plain)
+        cfg_plain, _ = run(unet, None, cfg=3.0, clip=frames)  # CFG, the uncond branch recorded and blended
+        run(unet, values(mode="Record", reference="clip_cfg", uncond=True), cfg=3.0, clip=frames)
+        same = run(unet, values(reference="clip_cfg", coefficient=0.7, uncond=True), cfg=3.0, clip=frames)[0]
+        out["cfg_same_c07_vs_plain"] = diff(same, cfg_plain)
+        # another frame count: the reference branch attends the reference's own tokens (its frames' RoPE positions)
+        fewer_plain, _ = run(unet, None, clip=frames - 1)
+        fewer, _ = run(unet, values(reference="clip_other", coefficient=0.5), clip=frames - 1)
+        out["fewer_frames_vs_plain"], out["fewer_frames_finite"] = diff(fewer, fewer_plain), finite(fewer)
+        one, _ = run(unet, values(reference="other", coefficient=0.5), clip=frames)  # one image's reference
+        out["one_frame_ref_vs_plain"], out["one_frame_ref_finite"] = diff(one, plain), finite(one)
+        # mode Image: the image's one-frame latent runs as a still clip of the clip's frames (Wan I2V concatenates
+        # its per-frame start-image latent to every model input, which must have the clip's frames)
+        image = tb.latent(TINY, 1, 64, 64, 3)
+        picture = ImageInput(__import__("PIL.Image").Image.new("RGB", (64, 64), (90, 120, 200)))
+        inputs = []
+        hook = model.register_forward_pre_hook(lambda _m, a: inputs.append(list(a[0].shape)))
+        try:
+            zero, _ = run(unet, values(mode="Image", coefficient=0.0, image=picture), image=image, clip=frames)
+        finally:
+            hook.remove()
+        out["image_inputs"] = inputs
+        out["image_c0_vs_plain"] = diff(zero, plain)
+        half, _ = run(unet, values(mode="Image", coefficient=0.5, image=picture), image=image, clip=frames)
+        out["image_c05_vs_plain"] = diff(half, plain)
+        out["err_batch_item"] = error_of(lambda: host.plan(p, values(mode="Record", batch_item=1), 0, False))
+        batch = values(mode="Batch", coefficient=0.5, rate=0.5)
+        out["err_batch_mode"] = error_of(lambda: host.plan(p, batch, 0, False))
+    finally:
+        dynamic_args.wan = before
+    return out
 
 
 if __name__ == "__main__":

@@ -121,3 +121,54 @@ def test_a_latent_of_several_frames_is_a_clear_error(result):
     message = result["err_frames"]
     assert message and "RefDrop" in message and "frames" in message, message
     assert DIT[result["family_key"]].label in message, message  # names the family
+
+
+def test_tokens_the_host_adds_beside_the_image_are_context(result):
+    extra = result.get("extra")
+    if extra is None:
+        pytest.skip(f"{result['family_key']}: the tiny model has no host state that adds tokens beside the image")
+    assert extra["ref_kv_shape"][:2] == [1, 16] and extra["call_tokens"] > 16  # the call holds more; the image only
+    assert extra["plain_vs_without"] > 1e-3  # the added tokens reach the image
+    assert extra["record_vs_plain"] == 0.0 and extra["same_c07_vs_plain"] <= 1e-6
+    assert extra["other_c05_vs_plain"] > 1e-3
+
+
+def test_a_video_clip_blends_every_frame(result):
+    clip = result.get("clip")
+    if clip is None:
+        pytest.skip(f"{result['family_key']}: an image family")
+    assert clip["plain_finite"] and clip["plain_std"] > 0.1
+    ours, hosts = clip["span"]
+    assert ours == hosts and ours == [0, clip["ref_kv_shape"][1]]  # every frame's tokens, recorded
+    frames = clip["frames"]
+    assert frames >= 2 and clip["ref_kv_shape"][:2] == [1, 16 * frames]  # 64² → 4×4 patches per frame
+    assert clip["recorded_bytes"] == clip["estimate"] == frames * clip["estimate_one_frame"]  # the RAM estimate
+    for key in ("record_vs_plain", "other_c0_vs_plain"):
+        assert clip[key] == 0.0, key
+    assert clip["same_c07_vs_plain"] <= 1e-6 and clip["cfg_same_c07_vs_plain"] <= 1e-6
+    assert clip["other_c05_vs_plain"] > 1e-3
+
+
+def test_an_images_reference_runs_as_a_still_clip(result):
+    clip = result.get("clip")
+    if clip is None:
+        pytest.skip(f"{result['family_key']}: an image family")
+    assert clip["image_c0_vs_plain"] == 0.0 and clip["image_c05_vs_plain"] > 1e-3
+    assert len(clip["image_inputs"]) == 6  # 3 steps × (the reference's forward, the clip's)
+    assert all(shape[2] == clip["frames"] for shape in clip["image_inputs"])
+
+
+def test_a_reference_of_another_frame_count_blends(result):
+    clip = result.get("clip")
+    if clip is None:
+        pytest.skip(f"{result['family_key']}: an image family")
+    assert clip["fewer_frames_finite"] and clip["fewer_frames_vs_plain"] > 1e-3  # a longer clip's into a shorter
+    assert clip["one_frame_ref_finite"] and clip["one_frame_ref_vs_plain"] > 1e-3  # an image's into a clip
+
+
+def test_what_a_clip_cannot_do_is_refused(result):
+    clip = result.get("clip")
+    if clip is None:
+        pytest.skip(f"{result['family_key']}: an image family")
+    assert "batch size 1" in clip["err_batch_item"] and "one clip" in clip["err_batch_item"]
+    assert "mode Batch" in clip["err_batch_mode"] and "one clip" in clip["err_batch_mode"]

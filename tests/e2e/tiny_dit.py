@@ -10,7 +10,7 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,9 @@ class Tiny:
     model: Any
     channels: int
     cond: Callable[[int, int], Any]  # (batch, seed) -> what the engine's get_learned_conditioning returns
-    frames: int = 0  # video families: latent frames (the latent is (B, C, T, H, W))
+    frames: int = 0  # families with a 5-D latent (B, C, T, H, W): its frames (1 for an image)
     shift: float = 3.0
+    multiplier: float = 1.0  # the flow predictor's timestep multiplier (the model config's `sampling_settings`)
     # the image tokens' (start, end) in the first attention call of a model call, read from the host's own
     # intermediates (e.g. the caption length its patchify returns): checks the site's span rule
     host_span: Callable[[Any, torch.Tensor, Any], tuple[int, int]] | None = None
@@ -37,12 +38,16 @@ class Tiny:
     # first attention module into (the generated image's n tokens, every other token), by the host's output layout
     edit: Callable[[list[torch.Tensor]], AbstractContextManager] | None = None
     split_output: Callable[[Any, int], tuple[torch.Tensor, torch.Tensor]] | None = None
-    multiplier: float = 1.0  # the family's sampling_settings multiplier (timestep = sigma × multiplier)
     downscale: int = 8  # the VAE's pixels per latent side
     # (batch) -> keyword arguments added to every model call, as another extension would add them (Krea 2's
     # ref_latents); a model-function wrapper set on the patcher before RefDrop's
     call_kwargs: Callable[[int], dict] | None = None
     refused_frames: int = 0  # a latent frame count RefDrop refuses on this family (checked: a clear error); 0: none
+    engine_attrs: dict[str, Any] = field(default_factory=dict)  # flags the engine has (e.g. Neo's `is_wan`)
+    # a host state under which a model call of latent x carries tokens besides the image's (Anima: Neo's reference
+    # latent): the span is checked under it too, and a same-seed Record → Use under it must give the plain image
+    extra_tokens: Callable[[torch.Tensor], AbstractContextManager] | None = None
+    clip_frames: int = 0  # a video family: the latent frames of its multi-frame checks (0: none)
 
 
 def builders() -> dict[str, Callable[[], Tiny]]:

@@ -13,6 +13,8 @@ MODULES = {
     "qwen_image": "qwen",
     "krea2": "krea",
     "ernie_image": "ernie",
+    "anima": "anima",
+    "wan": "wan",
 }
 
 
