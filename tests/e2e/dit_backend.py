@@ -54,7 +54,8 @@ def engine(tiny: Tiny, unet: UnetPatcher) -> Any:
 
 def latent(tiny: Tiny, batch: int, w: int, h: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    shape = (batch, tiny.channels, *((tiny.frames,) if tiny.frames else ()), h // 8, w // 8)
+    d = tiny.downscale
+    shape = (batch, tiny.channels, *((tiny.frames,) if tiny.frames else ()), h // d, w // d)
     return torch.randn(shape, generator=g).to(DTYPE)
 
 

@@ -29,9 +29,10 @@ from lib_imgcond.refdrop import file_format, forge_install, forge_library, forge
 from lib_imgcond.refdrop import forge_refdrop as host  # noqa: E402
 from lib_imgcond.refdrop.spec import SPEC  # noqa: E402
 from lib_imgcond.spec.params import ImageInput  # noqa: E402
+from tests.e2e.tiny_dit import builders  # noqa: E402
 
 STEPS = 3
-TINY = tb.builders()[tb.OPTS.family]()
+TINY = builders()[tb.OPTS.family]()
 
 
 def values(**kw) -> dict:

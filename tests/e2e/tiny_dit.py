@@ -27,6 +27,7 @@ class Tiny:
     channels: int
     cond: Callable[[int, int], Any]  # (batch, seed) -> what the engine's get_learned_conditioning returns
     frames: int = 0  # video families: latent frames (the latent is (B, C, T, H, W))
+    downscale: int = 8  # image pixels per latent pixel (1: the latent is the image itself, as PiD's)
     shift: float = 3.0
     # the image tokens' (start, end) in the first attention call of a model call, read from the host's own
     # intermediates (e.g. the caption length its patchify returns): checks the site's span rule
