@@ -22,19 +22,27 @@ class DitFamily:
     groups: tuple[str, ...]  # layer groups in execution order, as users write them in `layers`
     patch: int = 16  # image pixels per token side (VAE downscale × patch size)
     what: str = ""  # the attention RefDrop blends, for the README's family table
+    pixel_space: bool = False  # the model's latent is the image itself, in [-1, 1] (no VAE between them)
 
 
 FLUX_GROUPS = ("double", "single")
 _JOINT = "joint text + image attention of every block; image tokens blended, the prompt's tokens kept"
 _SELF = "self-attention over the image tokens of every block (text enters by cross-attention)"
+_EDIT = _JOINT + " (an edit's reference-image tokens kept too)"
+_PID = (
+    "joint text + image attention of every patch block (image tokens blended, the prompt's kept) and the "
+    "self-attention over the image patches of every pixel block"
+)
 
 DIT = {
     f.base: f
     for f in (
         DitFamily("flux", "Flux", FLUX_GROUPS, what=_JOINT),
         DitFamily("chroma", "Chroma", FLUX_GROUPS, what=_JOINT),
+        DitFamily("flux2", "Flux.2", FLUX_GROUPS, what=_EDIT),
         DitFamily("zimage", "Z-Image", ("layers",), what=_JOINT),
         DitFamily("lumina2", "Lumina 2", ("layers",), what=_JOINT),
+        DitFamily("pid", "PiD", ("patch", "pixel"), patch=16, what=_PID, pixel_space=True),
     )
 }
 

@@ -23,9 +23,10 @@ tb = importlib.import_module("tests.e2e.dit_backend")  # sets up the host's back
 import torch  # noqa: E402
 
 from lib_imgcond.common import errors as imgcond_errors  # noqa: E402
-from lib_imgcond.host import forge  # noqa: E402
+from lib_imgcond.host import flux_attention, forge  # noqa: E402
 from lib_imgcond.host.sites import registry as sites  # noqa: E402
 from lib_imgcond.refdrop import file_format, forge_install, forge_library, forge_patch, reference  # noqa: E402
+from lib_imgcond.refdrop import forge_dit as refdrop_dit  # noqa: E402
 from lib_imgcond.refdrop import forge_refdrop as host  # noqa: E402
 from lib_imgcond.refdrop.spec import SPEC  # noqa: E402
 from lib_imgcond.spec.params import ImageInput  # noqa: E402
@@ -80,25 +81,47 @@ def error_of(fn) -> str | None:
     return None
 
 
-def functions() -> list:
-    site = sites.site(forge.model_family(tb.engine(TINY, None)))
-    return [getattr(importlib.import_module(m), n) for m, n in site.functions]
+SITE = sites.site(forge.model_family(tb.engine(TINY, None)))  # None: a Flux-family model (Flux's own path)
 
 
-def _first_call_tokens(model, site, x) -> int:
+def functions(model) -> list:
+    """The host's functions RefDrop swaps during a model call: the site's, or the `attention` Flux's blocks call."""
+    if SITE is None:
+        return [flux_attention.module_of(model).attention]
+    return [getattr(importlib.import_module(m), n) for m, n in SITE.functions]
+
+
+def _first_call_tokens(model, x) -> int:
     """The token count of the first selected attention call of a plain model call (q's tokens)."""
     from lib_imgcond.host import dit_attention
 
     seen = []
+    call = lambda: model(x, torch.full((x.shape[0],), 0.5), TINY.cond(x.shape[0], 10))  # noqa: E731
+    if SITE is None:
+
+        def flux_handler(q, k, v, pe, mask, options, call_next):
+            seen.append(q.shape[2])
+            return call_next(q, k, v, pe, mask)
+
+        with flux_attention.handling(model, flux_handler):
+            call()
+        return seen[0]
 
     def handler(key, q, k, v, heads, mask, kw, original):
         seen.append(q.shape[2] if kw.get("skip_reshape") else q.shape[1])
         return original(q, k, v, heads, mask=mask, **kw)
 
-    groups = [f"g{i}" for i in range(len(site.modules(model)))]
-    with dit_attention.handling(site, model, groups, handler):
-        model(x, torch.full((x.shape[0],), 0.5), TINY.cond(x.shape[0], 10))
+    groups = [f"g{i}" for i in range(len(SITE.modules(model)))]
+    with dit_attention.handling(SITE, model, groups, handler):
+        call()
     return seen[0]
+
+
+def our_span(model, x, tokens: int) -> list[int]:
+    """Where RefDrop puts the image tokens of that call: the site's rule, or Flux's (after the prompt's tokens)."""
+    if SITE is None:
+        return list(refdrop_dit.image_span(model, x, TINY.cond(1, 10).shape[1], tokens))
+    return list(SITE.span(model, x, tokens))
 
 
 def main() -> None:
@@ -107,19 +130,20 @@ def main() -> None:
     host.library.references_dir = lambda: str(tmp)
     forge.models_dir = lambda *parts: str(tmp.joinpath(*parts))
     unet = tb.build_unet(TINY)
-    originals = functions()
+    originals = functions(unet.model.diffusion_model)
     p = processing(unet, 64, 64)
     out["family"] = host.plan(p, values(mode="Record"), 0, False).family
     plain, _ = run(unet, None)
     out["span_checked"] = TINY.host_span is not None
     if TINY.host_span is not None:  # the site's rule against the host's own intermediates, two sizes
-        site = sites.site(forge.model_family(tb.engine(TINY, None)))
         spans = {}
+        model = unet.model.diffusion_model
         for w in (64, 96):
             x = tb.latent(TINY, 1, w, 64, 1)
-            start, end = TINY.host_span(unet.model.diffusion_model, x, TINY.cond(1, 10))
-            tokens = _first_call_tokens(unet.model.diffusion_model, site, x)
-            spans[w] = [list(site.span(unet.model.diffusion_model, x, tokens)), [start, end]]
+            start, end = TINY.host_span(model, x, TINY.cond(1, 10))
+            tokens = _first_call_tokens(model, x)
+            spans[w] = [our_span(model, x, tokens), [start, end]]
+            out.setdefault("span_tokens", {})[w] = tokens
         out["spans"] = spans
     out["plain_std"] = float(plain.double().std())
     out["plain_finite"] = bool(torch.isfinite(plain).all())
@@ -186,7 +210,9 @@ def main() -> None:
     out["err_sd_ref"] = error_of(lambda: host.plan(p, values(reference="sdref"), 0, False))
     out["err_flux_ref"] = error_of(lambda: host.plan(p, values(reference="fluxref"), 0, False))
     out["err_layers"] = error_of(lambda: host.plan(p, values(reference="same", layers="output:0"), 0, False))
-    out["functions_restored"] = all(a is b for a, b in zip(functions(), originals, strict=True))
+    out["functions_restored"] = all(
+        a is b for a, b in zip(functions(unet.model.diffusion_model), originals, strict=True)
+    )
     out["hooks_left"] = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in unet.model.modules())
     print("RESULT " + json.dumps(out))
 

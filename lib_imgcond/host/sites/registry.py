@@ -10,6 +10,7 @@ from lib_imgcond.host.dit_attention import Site
 MODULES = {
     "zimage": "lumina",
     "lumina2": "lumina",
+    "pid": "pid",
 }
 
 
