@@ -116,6 +116,13 @@ def plan(
     batch = int(getattr(p, "batch_size", 1))
     if values["batch_item"] >= batch:
         raise ArgumentError("refdrop.batch_item", values["batch_item"], f"an index below the batch size {batch}")
+    if values["mode"] == "Image" and batch > 1 and (dit_shape(family) or ("",))[0] == "pid":
+        # PidNet gates each row's image tokens with that row's low-quality input: a batch holds one per image, and
+        # the reference image's forward (one row) would meet all of them
+        allowed = (
+            "Record or Use on PiD at batch size above 1 (PiD takes one low-quality input per image), or batch size 1"
+        )
+        raise ArgumentError("refdrop.mode", "Image", allowed)
     hires = bool(getattr(p, "enable_hr", False)) and values["hires"]
     if values["mode"] == consistent.MODE:
         return _plan_batch(p, values, family, layers, hires, budget_bytes)
@@ -233,14 +240,30 @@ def _estimate(p: Any, family: str, layers: frozenset, hires: bool, rows: int, dt
 
 
 def encode_image(p: Any, image: Any) -> torch.Tensor:
-    """VAE-encode a PIL image at the generation's size: (1, C, h, w) latent."""
+    """The model's latent of a PIL image at the generation's size, (1, C, h, w): VAE-encoded, or on a pixel-space
+    family (PiD, whose engine would also take an encoded image as its low-quality input) the image itself in
+    [-1, 1]. Neo's edit engines (Flux Kontext, Flux.2) keep an encoded image as the next prompt's edit reference:
+    what they held is put back."""
     import numpy as np
-    from modules import sd_samplers_common
 
     img = image.convert("RGB").resize((int(p.width), int(p.height)))
     t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).unsqueeze(0)
-    with torch.no_grad():
-        return sd_samplers_common.images_tensor_to_samples(t, model=p.sd_model).detach()
+    fam = DIT.get(forge.model_family(p.sd_model))
+    if fam is not None and fam.pixel_space:
+        return t * 2.0 - 1.0
+    from modules import sd_samplers_common
+
+    engine = p.sd_model
+    held = {name: getattr(engine, name) for name in ("ini_latent", "ref_latents") if hasattr(engine, name)}
+    refs = list(held["ref_latents"]) if isinstance(held.get("ref_latents"), list) else None
+    try:
+        with torch.no_grad():
+            return sd_samplers_common.images_tensor_to_samples(t, model=engine).detach()
+    finally:
+        for name, value in held.items():
+            setattr(engine, name, value)
+        if refs is not None:
+            held["ref_latents"][:] = refs  # the same list object, as it was
 
 
 def finish_record(

@@ -1,6 +1,6 @@
 """RefDrop's DiT adapter against fakes: the generic site handler on an attention that asks for (B, heads, tokens, d)
 out (PiD's joint attention), the refusal of Neo's context windows, Flux's image span when an edit's reference
-tokens follow the image."""
+tokens follow the image, and Image mode's encoding on a pixel-space family and on Neo's edit engines."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ from types import ModuleType, SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from lib_imgcond.common.errors import ImgcondError
+from lib_imgcond.common.errors import ArgumentError, ImgcondError
 from lib_imgcond.host.dit_attention import Site
 from lib_imgcond.refdrop import families, forge_dit, forge_patch
 from lib_imgcond.refdrop import forge_refdrop as host
 from lib_imgcond.refdrop import layers as rd
 from lib_imgcond.refdrop.reference import Reference
+from lib_imgcond.refdrop.spec import SPEC
 from tests.glue.fakes import FakeUnetPatcher
 
 HEADS, DIM, N_TXT = 2, 8, 3
@@ -130,3 +132,62 @@ def test_flux_image_span_is_the_generated_image(patch, latent, tokens, span):
 def test_a_flux_call_too_short_for_its_image_is_an_error():
     with pytest.raises(ImgcondError, match="cannot hold 12 text and 16 image tokens"):
         forge_dit.image_span(SimpleNamespace(patch_size=1), torch.zeros(1, 128, 4, 4), 12, 20)
+
+
+def _picture():
+    return Image.new("RGB", (8, 4), (255, 0, 51))
+
+
+def _engine(name: str, **attrs):
+    return type(name, (), attrs)()
+
+
+def test_image_mode_on_pid_takes_the_pixels_without_the_vae(monkeypatch):
+    monkeypatch.setitem(sys.modules, "modules", None)  # importing the WebUI's VAE path would fail
+    p = SimpleNamespace(sd_model=_engine("PiD"), width=8, height=4)
+    latent = host.encode_image(p, _picture())
+    assert latent.shape == (1, 3, 4, 8)
+    assert torch.allclose(latent[0, :, 0, 0], torch.tensor([1.0, -1.0, 51 / 255 * 2 - 1]))
+
+
+def test_image_mode_leaves_an_edit_engines_references_as_they_were(monkeypatch):
+    """Neo's Flux.2 / Flux Kontext engines keep what they encode as the next prompt's edit reference."""
+    encoded = torch.ones(1, 128, 1, 2)
+
+    class Flux2:
+        ini_latent = None
+
+        def __init__(self):
+            self.ref_latents = [torch.zeros(1)]
+
+        def encode_first_stage(self, x):
+            self.ini_latent = encoded
+            self.ref_latents.append(encoded)
+            return encoded
+
+    engine = Flux2()
+    refs = engine.ref_latents
+    fake = ModuleType("modules.sd_samplers_common")
+    fake.images_tensor_to_samples = lambda t, model: model.encode_first_stage(t)
+    monkeypatch.setitem(sys.modules, "modules", ModuleType("modules"))
+    monkeypatch.setattr(sys.modules["modules"], "sd_samplers_common", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "modules.sd_samplers_common", fake)
+    latent = host.encode_image(SimpleNamespace(sd_model=engine, width=8, height=4), _picture())
+    assert torch.equal(latent, encoded)
+    assert engine.ini_latent is None
+    assert engine.ref_latents is refs and len(refs) == 1
+
+
+def _pid_p(batch: int):
+    blocks = SimpleNamespace(patch_blocks=[SimpleNamespace(attn=None)] * 2, pixel_blocks=[SimpleNamespace(attn=None)])
+    model = SimpleNamespace(**vars(blocks), hidden_size=DIM, patch_size=16)
+    engine = _engine("PiD", forge_objects=SimpleNamespace(unet=FakeUnetPatcher(model)))
+    return SimpleNamespace(sd_model=engine, width=64, height=64, steps=3, batch_size=batch, sampler_name="", seed=1)
+
+
+def test_image_mode_on_pid_needs_batch_size_1():
+    values = SPEC.parse([{"mode": "Image", "reference": "r", "image": None}])
+    with pytest.raises(ArgumentError, match=r"refdrop.mode='Image'.*Record or Use on PiD at batch size above 1"):
+        host.plan(_pid_p(2), values, 0, False)
+    with pytest.raises(ArgumentError, match=r"refdrop.image=None"):  # batch 1: past that check, to the image's
+        host.plan(_pid_p(1), values, 0, False)
