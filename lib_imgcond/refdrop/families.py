@@ -22,6 +22,7 @@ class DitFamily:
     groups: tuple[str, ...]  # layer groups in execution order, as users write them in `layers`
     patch: int = 16  # image pixels per token side (VAE downscale × patch size)
     what: str = ""  # the attention RefDrop blends, for the README's family table
+    pixel_space: bool = False  # the model's latent is the image itself, in [-1, 1] (no VAE between them)
 
 
 FLUX_GROUPS = ("double", "single")
@@ -29,12 +30,18 @@ _JOINT = "joint text + image attention of every block; image tokens blended, the
 _JOINT_EDIT = _JOINT + "; Qwen-Image-Edit's reference-image tokens kept as context"
 _SELF = "self-attention over the image tokens of every block (text enters by cross-attention)"
 _VIDEO = "self-attention over the video tokens (every frame) of every block (text enters by cross-attention)"
+_EDIT = _JOINT + " (an edit's reference-image tokens kept too)"
+_PID = (
+    "joint text + image attention of every patch block (image tokens blended, the prompt's kept) and the "
+    "self-attention over the image patches of every pixel block"
+)
 
 DIT = {
     f.base: f
     for f in (
         DitFamily("flux", "Flux", FLUX_GROUPS, what=_JOINT),
         DitFamily("chroma", "Chroma", FLUX_GROUPS, what=_JOINT),
+        DitFamily("flux2", "Flux.2", FLUX_GROUPS, what=_EDIT),
         DitFamily("zimage", "Z-Image", ("layers",), what=_JOINT),
         DitFamily("lumina2", "Lumina 2", ("layers",), what=_JOINT),
         DitFamily("qwen_image", "Qwen-Image", ("blocks",), patch=16, what=_JOINT_EDIT),
@@ -42,6 +49,7 @@ DIT = {
         DitFamily("ernie_image", "ERNIE-Image", ("layers",), what=_JOINT),  # VAE 16 × patch 1
         DitFamily("anima", "Anima", ("blocks",), what=_SELF),  # Wan VAE (8×) × patch 2
         DitFamily("wan", "Wan", ("blocks",), what=_VIDEO),  # Wan 2.1 and 2.2 A14B; per frame: Wan VAE (8×) × patch 2
+        DitFamily("pid", "PiD", ("patch", "pixel"), patch=16, what=_PID, pixel_space=True),
     )
 }
 

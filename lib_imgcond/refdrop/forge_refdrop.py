@@ -117,6 +117,13 @@ def plan(
     if values["batch_item"] >= batch:
         clip = " (a Wan video generation samples one clip: its batch size counts the clip's frames)" if frames else ""
         raise ArgumentError("refdrop.batch_item", values["batch_item"], f"an index below the batch size {batch}{clip}")
+    if values["mode"] == "Image" and batch > 1 and (dit_shape(family) or ("",))[0] == "pid":
+        # PidNet gates each row's image tokens with that row's low-quality input: a batch holds one per image, and
+        # the reference image's forward (one row) would meet all of them
+        allowed = (
+            "Record or Use on PiD at batch size above 1 (PiD takes one low-quality input per image), or batch size 1"
+        )
+        raise ArgumentError("refdrop.mode", "Image", allowed)
     hires = bool(getattr(p, "enable_hr", False)) and values["hires"]
     if values["mode"] == consistent.MODE:
         return _plan_batch(p, values, family, layers, hires, budget_bytes)
@@ -243,20 +250,36 @@ def _estimate(p: Any, family: str, layers: frozenset, hires: bool, rows: int, dt
 
 
 def encode_image(p: Any, image: Any) -> torch.Tensor:
-    """VAE-encode a PIL image at the generation's size: a (1, C, h, w) latent, (1, C, 1, h, w) on Neo's engines with
-    the Wan VAE. Those are encoded by their VAE alone: their `encode_first_stage` also sets the engine's edit or video
-    state (Anima's reference latent, Wan's first frame, Qwen-Image-Edit's image), which RefDrop's image must not."""
+    """The model's latent of a PIL image at the generation's size: (1, C, h, w), (1, C, 1, h, w) on Neo's engines with
+    the Wan VAE, or on a pixel-space family (PiD, whose engine would also take an encoded image as its low-quality
+    input) the image itself in [-1, 1]. The Wan-VAE engines are encoded by their VAE alone: their
+    `encode_first_stage` also sets the engine's edit or video state (Anima's reference latent, Wan's first frame,
+    Qwen-Image-Edit's image), which RefDrop's image must not. Neo's other edit engines (Flux Kontext, Flux.2) keep
+    an encoded image as the next prompt's edit reference: what they held is put back."""
     import numpy as np
 
     img = image.convert("RGB").resize((int(p.width), int(p.height)))
     t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).unsqueeze(0)
-    with torch.no_grad():
-        if getattr(p.sd_model, "is_wan", False):
-            vae = p.sd_model.forge_objects.vae
+    fam = DIT.get(forge.model_family(p.sd_model))
+    if fam is not None and fam.pixel_space:
+        return t * 2.0 - 1.0
+    engine = p.sd_model
+    if getattr(engine, "is_wan", False):
+        with torch.no_grad():
+            vae = engine.forge_objects.vae
             return vae.first_stage_model.process_in(vae.encode(t.movedim(1, -1))).detach()
-        from modules import sd_samplers_common
+    from modules import sd_samplers_common
 
-        return sd_samplers_common.images_tensor_to_samples(t, model=p.sd_model).detach()
+    held = {name: getattr(engine, name) for name in ("ini_latent", "ref_latents") if hasattr(engine, name)}
+    refs = list(held["ref_latents"]) if isinstance(held.get("ref_latents"), list) else None
+    try:
+        with torch.no_grad():
+            return sd_samplers_common.images_tensor_to_samples(t, model=engine).detach()
+    finally:
+        for name, value in held.items():
+            setattr(engine, name, value)
+        if refs is not None:
+            held["ref_latents"][:] = refs  # the same list object, as it was
 
 
 def finish_record(

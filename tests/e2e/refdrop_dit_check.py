@@ -24,9 +24,10 @@ tb = importlib.import_module("tests.e2e.dit_backend")  # sets up the host's back
 import torch  # noqa: E402
 
 from lib_imgcond.common import errors as imgcond_errors  # noqa: E402
-from lib_imgcond.host import dit_attention, forge  # noqa: E402
+from lib_imgcond.host import dit_attention, flux_attention, forge  # noqa: E402
 from lib_imgcond.host.sites import registry as sites  # noqa: E402
 from lib_imgcond.refdrop import file_format, forge_install, forge_library, forge_patch, reference  # noqa: E402
+from lib_imgcond.refdrop import forge_dit as refdrop_dit  # noqa: E402
 from lib_imgcond.refdrop import forge_refdrop as host  # noqa: E402
 from lib_imgcond.refdrop.spec import SPEC  # noqa: E402
 from lib_imgcond.spec.params import ImageInput  # noqa: E402
@@ -88,9 +89,14 @@ def error_of(fn) -> str | None:
     return None
 
 
-def functions() -> list:
-    site = sites.site(forge.model_family(tb.engine(TINY, None)))
-    return [getattr(importlib.import_module(m), n) for m, n in site.functions]
+SITE = sites.site(forge.model_family(tb.engine(TINY, None)))  # None: a Flux-family model (Flux's own path)
+
+
+def functions(model) -> list:
+    """The host's functions RefDrop swaps during a model call: the site's, or the `attention` Flux's blocks call."""
+    if SITE is None:
+        return [flux_attention.module_of(model).attention]
+    return [getattr(importlib.import_module(m), n) for m, n in SITE.functions]
 
 
 def call_kwargs(batch: int) -> dict:
@@ -106,7 +112,10 @@ def _spans(unet, site, w: int) -> list:
 
 
 def _first_call_span(model, site, x) -> list[int]:
-    """The site's image span in the first selected attention call of a plain model call."""
+    """The site's image span in the first selected attention call of a plain model call (on a Flux-family model,
+    Flux's rule: after the prompt's tokens)."""
+    if site is None:
+        return list(refdrop_dit.image_span(model, x, TINY.cond(1, 10).shape[1], _first_call_tokens(model, site, x)))
     seen, calling = [], []
     c = call_kwargs(x.shape[0])
     extra = dit_attention.call_inputs(site, model, x, c)
@@ -126,6 +135,15 @@ def _first_call_span(model, site, x) -> list[int]:
 def _first_call_tokens(model, site, x) -> int:
     """The token count of the first selected attention call of a plain model call (q's tokens)."""
     seen = []
+    if site is None:
+
+        def flux_handler(q, k, v, pe, mask, options, call_next):
+            seen.append(q.shape[2])
+            return call_next(q, k, v, pe, mask)
+
+        with flux_attention.handling(model, flux_handler):
+            model(x, torch.full((x.shape[0],), 0.5), TINY.cond(x.shape[0], 10), **call_kwargs(x.shape[0]))
+        return seen[0]
 
     def handler(key, q, k, v, heads, mask, kw, original):
         seen.append(q.shape[2] if kw.get("skip_reshape") else q.shape[1])
@@ -180,7 +198,7 @@ def main() -> None:
     host.library.references_dir = lambda: str(tmp)
     forge.models_dir = lambda *parts: str(tmp.joinpath(*parts))
     unet = tb.build_unet(TINY)
-    originals = functions()
+    originals = functions(unet.model.diffusion_model)
     p = processing(unet, 64, 64)
     out["family"] = host.plan(p, values(mode="Record"), 0, False).family
     plain, _ = run(unet, None)
@@ -270,7 +288,9 @@ def main() -> None:
         out["extra"] = extra_checks(unet)
     if TINY.clip_frames:
         out["clip"] = clip_checks(unet, TINY.clip_frames)
-    out["functions_restored"] = all(a is b for a, b in zip(functions(), originals, strict=True))
+    out["functions_restored"] = all(
+        a is b for a, b in zip(functions(unet.model.diffusion_model), originals, strict=True)
+    )
     out["hooks_left"] = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in unet.model.modules())
     print("RESULT " + json.dumps(out))
 

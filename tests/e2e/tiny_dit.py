@@ -28,6 +28,7 @@ class Tiny:
     channels: int
     cond: Callable[[int, int], Any]  # (batch, seed) -> what the engine's get_learned_conditioning returns
     frames: int = 0  # families with a 5-D latent (B, C, T, H, W): its frames (1 for an image)
+    downscale: int = 8  # image pixels per latent pixel (1: the latent is the image itself, as PiD's)
     shift: float = 3.0
     multiplier: float = 1.0  # the flow predictor's timestep multiplier (the model config's `sampling_settings`)
     # the image tokens' (start, end) in the first attention call of a model call, read from the host's own
@@ -38,7 +39,6 @@ class Tiny:
     # first attention module into (the generated image's n tokens, every other token), by the host's output layout
     edit: Callable[[list[torch.Tensor]], AbstractContextManager] | None = None
     split_output: Callable[[Any, int], tuple[torch.Tensor, torch.Tensor]] | None = None
-    downscale: int = 8  # the VAE's pixels per latent side
     # (batch) -> keyword arguments added to every model call, as another extension would add them (Krea 2's
     # ref_latents); a model-function wrapper set on the patcher before RefDrop's
     call_kwargs: Callable[[int], dict] | None = None

@@ -140,3 +140,16 @@ def test_unknown_dit_families_are_refused():
         families.dit_family("flux", (1,), 64)
     with pytest.raises(ImgcondError, match="not 'flux:3@64'"):
         rd.check_family("flux:3@64")
+
+
+def test_pid_and_flux2_tags_tables_and_shapes():
+    pid = families.dit_family("pid", (14, 2), 1536)
+    assert pid == "pid:14+2@1536" and rd.groups(pid) == ("patch", "pixel")
+    table = rd.layer_table(pid)
+    assert len(table) == 16 and table[14][:3] == ("pixel", 0, 0)
+    assert rd.layer_shape(pid, ("pixel", 1, 0), 2048, 1024) == (128 * 64, 1536)  # 16-pixel patches, no VAE
+    assert rd.family_label(pid) == "PiD (14 patch + 2 pixel blocks, 1536 channels)"
+    assert families.DIT["pid"].pixel_space and not families.DIT["flux2"].pixel_space
+    klein = families.dit_family("flux2", (5, 20), 3072)
+    assert rd.groups(klein) == ("double", "single") and rd.family_label(klein).startswith("Flux.2 (5 double")
+    assert rd.layer_shape(klein, ("single", 19, 0), 1024, 1024) == (64 * 64, 3072)  # 1/16 latent, 1 × 1 patches

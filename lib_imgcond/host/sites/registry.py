@@ -15,6 +15,7 @@ MODULES = {
     "ernie_image": "ernie",
     "anima": "anima",
     "wan": "wan",
+    "pid": "pid",
 }
 
 
