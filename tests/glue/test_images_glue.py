@@ -33,12 +33,14 @@ def images(monkeypatch):
     gradio.Warning = gradio.warnings.append
     gradio.Button = FakeButton
     monkeypatch.setitem(sys.modules, "gradio", gradio)
-    for name in ("lib_imgcond.webui.panel", "lib_imgcond.webui.images"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
+    package = importlib.import_module("lib_imgcond.webui")
+    for name in ("panel", "images"):  # fresh modules on this fake (another test may have imported them on its own)
+        monkeypatch.delitem(sys.modules, f"lib_imgcond.webui.{name}", raising=False)
+        monkeypatch.delattr(package, name, raising=False)
     module = importlib.import_module("lib_imgcond.webui.images")
     yield module
-    for name in ("lib_imgcond.webui.panel", "lib_imgcond.webui.images"):
-        sys.modules.pop(name, None)
+    for name in ("panel", "images"):
+        sys.modules.pop(f"lib_imgcond.webui.{name}", None)
 
 
 def png_data_url(img) -> str:
