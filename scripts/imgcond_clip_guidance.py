@@ -46,14 +46,20 @@ class ClipGuidanceScript(script.TechniqueScript, scripts.Script):
 
             def encoder(param, elem_id):
                 return gr.Dropdown(
-                    label=param.label, choices=choices, value=AUTO, allow_custom_value=True, elem_id=elem_id
-                )
+                    label=param.label, choices=choices, value=AUTO, allow_custom_value=True, elem_id=elem_id,
+                    info=param.info,
+                )  # fmt: skip
 
             def refresh():
-                tools["refresh"] = panel.tool_button("refresh", eid("refresh"), "Refresh the list of encoders")
+                tools["refresh"] = panel.tool_button("refresh", eid("refresh"), SPEC.controls["refresh"])
+
+            def image(param, elem_id):
+                return self.image_input(is_img2img, param, elem_id)
+
+            custom = {"encoder": encoder, "encoder_g": encoder, "image": image, "image2": image}
 
             def second():
-                panel.build_rows(SPEC, comps, [("image2",), ("weight2",)], eid)
+                panel.build_rows(SPEC, comps, [("image2",), ("weight2",)], eid, custom)
 
             rows = [
                 ("image",), ("weight",), (lambda: panel.on_demand("Add a second image", eid("add_image2"), second),),
@@ -62,7 +68,7 @@ class ClipGuidanceScript(script.TechniqueScript, scripts.Script):
                 ("clustered", "header_max"), ("concept",), ("concept_threshold",), ("direct",), ("compatible",),
                 ("start", "end"), ("hires",),
             ]  # fmt: skip
-            panel.layout(SPEC, comps, rows, eid, {"encoder": encoder, "encoder_g": encoder})
+            panel.layout(SPEC, comps, rows, eid, custom)
 
         def refresh_fn(current_l, current_g):
             choices = panel.file_choices(AUTO, forge_encoders.configured_encoders, "CLIP vision encoders")

@@ -15,7 +15,7 @@ from lib_imgcond.redux import forge_redux as host
 from lib_imgcond.redux.spec import SLOTS, SPEC, automerge_paster, expand_images
 from lib_imgcond.spec import registry
 from lib_imgcond.vision import forge_encoders as encoders
-from lib_imgcond.webui import panel, script, xyz
+from lib_imgcond.webui import images, panel, script, xyz
 from lib_imgcond.webui.settings import on_settings
 
 registry.register(SPEC)
@@ -67,12 +67,15 @@ class ReduxScript(script.TechniqueScript, scripts.Script):
                 )  # fmt: skip
 
             def refresh():
-                tools["refresh"] = panel.tool_button("refresh", eid("refresh"), "Refresh the lists of model files")
+                tools["refresh"] = panel.tool_button("refresh", eid("refresh"), SPEC.controls["refresh"])
 
             custom = {"siglip": model, "redux_model": model}
+            scratch = images.scratch(eid("paint_data"))
             for k in range(1, SLOTS + 1):
-                custom[f"image{k}"] = lambda param, elem_id: panel.mask_upload(param.label, elem_id)
-                custom[f"mask{k}"] = lambda param, elem_id: panel.mask_upload(param.label, elem_id)
+                custom[f"image{k}"] = lambda param, elem_id: self.image_input(is_img2img, param, elem_id)
+                custom[f"mask{k}"] = lambda param, elem_id, k=k: self.mask_input(
+                    is_img2img, param, elem_id, k, comps[f"image{k}"], scratch
+                )
                 custom[f"interpolation{k}"] = lambda param, elem_id: panel.component(
                     param, elem_id, info="advanced only"
                 )

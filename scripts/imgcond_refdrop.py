@@ -14,7 +14,7 @@ from lib_imgcond.refdrop import forge_estimate as estimate
 from lib_imgcond.refdrop import forge_refdrop as host
 from lib_imgcond.refdrop.spec import SPEC
 from lib_imgcond.spec import registry
-from lib_imgcond.webui import panel, script, xyz
+from lib_imgcond.webui import images, panel, script, xyz
 from lib_imgcond.webui.settings import on_settings
 
 registry.register(SPEC)
@@ -67,8 +67,8 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
                 )  # fmt: skip
 
             def buttons():
-                tools["refresh"] = panel.tool_button("refresh", eid("refresh"), "Refresh the list of references")
-                tools["delete"] = panel.tool_button("clear_prompt", eid("delete"), "Delete this reference")
+                for name, symbol in (("refresh", "refresh"), ("delete", "clear_prompt"), ("record", "record")):
+                    tools[name] = panel.tool_button(symbol, eid(name), SPEC.controls[name])
 
             rows = [
                 ("mode",), ("reference", buttons), ("coefficient",), ("save",), ("storage",), ("image",),
@@ -79,7 +79,7 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
             batch_on_demand = {"visible": p["mode"].default == forge_consistent.MODE}  # shown in mode Batch only
             custom = {
                 "reference": reference,
-                "image": lambda param, elem_id: panel.component(param, elem_id, **image_on_demand),
+                "image": lambda param, elem_id: self.image_input(is_img2img, param, elem_id, **image_on_demand),
                 "rate": lambda param, elem_id: panel.component(param, elem_id, **batch_on_demand),
                 "prompt_lines": lambda param, elem_id: gr.Textbox(
                     label=param.label,
@@ -94,9 +94,7 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
             panel.layout(SPEC, comps, rows, eid, custom)
             with gr.Row(equal_height=False):
                 size_line = gr.Markdown("Record size: press 📏 for an estimate", elem_id=eid("record_size"))
-                tools["estimate"] = panel.tool_button(
-                    "estimate", eid("estimate"), "Estimate the size a Record takes with the current settings"
-                )
+                tools["estimate"] = panel.tool_button("estimate", eid("estimate"), SPEC.controls["estimate"])
             library = gr.Markdown(_library_text(), elem_id=eid("library"))
             with gr.Accordion("Library: thumbnails, rename", open=False, elem_id=eid("library_more")):
                 gallery = gr.Gallery(
@@ -146,13 +144,18 @@ class RefDropScript(script.TechniqueScript, scripts.Script):
         )  # fmt: skip
         tools["delete"].click(delete_fn, inputs=[comps["reference"]], outputs=[comps["reference"], library])
         batch_comps = [comps["rate"], comps["prompt_lines"], comps["batch_sets"]]
+        image_row = comps["image"].imgcond_row  # the image with its gallery button
 
         def mode_fn(mode):
             batch = gr.update(visible=mode == forge_consistent.MODE)
             return gr.update(visible=mode == "Image"), *([batch] * len(batch_comps))
 
         comps["mode"].change(
-            mode_fn, inputs=[comps["mode"]], outputs=[comps["image"], *batch_comps], show_progress=panel.NO_PROGRESS
+            mode_fn, inputs=[comps["mode"]], outputs=[image_row, *batch_comps], show_progress=panel.NO_PROGRESS
+        )
+        # 📌: the selected result becomes the reference of mode Image (kept under the name by the next generation)
+        self.gallery_links.add(
+            images.tab_of(is_img2img), tools["record"], [comps["mode"], comps["image"]], lambda image: ("Image", image)
         )
         return self.finish_ui(enabled, comps)
 

@@ -11,7 +11,7 @@ from lib_imgcond.host import forge
 from lib_imgcond.spec import registry
 from lib_imgcond.style import forge_style as host
 from lib_imgcond.style.spec import AUTO, SLOTS, SPEC
-from lib_imgcond.webui import panel, script, xyz
+from lib_imgcond.webui import images, panel, script, xyz
 
 registry.register(SPEC)
 
@@ -51,13 +51,17 @@ class StyleModelScript(script.TechniqueScript, scripts.Script):
                         label=p[name].label, choices=_files(lister, name), value=AUTO, allow_custom_value=True,
                         elem_id=eid(name), info=p[name].info,
                     )  # fmt: skip
-                refresh = panel.tool_button("refresh", eid("refresh"), "Refresh the lists of model files")
+                refresh = panel.tool_button("refresh", eid("refresh"), SPEC.controls["refresh"])
             panel.row(SPEC, comps, ("strength_type", "strength"), eid)
             panel.row(SPEC, comps, ("start", "end", "hires", "margin"), eid)
+            scratch = images.scratch(eid("paint_data"))
             with gr.Tabs():
                 for k in range(1, SLOTS + 1):
                     with gr.Tab(f"Image {k}"):
-                        comps[f"image{k}"] = panel.mask_upload(f"Style image {k}", eid(f"image{k}"))
+                        with gr.Row(equal_height=False):
+                            image = self.image_input(is_img2img, p[f"image{k}"], eid(f"image{k}"))
+                            mask = self.mask_input(is_img2img, p[f"mask{k}"], eid(f"mask{k}"), k, image, scratch)
+                        comps[f"image{k}"], comps[f"mask{k}"] = image, mask
                         panel.row(SPEC, comps, (f"weight{k}", f"mode{k}"), eid)
 
         def refresh_fn(current_encoder, current_adapter):

@@ -42,12 +42,12 @@ class UnclipScript(script.TechniqueScript, scripts.Script):
                     label=p["encoder"].label, choices=_encoders(), value=AUTO, allow_custom_value=True,
                     elem_id=eid("encoder"), info=p["encoder"].info,
                 )  # fmt: skip
-                refresh = panel.tool_button("refresh", eid("refresh"), "Refresh the list of encoder files")
+                refresh = panel.tool_button("refresh", eid("refresh"), SPEC.controls["refresh"])
             panel.row(SPEC, comps, ("merge_noise_augmentation", "start", "end"), eid)
             with gr.Tabs():
                 for k in range(1, SLOTS + 1):
                     with gr.Tab(f"Image {k}"):
-                        comps[f"image{k}"] = panel.component(p[f"image{k}"], eid(f"image{k}"))
+                        comps[f"image{k}"] = self.image_input(is_img2img, p[f"image{k}"], eid(f"image{k}"))
                         panel.row(SPEC, comps, (f"strength{k}", f"noise_augmentation{k}"), eid)
 
         refresh.click(

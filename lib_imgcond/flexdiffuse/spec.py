@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lib_imgcond.common.errors import ArgumentError
-from lib_imgcond.spec.params import ImageInput, Param, Spec, decode_image, step_window
+from lib_imgcond.spec.params import GALLERY_HINT, ImageInput, Param, Spec, decode_image, step_window
 
 AUTO = "Automatic"
 """Encoder value meaning: the first file in the models folders whose projection fits the model."""
@@ -20,33 +20,59 @@ PRIORITY_LABELS = {"Best fit": "best_fit", "Text order": "text_order", "Direct":
 
 MAX_EXTRA_IMAGES = 16
 
+ENCODER_FOLDERS = "models/imgcond/clip_vision, models/clip_vision or models/ControlNetPreprocessor"
+
 SPEC = Spec(
     "flexdiffuse",
     "CLIP image guidance",
     [
-        Param("image", "Guidance image", "image", None),
-        Param("weight", "Image weight", "float", 1.0, -2.0, 2.0, 0.05, info="how strongly this image guides; 0 = off"),
-        Param("image2", "Guidance image 2", "image", None),
-        Param("weight2", "Image 2 weight", "float", 1.0, -2.0, 2.0, 0.05),
+        Param(
+            "image",
+            "Guidance image",
+            "image",
+            None,
+            hint="The guidance image: its CLIP vision tokens pull the prompt's tokens toward what the image shows.",
+        ),
+        Param(
+            "weight",
+            "Image weight",
+            "float",
+            1.0,
+            -2.0,
+            2.0,
+            0.05,
+            info="0 = off; < 0 pushes away",
+            hint="How strongly this image guides the prompt; 0: the image is skipped; negative values push the "
+            "prompt away from the image.",
+        ),
+        Param("image2", "Guidance image 2", "image", None, hint="A second guidance image, blended with the first."),
+        Param(
+            "weight2",
+            "Image 2 weight",
+            "float",
+            1.0,
+            -2.0,
+            2.0,
+            0.05,
+            hint="How strongly the second image guides the prompt (0: skipped).",
+        ),
         Param(
             "encoder",
             "CLIP ViT-L/14 vision encoder",
             "str",
             AUTO,
-            info=(
-                "file in models/imgcond/clip_vision, clip_vision or ControlNetPreprocessor (768-d projection); "
-                "SD1.5, and SDXL's CLIP-L half"
-            ),
+            info="768-d projection",
+            hint=f"A CLIP ViT-L/14 vision encoder with a 768-d projection, in {ENCODER_FOLDERS}: SD1.5, and SDXL's "
+            "CLIP-L half. Automatic: the first file whose projection fits.",
         ),
         Param(
             "encoder_g",
             "CLIP ViT-bigG/14 vision encoder (SDXL)",
             "str",
             AUTO,
-            info=(
-                "file in models/imgcond/clip_vision, clip_vision or ControlNetPreprocessor (1280-d projection); "
-                "SDXL's CLIP-G half only"
-            ),
+            info="1280-d projection; SDXL only",
+            hint=f"A CLIP ViT-bigG/14 vision encoder with a 1280-d projection, in {ENCODER_FOLDERS}: SDXL's CLIP-G "
+            "half only. Automatic: the first file whose projection fits.",
         ),
         Param(
             "priority",
@@ -54,7 +80,8 @@ SPEC = Spec(
             "choice",
             "Best fit",
             choices=tuple(PRIORITY_LABELS),
-            info="which image token each prompt token gets: best score first, prompt order, or token i to position i",
+            hint="Which image token each prompt token gets: Best fit: the best scores first; Text order: in prompt "
+            "order; Direct: image token i to position i.",
             advanced=True,
         ),
         Param(
@@ -62,7 +89,7 @@ SPEC = Spec(
             "Reuse image tokens",
             "bool",
             True,
-            info="one image token may guide several prompt tokens",
+            hint="One image token may guide several prompt tokens; off: each image token is used once.",
             advanced=True,
         ),
         Param(
@@ -74,11 +101,31 @@ SPEC = Spec(
             1.0,
             0.01,
             xyz=True,
-            info="weight of prompt tokens whose match score reaches the floor",
+            hint="The weight of prompt tokens whose match score reaches the threshold floor.",
             advanced=True,
         ),
-        Param("threshold_floor", "Threshold match floor", "float", 0.75, 0.0, 1.0, 0.01, advanced=True),
-        Param("linear_start", "Linear start multiplier", "float", 0.1, -1.0, 1.0, 0.01, advanced=True),
+        Param(
+            "threshold_floor",
+            "Threshold match floor",
+            "float",
+            0.75,
+            0.0,
+            1.0,
+            0.01,
+            hint="The match score from which the threshold multiplier applies.",
+            advanced=True,
+        ),
+        Param(
+            "linear_start",
+            "Linear start multiplier",
+            "float",
+            0.1,
+            -1.0,
+            1.0,
+            0.01,
+            hint="The guidance weight at the first token of each 77-token chunk (a linear ramp to the end value).",
+            advanced=True,
+        ),
         Param(
             "linear_end",
             "Linear end multiplier",
@@ -88,7 +135,7 @@ SPEC = Spec(
             1.0,
             0.01,
             xyz=True,
-            info="weight ramp from the first to the last token of each 77-token chunk",
+            hint="The guidance weight at the last token of each 77-token chunk (the end of the linear ramp).",
             advanced=True,
         ),
         Param(
@@ -100,7 +147,7 @@ SPEC = Spec(
             0.5,
             0.01,
             xyz=True,
-            info="weight around the best-matching prompt tokens",
+            hint="The weight added around the best-matching prompt tokens.",
             advanced=True,
         ),
         Param(
@@ -113,6 +160,7 @@ SPEC = Spec(
             0.01,
             xyz=True,
             info="cap on every positive weight",
+            hint="The cap on every positive guidance weight: the most any prompt token moves toward the image.",
         ),
         Param(
             "header_max",
@@ -122,7 +170,7 @@ SPEC = Spec(
             0.0,
             1.0,
             0.01,
-            info="cap on the start token",
+            hint="The cap on the start token's weight (0: the start token is left alone).",
             advanced=True,
         ),
         Param(
@@ -130,16 +178,27 @@ SPEC = Spec(
             "Concept mapping prompt",
             "str",
             "",
-            info="prompt tokens matching these words (score above the threshold) are replaced by image tokens",
+            hint="Words of the prompt to replace: prompt tokens matching them (score above the concept threshold) "
+            "are replaced by image tokens.",
             advanced=True,
         ),
-        Param("concept_threshold", "Concept match threshold", "float", 0.9, 0.0, 1.0, 0.01, advanced=True),
+        Param(
+            "concept_threshold",
+            "Concept match threshold",
+            "float",
+            0.9,
+            0.0,
+            1.0,
+            0.01,
+            hint="The match score from which a prompt token counts as one of the concept's words.",
+            advanced=True,
+        ),
         Param(
             "direct",
             "Direct image guidance (ignore the prompt)",
             "bool",
             False,
-            info="the image tokens replace the positive prompt; the multipliers do not apply",
+            hint="The image tokens replace the positive prompt; the multipliers do not apply.",
             advanced=True,
         ),
         Param(
@@ -147,12 +206,21 @@ SPEC = Spec(
             "FlexDiffuse-compatible",
             "bool",
             False,
-            info="reproduce the original's off-by-one mapping and image preprocessing (default: corrected)",
+            hint="Reproduce the original FlexDiffuse's off-by-one mapping and image preprocessing (default: "
+            "corrected).",
             advanced=True,
         ),
         *step_window("fraction of the sampling (by noise level)", advanced=True),
-        Param("hires", "Hires pass too", "bool", True, info="also guide the hires-fix pass", advanced=True),
+        Param("hires", "Hires pass too", "bool", True, hint="Also guide the hires-fix pass.", advanced=True),
     ],
+    controls={
+        "enabled": "CLIP image guidance (FlexDiffuse): pull the prompt's tokens toward the CLIP tokens of a guidance "
+        "image (SD1.5, SDXL).",
+        "refresh": "Refresh the list of encoders",
+        "add_image2": "Show the controls of a second guidance image",
+        "gallery_image": GALLERY_HINT,
+        "gallery_image2": GALLERY_HINT,
+    },
 )
 
 

@@ -16,7 +16,8 @@ SPEC = Spec(
             "demofusion_cosine",
             choices=SCHEDULES,
             xyz=True,
-            info="curve of the weight on the noised upscaled latent z′ over the hires steps",
+            hint="The curve of the weight on z′ (the upscaled first-pass latent, noised to each step's level) over "
+            "the hires steps; the plot below shows it.",
         ),
         Param(
             "alpha",
@@ -27,7 +28,9 @@ SPEC = Spec(
             100.0,
             0.05,
             xyz=True,
-            info="DemoFusion cosine_scale_1; larger = mixing fades out sooner",
+            info="larger = fades out sooner",
+            hint="The curve's exponent (DemoFusion's cosine_scale_1): larger values make the mixing fade out sooner, "
+            "leaving the later steps more freedom.",
         ),
         Param(
             "start",
@@ -37,7 +40,8 @@ SPEC = Spec(
             0.0,
             1.0,
             0.01,
-            info="fraction of the hires steps; no mixing before",
+            info="fraction of the hires steps",
+            hint="No mixing before this fraction of the hires steps; the curve starts here.",
             advanced=True,
         ),
         Param(
@@ -48,7 +52,9 @@ SPEC = Spec(
             0.0,
             2.0,
             0.01,
-            info="curve end; > 1 stretches it past the last step",
+            info="curve end; > 1 past the last step",
+            hint="Where the curve ends, as a fraction of the hires steps; above 1 the curve is stretched past the "
+            "last step, so the mixing never quite fades out.",
             advanced=True,
         ),
         Param(
@@ -59,20 +65,48 @@ SPEC = Spec(
             0.0,
             1.0,
             0.01,
-            info="no mixing from this fraction of the steps on",
+            hint="No mixing from this fraction of the hires steps on, whatever the curve says.",
             advanced=True,
         ),
         Param(
-            "blend_min", "Blend min", "float", 0.0, 0.0, 1.0, 0.01, info="z′ weight where the curve is 0", advanced=True
+            "blend_min",
+            "Blend min",
+            "float",
+            0.0,
+            0.0,
+            1.0,
+            0.01,
+            hint="The z′ weight where the curve is 0 (at most Blend max).",
+            advanced=True,
         ),
-        Param("blend_max", "Blend max", "float", 1.0, 0.0, 1.0, 0.01, xyz=True, info="z′ weight where the curve is 1"),
-        Param("blend", "Blend function", "choice", "addition", choices=BLENDS, advanced=True),
+        Param(
+            "blend_max",
+            "Blend max",
+            "float",
+            1.0,
+            0.0,
+            1.0,
+            0.01,
+            xyz=True,
+            info="z′ weight where the curve is 1",
+            hint="The z′ weight where the curve is 1: how much of the upscaled first pass the early hires steps keep.",
+        ),
+        Param(
+            "blend",
+            "Blend function",
+            "choice",
+            "addition",
+            choices=BLENDS,
+            hint="How z′ and the sampler's latent are combined: addition (linear), slerp (spherical), norm_only "
+            "(the sampler's direction at z′'s norm).",
+            advanced=True,
+        ),
         Param(
             "normalize",
             "Normalise",
             "bool",
             False,
-            info="match the mixed latent's per-channel mean/std to z′",
+            hint="Match the mixed latent's per-channel mean and standard deviation to z′'s.",
             advanced=True,
         ),
         Param(
@@ -80,7 +114,7 @@ SPEC = Spec(
             "Fresh noise per step",
             "bool",
             False,
-            info="a new ε every step, not the pass's",
+            hint="Noise z′ with a new ε every step instead of the pass's own noise.",
             advanced=True,
         ),
         Param(
@@ -90,14 +124,15 @@ SPEC = Spec(
             "demofusion",
             choices=ORDERS,
             xyz=True,
-            info="demofusion: mix before each step, at its noise level; iterative_mixer: mix after each step's update",
+            hint="demofusion: mix before each step, at that step's noise level; iterative_mixer: mix after each "
+            "step's update.",
         ),
         Param(
             "rewind",
             "Rewind",
             "bool",
             False,
-            info="then re-noise the result and sample again from later steps",
+            hint="After the pass, re-noise the result and sample again from later steps (Iterative Mixing's rewind).",
             advanced=True,
         ),
         Param(
@@ -108,7 +143,8 @@ SPEC = Spec(
             0.01,
             0.99,
             0.01,
-            info="each rewind starts this fraction of the remaining steps later (0.5: 50 %, 75 %, …)",
+            info="0.5: 50 %, 75 %, …",
+            hint="Each rewind starts this fraction of the remaining steps later (0.5: at 50 %, then 75 %, …).",
             advanced=True,
         ),
         Param(
@@ -119,8 +155,12 @@ SPEC = Spec(
             0.01,
             1.0,
             0.01,
-            info="no rewind starts after this fraction",
+            hint="No rewind starts after this fraction of the steps.",
             advanced=True,
         ),
     ],
+    controls={
+        "enabled": "Hires iterative mixing (DemoFusion skip residual / Iterative Mixing): acts on the hires-fix "
+        "pass only, mixing the upscaled first pass back in over the hires steps.",
+    },
 )

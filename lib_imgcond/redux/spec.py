@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from lib_imgcond.redux.image import MODES
 from lib_imgcond.redux.tokens import DOWNSAMPLE_MODES, PRESETS
-from lib_imgcond.spec.params import Param, Spec, step_window
+from lib_imgcond.spec.params import GALLERY_HINT, Param, Spec, step_window
 
 SLOTS = 4
 AUTO = ""  # a model name left empty: the only (or first) file of the models folders
@@ -37,42 +37,117 @@ SLOT_FIELDS = (*BASE_FIELDS, *MERGE_FIELDS)
 def slot_params(k: int) -> list[Param]:
     """The first-generation parameters of reference-image slot `k` (1-based): BASE_FIELDS."""
     return [
-        Param(f"use{k}", f"Use image {k}", "bool", True, info="a slot is used when this is on and it has an image"),
-        Param(f"image{k}", f"Image {k}", "image", None),
-        Param(f"mask{k}", f"Mask {k} (optional upload; white = keep)", "image", None),
+        Param(
+            f"use{k}",
+            f"Use image {k}",
+            "bool",
+            True,
+            hint="A slot is used when this is on and it has an image: switch a slot off without losing its image.",
+        ),
+        Param(
+            f"image{k}",
+            f"Image {k}",
+            "image",
+            None,
+            hint="A reference image: the SigLIP encoder and the Redux projector turn it into conditioning tokens "
+            "appended after the prompt's.",
+        ),
+        Param(
+            f"mask{k}",
+            f"Mask {k} (optional upload; white = keep)",
+            "image",
+            None,
+            hint="Optional, the image's size: white keeps, black drops. With Token control 'advanced' only the "
+            "tokens under white are kept; 'autocrop' crops around it. Upload one, or paint it with the brush button.",
+        ),
         Param(
             f"mode{k}",
             "Image preparation",
             "choice",
             "center_crop",
             choices=MODES,
-            info="center_crop: square centre crop; keep_aspect: letterbox; autocrop: square around the mask",
+            hint="How the image is fitted to the encoder's square input: center_crop: the centre square; "
+            "keep_aspect: the whole image, letterboxed; autocrop: a square around the mask (needs a mask).",
             advanced=True,
         ),
-        Param(f"margin{k}", "Autocrop margin", "float", 0.1, 0.0, 1.0, 0.01, advanced=True),
+        Param(
+            f"margin{k}",
+            "Autocrop margin",
+            "float",
+            0.1,
+            0.0,
+            1.0,
+            0.01,
+            info="fraction of width / height",
+            hint="autocrop: space kept around the mask's box, as a fraction of the image's width / height.",
+            advanced=True,
+        ),
         Param(
             f"control{k}",
             "Token control",
             "choice",
             "medium",
             choices=CONTROLS,
-            info="highest…lowest: fixed downsampling (729/169/81/36/25 tokens); advanced: factor, interpolation, "
-            "mask → token selection",
+            info="729 / 169 / 81 / 36 / 25 tokens; advanced",
+            hint="How many tokens the image gives: the presets highest…lowest downsample the 27×27 token grid to "
+            "729 / 169 / 81 / 36 / 25 tokens; fewer tokens leave the prompt more say. advanced: your own factor "
+            "and interpolation, and the mask selects tokens.",
             advanced=True,
         ),
-        Param(f"factor{k}", f"Downsampling factor {k}", "float", 3.0, 1.0, 9.0, 0.1, xyz=True, advanced=True),
-        Param(f"interpolation{k}", "Interpolation", "choice", "area", choices=DOWNSAMPLE_MODES, advanced=True),
-        Param(f"weight{k}", f"Weight {k}", "float", 1.0, 0.0, 1.0, 0.01, xyz=True, info="tokens × weight²"),
+        Param(
+            f"factor{k}",
+            f"Downsampling factor {k}",
+            "float",
+            3.0,
+            1.0,
+            9.0,
+            0.1,
+            xyz=True,
+            hint="advanced: the token grid is shrunk by this factor per side (1 = all 729 tokens, 3 = 81).",
+            advanced=True,
+        ),
+        Param(
+            f"interpolation{k}",
+            "Interpolation",
+            "choice",
+            "area",
+            choices=DOWNSAMPLE_MODES,
+            hint="advanced: how the token grid is downsampled (area averages each cell's tokens).",
+            advanced=True,
+        ),
+        Param(
+            f"weight{k}",
+            f"Weight {k}",
+            "float",
+            1.0,
+            0.0,
+            1.0,
+            0.01,
+            xyz=True,
+            info="tokens × weight²",
+            hint="Scales this image's tokens by weight² (the Redux convention); 0 silences the image.",
+        ),
         Param(
             f"strength_type{k}",
             "Strength type",
             "choice",
             "multiply",
             choices=STRENGTH_TYPES,
-            info="multiply: tokens × strength; attn_bias: log(strength) on the tokens' attention columns",
+            hint="multiply: the tokens are multiplied by Strength; attn_bias: log(Strength) is added to the "
+            "attention on the tokens' columns (the image's share of attention grows without changing the tokens).",
             advanced=True,
         ),
-        Param(f"strength{k}", f"Strength {k}", "float", 1.0, 0.0, 10.0, 0.01, xyz=True),
+        Param(
+            f"strength{k}",
+            f"Strength {k}",
+            "float",
+            1.0,
+            0.0,
+            10.0,
+            0.01,
+            xyz=True,
+            hint="How strongly this image conditions the generation (see Strength type); 1 = as encoded, 0 = off.",
+        ),
     ]
 
 
@@ -84,7 +159,8 @@ def merge_params(k: int) -> list[Param]:
             "Merge similar tokens",
             "bool",
             False,
-            info="average runs of neighbouring tokens (raster order) whose cosine similarity reaches the threshold",
+            hint="Average runs of neighbouring tokens (raster order) whose cosine similarity reaches the threshold: "
+            "fewer tokens for flat regions, the detail kept.",
             advanced=True,
         ),
         Param(
@@ -96,10 +172,28 @@ def merge_params(k: int) -> list[Param]:
             1.0,
             0.005,
             xyz=True,
-            info="lower merges more (0.8 often leaves about as many tokens as a prompt); 1: identical only",
+            info="lower merges more; 1: identical only",
+            hint="The cosine similarity to the run's mean from which a token joins it. Lower merges more (0.8 often "
+            "leaves about as many tokens as a prompt); 1 merges identical tokens only.",
             advanced=True,
         ),
     ]
+
+
+def slot_controls(k: int) -> dict[str, str]:
+    """The hover hints of slot `k`'s controls that are not parameters."""
+    out = {
+        f"gallery_image{k}": GALLERY_HINT,
+        f"paint{k}": f"Paint mask {k} on image {k}: opens a canvas over the image; the painted mask replaces mask "
+        f"{k} and is prepared as an uploaded one",
+        f"preview{k}": "Show image and mask as the encoder will see them, and the exact token count (encodes the "
+        "image once)",
+        f"prepared{k}": "The image as prepared for the encoder (press Preview)",
+        f"prepared_mask{k}": "The mask as prepared for the encoder (press Preview)",
+    }
+    if k > 1:
+        out[f"add_image{k}"] = f"Show the controls of reference image {k}"
+    return out
 
 
 SPEC = Spec(
@@ -111,19 +205,29 @@ SPEC = Spec(
             "SigLIP vision model",
             "str",
             AUTO,
-            info="file in models/imgcond/siglip, clip_vision or ControlNetPreprocessor (empty: the first SigLIP file)",
+            info="empty: the first SigLIP file",
+            hint="The SigLIP vision encoder (sigclip_vision_patch14_384): a file in models/imgcond/siglip, "
+            "models/clip_vision or models/ControlNetPreprocessor (or a folder set in Settings); empty: the first "
+            "SigLIP file found.",
         ),
         Param(
             "redux_model",
             "Redux model",
             "str",
             AUTO,
-            info="file in models/imgcond/redux (empty: the only / first file there)",
+            info="empty: the first file in models/imgcond/redux",
+            hint="The Redux projector (flux1-redux-dev): a file in models/imgcond/redux; empty: the only / first "
+            "file there.",
         ),
         *step_window("fraction of the sampling steps", advanced=True),
         *(param for k in range(1, SLOTS + 1) for param in slot_params(k)),
         *(param for k in range(1, SLOTS + 1) for param in merge_params(k)),
     ],
+    controls={
+        "enabled": "Flux Redux: reference images become extra conditioning tokens after the prompt (Flux only).",
+        "refresh": "Refresh the lists of model files",
+        **{name: hint for k in range(1, SLOTS + 1) for name, hint in slot_controls(k).items()},
+    },
 )
 
 

@@ -2,7 +2,7 @@
 
 Names, order, kinds, defaults, ranges and choices come from the `Spec` of each technique; this module adds only the
 prose (a meaning per argument, and the allowed values where a type alone does not say them). Every spec parameter
-must have a meaning here (the spec's `info` serves when it says enough) and every entry here must name a parameter,
+must have a meaning here (the spec's `hint` serves when it says enough) and every entry here must name a parameter,
 so a parameter added, renamed or moved shows up as a stale reference page in `tests/unit/test_readme.py`.
 
     python -m lib_imgcond.spec.api_docs          # check the docs pages (exit status 1 when one is stale)
@@ -107,7 +107,7 @@ def _allowed(param: Param, doc: Doc) -> str:
 
 def _meaning(spec: Spec, param: Param, n: int) -> str:
     doc = DOCS.get(spec.prefix, {}).get(_slot_base(param.name) if n > 1 else param.name, Doc())
-    text = doc.meaning or param.info
+    text = doc.meaning or param.hint or param.info
     return f"{text} (X/Y/Z axis)" if text and param.xyz else text
 
 

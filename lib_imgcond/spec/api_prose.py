@@ -56,6 +56,10 @@ DOCS: dict[str, dict[str, Doc]] = {
             "share `rate` of its tokens per layer and evaluation (host RAM, within the RAM budget) and the images of "
             "later batches attend to those instead"
         ),
+        "record_every": Doc(
+            "Record: keep the K/V of every k-th model evaluation only (about 1/k of the size); Use maps each "
+            "evaluation to the recorded one nearest in progress. 1 = all"
+        ),
         "storage": Doc(
             "Record: `K/V` stores every self-attention K/V (GiBs; Use reads them); `Trajectory` stores the model "
             "inputs of the recorded image (latent, sigma and conditioning per evaluation; SDXL 1024² 20 steps: "
@@ -63,11 +67,25 @@ DOCS: dict[str, dict[str, Doc]] = {
         ),
     },
     "hrmix": {
+        "schedule": Doc("curve of the weight on the noised upscaled latent z′ over the hires steps"),
+        "alpha": Doc("DemoFusion cosine_scale_1; larger = mixing fades out sooner"),
+        "start": Doc("fraction of the hires steps; no mixing before"),
+        "stop": Doc("curve end; > 1 stretches it past the last step"),
+        "clamp": Doc("no mixing from this fraction of the steps on"),
+        "blend_max": Doc("z′ weight where the curve is 1"),
+        "normalize": Doc("match the mixed latent's per-channel mean/std to z′"),
+        "fresh_noise": Doc("a new ε every step, not the pass's"),
+        "order": Doc(
+            "demofusion: mix before each step, at its noise level; iterative_mixer: mix after each step's update"
+        ),
+        "rewind": Doc("then re-noise the result and sample again from later steps"),
+        "rewind_min": Doc("each rewind starts this fraction of the remaining steps later (0.5: 50 %, 75 %, …)"),
+        "rewind_max": Doc("no rewind starts after this fraction"),
         "blend": Doc(
             "how z′ and the sampler's latent x are combined: `addition` (linear), `slerp` (spherical), `norm_only` "
             "(x's direction at z′'s norm)"
         ),
-        "blend_min": Doc(note=" (at most `blend_max`)"),
+        "blend_min": Doc("z′ weight where the curve is 0", note=" (at most `blend_max`)"),
     },
     "flexdiffuse": {
         "image": Doc("guidance image", "base64 image or null"),
@@ -144,6 +162,15 @@ DOCS: dict[str, dict[str, Doc]] = {
         ),
         "weight": Doc("its tokens × weight (0: the image is skipped)"),
         "mode": Doc("image preparation"),
+        "strength_type": Doc(
+            "multiply: tokens × strength; attn_bias: log(strength) on the tokens' cross-attention columns"
+        ),
+        "hires": Doc("also apply in the hires-fix pass"),
+        "mask": Doc(
+            "mask k (white = keep), the size of `imagek`: uploaded or painted in the UI; wins over a mask carried "
+            "by `imagek`",
+            "base64 image or null",
+        ),
     },
     "unclip": {
         "encoder": Doc(
@@ -154,6 +181,9 @@ DOCS: dict[str, dict[str, Doc]] = {
         "start": Doc("start of the step window (fraction of the noise schedule, tested per model evaluation)"),
         "end": Doc("end of the step window (`end` = `start`: never applies)", note=", at least `start`"),
         "image": Doc("image k", "base64 image or null"),
+        "merge_noise_augmentation": Doc("several images: the summed embedding is noised once more at this level"),
+        "strength": Doc("this image's ADM vector × strength; 0 = the image is skipped"),
+        "noise_augmentation": Doc("how far the image embedding is noised (level = round(999 × this)); higher = looser"),
     },
 }
 

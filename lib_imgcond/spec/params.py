@@ -38,6 +38,10 @@ class Param:
     step: float | None = None
     choices: tuple[str, ...] = ()
     info: str = ""
+    """The short help shown under the control: what a user must read before touching it (units, ranges)."""
+    hint: str = ""
+    """The full help, shown when the pointer rests on the control (javascript/imgcond_hints.js, generated from
+    the specs by lib_imgcond.spec.hints) and used as the API reference's meaning where the prose has none."""
     infotext: bool = True
     xyz: bool = False
     advanced: bool = False
@@ -126,16 +130,27 @@ class Param:
 
 
 END_INFO = "at start: never applies"
+GALLERY_HINT = "Put the image selected in this tab's results gallery (else its first image) here"
+START_HINT = (
+    "Where in the sampling the technique starts acting, as a fraction (0 = from the first step). With End at it forms "
+    "the step window; outside it the generation is exactly as without the technique."
+)
+END_HINT = "Where it stops acting (1 = until the last step). End at = Start at: the technique never applies."
 
 
-def step_window(start_info: str, *, xyz: bool = True, advanced: bool = False) -> tuple[Param, Param]:
+def step_window(
+    start_info: str, *, xyz: bool = True, advanced: bool = False, start_hint: str = START_HINT
+) -> tuple[Param, Param]:
     """The `start` / `end` pair of a technique's step window: fractions of the sampling, `end` = `start` empty."""
     return (
-        Param("start", "Start at", "float", 0.0, 0.0, 1.0, 0.01, xyz=xyz, info=start_info, advanced=advanced),
         Param(
-            "end", "End at", "float", 1.0, 0.0, 1.0, 0.01, xyz=xyz, info="at start: never applies", advanced=advanced
+            "start", "Start at", "float", 0.0, 0.0, 1.0, 0.01, xyz=xyz, info=start_info, advanced=advanced,
+            hint=start_hint,
         ),
-    )
+        Param(
+            "end", "End at", "float", 1.0, 0.0, 1.0, 0.01, xyz=xyz, info=END_INFO, advanced=advanced, hint=END_HINT
+        ),
+    )  # fmt: skip
 
 
 @dataclass
@@ -145,12 +160,25 @@ class Spec:
     prefix: str
     title: str
     params: list[Param]
+    controls: dict[str, str] = field(default_factory=dict)
+    """The panel's other controls (buttons, the enable switch, previews): element name -> hover hint. With the
+    parameters' hints they make the hints file (lib_imgcond.spec.hints)."""
     by_name: dict[str, Param] = field(init=False)
 
     def __post_init__(self):
         self.by_name = {p.name: p for p in self.params}
         if len(self.by_name) != len(self.params) or "enabled" in self.by_name:
             raise ValueError("parameter names must be unique and not 'enabled'")
+        if set(self.controls) & set(self.by_name):
+            raise ValueError(f"{self.prefix}: controls {sorted(set(self.controls) & set(self.by_name))} are parameters")
+
+    def elem_id(self, name: str, tab: str) -> str:
+        """The element id of the panel's control `name` in `tab` ("txt2img" / "img2img")."""
+        return f"imgcond_{self.prefix}_{name}_{tab}"
+
+    def hints(self) -> dict[str, str]:
+        """Element name -> hover hint of every parameter and every other control of the panel."""
+        return {**{p.name: p.hint for p in self.params}, **self.controls}
 
     @property
     def enabled_key(self) -> str:

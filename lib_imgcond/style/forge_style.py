@@ -174,10 +174,12 @@ def plan(p: Any, values: dict, extra_dir: str = "") -> Job:
     for k in slots:
         slot = slot_values(values, k)
         image_in = slot["image"]
+        mask_in = values.get(f"mask{k}")  # uploaded or painted in the UI: wins over a mask the image carries
+        mask_img = image_in.mask if mask_in is None else mask_in.image
         try:
             image, mask = redux_image.prepare(
                 redux_host.pil_to_tensor(image_in.image),
-                None if image_in.mask is None else redux_host.mask_to_tensor(image_in.mask),
+                None if mask_img is None else redux_host.mask_to_tensor(mask_img),
                 slot["mode"],
                 cfg.image_size,
                 float(values["margin"]),

@@ -105,11 +105,19 @@ def tool_button(symbol: str, elem_id: str, tooltip: str):
     return ToolButton(value=value, elem_id=elem_id, tooltip=tooltip)
 
 
-_SYMBOLS = {"refresh": "\U0001f504", "clear_prompt": "\U0001f5d1\ufe0f", "estimate": "\U0001f4cf"}
+_SYMBOLS = {
+    "refresh": "\U0001f504",
+    "clear_prompt": "\U0001f5d1\ufe0f",
+    "estimate": "\U0001f4cf",
+    "gallery": "\U0001f4e5",  # take the selected result of the gallery
+    "paint": "\U0001f58c\ufe0f",  # paint a mask
+    "record": "\U0001f4cc",  # keep this result as a reference
+}
 
 
 def mask_upload(label: str, elem_id: str):
-    """A plain image upload (no canvas editor: building several editors at once stalls the browser)."""
+    """A plain image upload (no canvas editor: building several editors at once stalls the browser; masks are
+    painted in one light canvas built on demand, `webui.images.paint_button`)."""
     return gr.Image(label=label, type="pil", elem_id=elem_id)
 
 

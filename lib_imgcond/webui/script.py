@@ -15,12 +15,17 @@ from lib_imgcond.common.log import logger
 from lib_imgcond.host import capabilities as host
 from lib_imgcond.host import forge, progress
 from lib_imgcond.spec.params import Spec
-from lib_imgcond.webui import panel, xyz
+from lib_imgcond.webui import images, panel, xyz
 
 
 class TechniqueScript:
     spec: Spec
     txt2img_only = False
+
+    def __init__(self):
+        super().__init__()
+        self.gallery_links = images.GalleryLinks()
+        self.gallery_links.register(self)
 
     def title(self):
         return self.spec.title
@@ -33,7 +38,27 @@ class TechniqueScript:
     def elem_ids(self, is_img2img) -> Callable[[str], str]:
         """`name` → a unique element id for this technique and tab."""
         tab = "img2img" if is_img2img else "txt2img"
-        return lambda name: f"imgcond_{self.spec.prefix}_{name}_{tab}"
+        return lambda name: self.spec.elem_id(name, tab)
+
+    def image_input(self, is_img2img, param, elem_id: str, **row):
+        """`param`'s image upload with a 📥 button at its right (control `gallery_<name>`): the result selected in
+        the tab's gallery goes into it. `row` goes to the row holding both (e.g. `visible`)."""
+        eid, name = self.elem_ids(is_img2img), f"gallery_{param.name}"
+
+        def tools(image):
+            self.gallery_links.button(images.tab_of(is_img2img), eid(name), self.spec.controls[name], [image])
+
+        return images.image_input(param.label, elem_id, tools, **row)
+
+    def mask_input(self, is_img2img, param, elem_id: str, k: int, image, scratch):
+        """Slot `k`'s mask upload with a 🖌️ button at its right (control `paint<k>`): paint the mask over `image`
+        (`scratch`: the panel's hidden textbox, `images.scratch`)."""
+        eid, name = self.elem_ids(is_img2img), f"paint{k}"
+
+        def tools(mask):
+            images.paint_button(eid(name), self.spec.controls[name], image, mask, scratch)
+
+        return images.image_input(param.label, elem_id, tools)
 
     def finish_ui(self, enabled, comps: dict) -> list:
         """Paste-back fields from the spec, and the component list `ui()` returns."""

@@ -124,7 +124,8 @@ def modify(unet, cond, uncond=None, sigma=5.0):
 def test_spec_layout_and_axes():
     names = [p.name for p in SPEC.params]
     assert names[:8] == ["encoder", "adapter", "strength_type", "strength", "margin", "start", "end", "hires"]
-    assert names[8:11] == ["image1", "weight1", "mode1"] and len(names) == 8 + 3 * SLOTS
+    assert names[8:11] == ["image1", "weight1", "mode1"] and len(names) == 8 + 4 * SLOTS
+    assert names[8 + 3 * SLOTS :] == [f"mask{k}" for k in range(1, SLOTS + 1)]  # appended: positional calls keep
     axes = {p.name for p in SPEC.params if p.xyz}
     assert axes == {"strength", "start", "end", *(f"weight{k}" for k in range(1, SLOTS + 1))}
     assert SPEC.title.lower() == "style model" and SPEC.enabled_key == "style_model_enabled"
@@ -223,6 +224,23 @@ def test_mask_selects_the_tokens_it_covers(models):
     assert masked.count == 8 and not torch.allclose(masked.tokens, plain.tokens)
     expected = expected_tokens(models, picture(), forge_redux.mask_to_tensor(mask))
     assert torch.allclose(masked.tokens, expected, atol=1e-5)
+
+
+def test_uploaded_or_painted_mask_goes_the_same_way_and_wins(models):
+    """`maskk` (the panel's mask upload, which the brush fills too) gives the tokens of the same mask carried by the
+    image, and wins over a mask the image carries."""
+    files(models)
+    mask = Image.new("L", (50, 40), 0)
+    mask.paste(255, (0, 0, 20, 40))
+    carried = host.plan(fake_p(), SPEC.parse([{"image1": ImageInput(picture(), mask)}]))
+    rgb = mask.convert("RGB")  # an uploaded mask arrives as an RGB image
+    uploaded = host.plan(fake_p(), SPEC.parse([{"image1": ImageInput(picture()), "mask1": rgb}]))
+    assert torch.equal(uploaded.tokens, carried.tokens)
+    other = Image.new("L", (50, 40), 0)
+    other.paste(255, (30, 0, 50, 40))
+    wins = host.plan(fake_p(), SPEC.parse([{"image1": ImageInput(picture(), other), "mask1": rgb}]))
+    assert torch.equal(wins.tokens, carried.tokens)
+    assert not torch.allclose(host.plan(fake_p(), values()).tokens, carried.tokens)
 
 
 # --- the patches ------------------------------------------------------------------------------------------------------

@@ -143,3 +143,154 @@ class Browser:
         field = self.driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=file]")
         field.send_keys(path)
         time.sleep(3)
+
+    # --- the workflow tests (tests/ui/test_workflow.py) ------------------------------------------------------------
+    def click(self, elem_id: str) -> None:
+        element = self.element(elem_id)
+        self.js("arguments[0].scrollIntoView({block: 'center'})", element)
+        element.click()
+
+    def titles(self, ids: list[str]) -> dict:
+        """id -> the hover hint the element shows (an accordion: its header's), or None when it is not in the page."""
+        return self.js(TITLES_JS, ids)
+
+    def hover_title(self, elem_id: str):
+        """The hint the browser shows with the pointer at the middle of the element: the title of the innermost
+        titled element there (None when the element is hidden or covered by another)."""
+        return self.js(HOVER_JS, elem_id)
+
+    def image_src(self, elem_id: str) -> str | None:
+        script = "const i = document.querySelector('#' + arguments[0] + ' img'); return i ? i.src : null"
+        return self.js(script, elem_id)
+
+    def wait_image(self, elem_id: str, old: str | None = None, timeout: float = 60) -> str:
+        """The src of the image the component shows, once it shows one (other than `old`)."""
+        what = f"an image in {elem_id}"
+        return self.wait(lambda: (src := self.image_src(elem_id)) and src != old and src, timeout, what)
+
+    def distance(self, src_a: str, src_b: str) -> float:
+        """Mean absolute difference (0–255) of two images, both drawn at 32×32 in the page."""
+        self.driver.set_script_timeout(60)
+        return self.driver.execute_async_script(DISTANCE_JS, src_a, src_b)
+
+    def results(self, tab: str) -> list[str]:
+        """The srcs of the result thumbnails in the tab's gallery."""
+        return self.js(
+            "return [...document.querySelectorAll('#' + arguments[0] + '_gallery .thumbnail-item.thumbnail-small img')]"
+            ".map(i => i.src)",
+            tab,
+        )
+
+    def select_result(self, tab: str, index: int) -> None:
+        thumbs = self.driver.find_elements(By.CSS_SELECTOR, f"#{tab}_gallery .thumbnail-item.thumbnail-small")
+        self.js("arguments[0].scrollIntoView({block: 'center'})", thumbs[index])
+        thumbs[index].click()
+        self.wait(lambda: "selected" in thumbs[index].get_attribute("class"), 10, "the thumbnail to be selected")
+
+    def set_number(self, elem_id: str, value) -> None:
+        """Type `value` into a slider's or number's box (as a user does), firing the events Gradio listens to."""
+        box = self.driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=number]")
+        self.js(
+            "arguments[0].value = arguments[1]; for (const e of ['input', 'change', 'blur']) "
+            "arguments[0].dispatchEvent(new Event(e, {bubbles: true}));",
+            box,
+            str(value),
+        )
+        time.sleep(0.5)
+
+    def choose(self, elem_id: str, value: str) -> None:
+        """Pick `value` of a radio group."""
+        label = self.driver.find_element(By.XPATH, f"//*[@id='{elem_id}']//label[.//input[@value='{value}']]")
+        self.js("arguments[0].scrollIntoView({block: 'center'})", label)
+        label.click()
+        self.wait(lambda: self.value(elem_id) == value, 10, f"{elem_id} = {value}")
+
+    def text(self, elem_id: str) -> str:
+        return self.js("return document.getElementById(arguments[0]).innerText", elem_id)
+
+    def open_time_ms(self, accordion_id: str, last_id: str) -> float:
+        """Milliseconds from a click on the closed accordion's header until `last_id` (its last control) is laid out
+        and painted, measured in the page."""
+        self.driver.set_script_timeout(60)
+        return self.driver.execute_async_script(OPEN_TIME_JS, accordion_id, last_id)
+
+    def paint(self, button_id: str, strokes: list[tuple[float, float, float, float]], shot=None) -> None:
+        """Press a brush button and paint `strokes` (x0, y0, x1, y1 as fractions of the image), then Apply."""
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        self.click(button_id)
+        self.wait(lambda: self.driver.find_elements(By.ID, "imgcond-paint-canvas"), 30, "the paint canvas")
+        canvas = self.driver.find_element(By.ID, "imgcond-paint-canvas")
+        width, height = self.js("const r = arguments[0].getBoundingClientRect(); return [r.width, r.height]", canvas)
+        for x0, y0, x1, y1 in strokes:
+            chain = ActionChains(self.driver)
+            chain.move_to_element_with_offset(canvas, int((x0 - 0.5) * width), int((y0 - 0.5) * height))
+            chain.click_and_hold()
+            for i in range(1, 11):
+                chain.move_to_element_with_offset(
+                    canvas, int((x0 + (x1 - x0) * i / 10 - 0.5) * width), int((y0 + (y1 - y0) * i / 10 - 0.5) * height)
+                )
+            chain.release().perform()
+        if shot:
+            self.driver.save_screenshot(str(shot))
+        self.driver.find_element(By.ID, "imgcond-paint-apply").click()
+        self.wait(lambda: not self.driver.find_elements(By.ID, "imgcond-paint"), 10, "the paint canvas to close")
+
+
+TITLES_JS = """
+const out = {};
+for (const id of arguments[0]) {
+  const el = document.getElementById(id);
+  if (!el) { out[id] = null; continue; }
+  const accordion = el.classList.contains('input-accordion') || el.classList.contains('gradio-accordion');
+  out[id] = ((accordion && el.querySelector('.label-wrap')) || el).title;
+}
+return out;
+"""
+
+HOVER_JS = """
+const el = document.getElementById(arguments[0]);
+if (!el || el.offsetParent === null) return null;
+const accordion = el.classList.contains('input-accordion') || el.classList.contains('gradio-accordion');
+const box = ((accordion && el.querySelector('.label-wrap')) || el);
+box.scrollIntoView({block: 'center'});
+const r = box.getBoundingClientRect();
+const hit = document.elementFromPoint(r.left + r.width / 2, r.top + Math.min(r.height / 2, 12));
+if (!hit || !el.contains(hit)) return null;
+const titled = hit.closest('[title]');
+return titled ? titled.title : '';
+"""
+
+DISTANCE_JS = """
+const done = arguments[arguments.length - 1];
+function pixels(src) {
+  return new Promise((ok, bad) => {
+    const img = new Image();
+    img.onload = () => { const c = document.createElement('canvas'); c.width = c.height = 32;
+      const ctx = c.getContext('2d'); ctx.drawImage(img, 0, 0, 32, 32); ok(ctx.getImageData(0, 0, 32, 32).data); };
+    img.onerror = () => bad(new Error('cannot load ' + src));
+    img.src = src;
+  });
+}
+Promise.all([pixels(arguments[0]), pixels(arguments[1])]).then(([a, b]) => {
+  let sum = 0, n = 0;
+  for (let i = 0; i < a.length; i += 4) { for (let j = 0; j < 3; j++) { sum += Math.abs(a[i + j] - b[i + j]); n++; } }
+  done(sum / n);
+}, e => done(-1));
+"""
+
+OPEN_TIME_JS = """
+const done = arguments[arguments.length - 1];
+const label = document.querySelector('#' + arguments[0] + ' .label-wrap');
+const last = () => document.getElementById(arguments[1]);
+label.scrollIntoView({block: 'center'});
+const ready = () => label.classList.contains('open') && last().offsetParent !== null
+  && last().getBoundingClientRect().height > 0;
+const t0 = performance.now();
+label.click();
+(function poll() {
+  if (ready()) requestAnimationFrame(() => done(performance.now() - t0));
+  else if (performance.now() - t0 > 30000) done(-1);
+  else requestAnimationFrame(poll);
+})();
+"""
