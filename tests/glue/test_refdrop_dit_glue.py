@@ -107,13 +107,12 @@ def test_a_heads_first_output_is_handed_back_as_the_host_gives_it(attn_module):
 
 
 def test_context_windows_are_refused_by_name(attn_module):
-    _model, unet, _ = _installed(attn_module)
+    _, unet, _ = _installed(attn_module)
     wrapper = unet.model_options["model_function_wrapper"]
     args = {"input": torch.zeros(1, 3, 2, 2), "timestep": torch.ones(1)}
     args["c"] = {"transformer_options": {"context_window": object()}}
-    with pytest.raises(
-        ImgcondError, match=r"RefDrop on PiD \(1 patch \+ 1 pixel blocks, 8 channels\).*context windows"
-    ):
+    label = r"PiD \(1 patch \+ 1 pixel blocks, 8 channels\)"
+    with pytest.raises(ImgcondError, match=rf"RefDrop on {label}: .*context windows"):
         wrapper(lambda x, t, **c: x, args)
     assert attn_module.attention_function is _attention_function
 
