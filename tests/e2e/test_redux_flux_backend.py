@@ -25,7 +25,7 @@ def _run(model: str, dtype: str) -> dict:
         env=forge.offline_env(),
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=2400,  # Neo's tiny Chroma keeps 19 + 38 blocks
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

@@ -33,7 +33,7 @@ def result(request):
         env=forge.offline_env(),
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=2400,  # Neo's tiny Chroma keeps 19 + 38 blocks: ~27 min on a loaded 2-core machine
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, (
