@@ -1,7 +1,10 @@
 """Hires iterative mixing through the host's own backend on a tiny model of one family; run with the host's python from
 the host's folder:
 
-    cd $IMGCOND_FORGE_DIR && $IMGCOND_FORGE_PYTHON <repo>/tests/e2e/mixing_backend_check.py --family zimage
+    cd $IMGCOND_FORGE_DIR && $IMGCOND_FORGE_PYTHON <repo>/tests/e2e/mixing_backend_check.py --model zimage
+
+`--model` names a tiny builder: a family key, or a variant of a family (its family is its engine's). A family hires
+mixing refuses is only checked for its refusal; a builder whose host class this host lacks reports that.
 
 The hires pass as the WebUI runs it, reduced to its sampling: the family's predictor as the host's engine builds it
 (Neo: the engine's own `_get_predictor` on its model config), the pass's schedule (the tail, at denoising strength
@@ -23,7 +26,7 @@ from types import SimpleNamespace
 REPO = Path(__file__).resolve().parents[2]
 FORGE = Path.cwd()
 _cli = argparse.ArgumentParser()
-_cli.add_argument("--family", required=True)
+_cli.add_argument("--model", required=True, help="a builder of tests/e2e/tiny_models.py or tests/e2e/tiny_dits/")
 OPTS = _cli.parse_args()
 NEO = (FORGE / "modules_forge" / "packages").is_dir()
 sys.argv = [sys.argv[0], "--cpu" if NEO else "--always-cpu"]  # the backend reads its flags from sys.argv at import
@@ -42,6 +45,7 @@ from backend.sampling.sampling_function import sampling_function, sampling_prepa
 from k_diffusion import external as kd_external  # noqa: E402
 from k_diffusion import sampling as kd  # noqa: E402
 
+from lib_imgcond.common.errors import ImgcondError  # noqa: E402
 from lib_imgcond.host import forge  # noqa: E402
 from lib_imgcond.mixing import forge_mixing  # noqa: E402
 from lib_imgcond.mixing.schedules import MixParams  # noqa: E402
@@ -90,9 +94,9 @@ def predictor(family: str):
     raise LookupError(f"no Forge 2.0 predictor for {family}")
 
 
-def tiny_model(family: str) -> tiny_dit.Tiny:
+def tiny_model(name: str) -> tiny_dit.Tiny:
     builders = {**tiny_models.BUILDERS, **tiny_dit.builders()}
-    return builders[family]()
+    return builders[name]()
 
 
 def build_unet(tiny: tiny_dit.Tiny, pred) -> UnetPatcher:
@@ -104,7 +108,15 @@ def build_unet(tiny: tiny_dit.Tiny, pred) -> UnetPatcher:
     config = SimpleNamespace(memory_usage_factor=1.0)
     if NEO:
         backend_args.dynamic_args.ops = "ForgeOperations"  # what Neo's loader sets before building a KModel
-    return UnetPatcher.from_model(model=model, diffusers_scheduler=None, k_predictor=pred, config=config)
+    unet = UnetPatcher.from_model(model=model, diffusers_scheduler=None, k_predictor=pred, config=config)
+    extra = getattr(tiny, "call_kwargs", None)  # keyword inputs another extension adds to every model call
+    if extra is not None:
+
+        def with_extra(apply_model, args):
+            return apply_model(args["input"], args["timestep"], **args["c"], **extra(args["input"].shape[0]))
+
+        unet.set_model_unet_function_wrapper(with_extra)
+    return unet
 
 
 # --- the hires pass ---------------------------------------------------------------------------------------------------
@@ -138,7 +150,8 @@ def schedule(pred, steps: int) -> torch.Tensor:
 
 def hires_pass(tiny, unet, pred, func_name: str, z_up, noise, params: MixParams | None, batch: int = 1):
     """One hires pass: `sample_img2img`'s steps with `params` mixing (None: plain). (result, denoiser, mixers)."""
-    engine = type(tiny.engine, (), {"forge_objects": SimpleNamespace(unet=unet)})()
+    attrs = {"forge_objects": SimpleNamespace(unet=unet), **getattr(tiny, "engine_attrs", {})}
+    engine = type(tiny.engine, (), attrs)()
     denoiser = Denoiser(engine, pred)
     sampler = SimpleNamespace(func=getattr(kd, func_name), model_wrap_cfg=denoiser)
     p = SimpleNamespace(sd_model=engine, sampler=sampler, seeds=[7], seed=7, hr_sampler_name=func_name,
@@ -160,7 +173,8 @@ def hires_pass(tiny, unet, pred, func_name: str, z_up, noise, params: MixParams 
 
 def latent(tiny, batch: int, seed: int) -> torch.Tensor:
     """A (B, C, H, W) latent, (B, C, T, H, W) for a video family, of the hires size."""
-    shape = (batch, tiny.channels, *((tiny.frames,) if tiny.frames else ()), SIZE // 8, SIZE // 8)
+    down = getattr(tiny, "downscale", 8)  # image pixels per latent pixel
+    shape = (batch, tiny.channels, *((tiny.frames,) if tiny.frames else ()), SIZE // down, SIZE // down)
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(DTYPE)
 
 
@@ -169,15 +183,26 @@ def diff(a, b) -> float:
 
 
 def main() -> None:
-    family = OPTS.family
-    tiny = tiny_model(family)
+    try:
+        tiny = tiny_model(OPTS.model)
+    except ImportError as e:  # a builder of the other host's family
+        print("RESULT " + json.dumps({"model": OPTS.model, "unavailable": str(e)}))
+        return
+    family = forge.ENGINE_FAMILIES[tiny.engine]
+    if family not in forge_mixing.FAMILIES:
+        try:
+            forge_mixing.check_model(SimpleNamespace(sd_model=type(tiny.engine, (), {})()))
+        except ImgcondError as e:
+            print("RESULT " + json.dumps({"model": OPTS.model, "family": family, "refused": str(e)}))
+            return
+        raise AssertionError(f"{family} is not in forge_mixing.FAMILIES but check_model let it through")
     pred = predictor(family)
     unet = build_unet(tiny, pred)
     batch = 1
     g = torch.Generator().manual_seed(11)
     z_up = latent(tiny, batch, 21)  # the upscaled first-pass latent
     noise = torch.randn(z_up.shape, generator=g)
-    out: dict = {"family": family, "host": "neo" if NEO else "forge", "shape": list(z_up.shape)}
+    out: dict = {"model": OPTS.model, "family": family, "host": "neo" if NEO else "forge", "shape": list(z_up.shape)}
     out["predictor"] = type(pred).__name__
     out["prediction_type"] = pred.prediction_type
     functions = {name: getattr(kd, name) for name in SAMPLERS}
