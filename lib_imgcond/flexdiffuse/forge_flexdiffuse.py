@@ -23,12 +23,14 @@ from lib_imgcond.flexdiffuse import params as fp
 from lib_imgcond.flexdiffuse.forge_encoders import HALVES, TECHNIQUE, choice_label, encode_images, load_encoder, resolve
 from lib_imgcond.flexdiffuse.spec import PRIORITY_LABELS
 from lib_imgcond.host import forge
+from lib_imgcond.spec.families import FLEXDIFFUSE
 from lib_imgcond.spec.params import ImageInput
 from lib_imgcond.vision import forge_encoders as encoders
 
 DIRECT_PLACEHOLDER = "{}"
 """Direct guidance takes the header (start token) of this placeholder prompt, as FlexDiffuse does."""
 MAX_GUIDED = 32  # distinct conditioning tensors remembered per job
+FAMILIES = ("sd15", "sdxl")  # the prompt is CLIP-L (SD1.5) or CLIP-L + CLIP-G (SDXL) text tokens
 
 
 # --- the job ----------------------------------------------------------------------------------------------------------
@@ -98,7 +100,7 @@ def _text_halves(p: Any, text: str, family: str, what: str) -> list[torch.Tensor
 
 def plan(p: Any, values: dict, extra_images: list[tuple[ImageInput, float]], extra_dir: str = "") -> Job:
     """Validate and prepare everything a job needs, before any sampling; raise ImgcondError otherwise."""
-    family = forge.require_family(p.sd_model, ("sd15", "sdxl"), TECHNIQUE)
+    family = forge.require_family(p.sd_model, FAMILIES, TECHNIQUE, FLEXDIFFUSE.reason)
     images = [(values["image"], values["weight"]), (values["image2"], values["weight2"]), *extra_images]
     images = [(img, float(w)) for img, w in images if img is not None]
     if not images:

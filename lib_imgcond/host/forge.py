@@ -70,14 +70,19 @@ def model_family(sd_model: Any) -> str:
     return "other"
 
 
-def require_family(sd_model: Any, allowed: tuple[str, ...], technique: str) -> str:
-    """Return the model family, or raise a clear error when `technique` does not support it."""
+def require_family(
+    sd_model: Any, allowed: tuple[str, ...], technique: str, reason: Callable[[str], str] | None = None
+) -> str:
+    """Return the model family, or raise a clear error when `technique` does not support it: the error names the
+    families it needs, the loaded one and, from `reason(family)`, why that one is refused."""
     family = model_family(sd_model)
     if family not in allowed:
-        wanted = " or ".join(FAMILY_LABELS[f] for f in allowed)
+        labels = [FAMILY_LABELS[f] for f in allowed]
+        wanted = f"{', '.join(labels[:-1])} or {labels[-1]}" if len(labels) > 1 else labels[0]
+        why = f": {reason(family)}" if reason is not None else ""
         raise ImgcondError(
-            f"{technique} needs a {wanted} model, but the loaded checkpoint is {FAMILY_LABELS[family]}. "
-            f"Load a {wanted} checkpoint or turn {technique} off."
+            f"{technique} needs a {wanted} model, but the loaded checkpoint is {FAMILY_LABELS[family]}{why}. "
+            f"Load such a checkpoint or turn {technique} off."
         )
     return family
 

@@ -22,6 +22,7 @@ from lib_imgcond.common.log import logger
 from lib_imgcond.host import forge
 from lib_imgcond.mixing.mixer import HiresMixer, mixed_sampling
 from lib_imgcond.mixing.schedules import MixParams
+from lib_imgcond.spec.families import HRMIX
 
 _MARK = "_imgcond_hrmix_orig"
 # k-diffusion functions whose second-order sub-evaluation of step i-1 happens exactly at sigma_i (see HiresMixer)
@@ -40,22 +41,34 @@ def mix_params(values: dict) -> MixParams:
         raise ArgumentError(f"hrmix.{e.name}", e.value, e.allowed) from None
 
 
-# Image models whose hires latent is a plain (B, C, H, W) tensor on a sigma schedule we have tested mixing on. Neo's
-# other families (Flux.2, Qwen-Image, Z-Image, Wan, Lumina 2, …) are refused by name rather than mixed untested.
-FAMILIES = ("sd15", "sd2", "sdxl", "sd3", "flux", "chroma")
+# The families whose hires pass the mixer reproduces. What it needs: the pass's sampler state is the tensor the hook
+# gives as `x` (any (B, C, …) shape: 4-D image latents, Wan-VAE families' (B, C, T, H, W), all mixed per batch item),
+# the schedule is the `sigmas` the sampling function gets, and the state at σ is the predictor's `noise_scaling`:
+# `z + σ·ε` for the SD UNets' discrete eps/v predictors, `σ·ε + (1 − σ)·z` for every "const" predictor (Neo's
+# PredictionDiscreteFlow and PredictionFlux, whatever their shift or timestep multiplier, e.g. ERNIE-Image's 1000:
+# they change the timestep the model sees, not σ). Every family Neo loads samples that way; PiD is refused because Neo
+# runs it in img2img only, so it never has a hires pass (the reason is in spec/families.py).
+FAMILIES = (
+    "sd15", "sd2", "sdxl", "sdxl_refiner", "sd3", "flux", "chroma", "flux2", "qwen_image", "zimage", "wan", "lumina2",
+    "anima", "krea2", "mugen", "ernie_image",
+)  # fmt: skip
+# families whose model is a flow model (used when the predictor cannot be read)
+_FLOW = frozenset(FAMILIES) - {"sd15", "sd2", "sdxl", "sdxl_refiner"}
 
 
 def check_model(p: Any) -> None:
-    forge.require_family(p.sd_model, FAMILIES, "Hires iterative mixing")
+    forge.require_family(p.sd_model, FAMILIES, "Hires iterative mixing", HRMIX.reason)
 
 
 def is_flow(sd_model: Any) -> bool:
-    """True for flow-matching models (Flux, Chroma, SD3): their noise scaling is σ·ε + (1 − σ)·z."""
-    if forge.model_family(sd_model) in ("flux", "chroma", "sd3"):
-        return True
+    """True when the model's predictor noises as σ·ε + (1 − σ)·z (prediction type "const": Flux, Chroma, SD3, Neo's
+    DiTs, SDXL with a rectified-flow predictor); from the family when the predictor cannot be read."""
     unet = getattr(getattr(sd_model, "forge_objects", None), "unet", None)
     predictor = getattr(getattr(unet, "model", None), "predictor", None)
-    return getattr(predictor, "prediction_type", None) == "const"
+    kind = getattr(predictor, "prediction_type", None)
+    if kind is not None:
+        return kind == "const"
+    return forge.model_family(sd_model) in _FLOW
 
 
 def original_func(sampler: Any) -> Any:
@@ -160,6 +173,10 @@ def install(
     seeds = getattr(p, "seeds", None) or [getattr(p, "seed", 0)]
     seed = int(seeds[0]) if params.fresh_noise or params.rewind else None
     z_up, noise = z_up.detach().clone(), noise.detach().clone()
+    if z_up.shape[0] == 1 < noise.shape[0] and z_up.shape[1:] == noise.shape[1:]:
+        # one latent for a batch (Neo's Qwen-Image VAE encode keeps the first image): the host's noise_scaling
+        # broadcasts it over the batch's noise, and so does the mixer
+        z_up = z_up.expand_as(noise).clone()
 
     @functools.wraps(original)
     def mixing_func(model, x, *args, **kwargs):

@@ -41,6 +41,7 @@ from lib_imgcond.redux.forge_files import (
     weights_key,
 )
 from lib_imgcond.redux.spec import MERGE_FIELDS, SLOT_FIELDS, SLOTS, slot_values
+from lib_imgcond.spec.families import REDUX
 from lib_imgcond.vision import forge_encoders as encoders
 
 FAMILIES = ("flux", "chroma")  # T5-space text tokens first, then image tokens: Redux tokens are appended text
@@ -246,7 +247,7 @@ def encode(
 
 def plan(p: Any, values: dict) -> Job:
     """Validate and encode everything a job needs before any sampling; raise a clear ImgcondError otherwise."""
-    forge.require_family(p.sd_model, FAMILIES, "Redux")
+    forge.require_family(p.sd_model, FAMILIES, "Redux", REDUX.reason)
     window.check(float(values["start"]), float(values["end"]), "redux")
     slots = active_slots(values)
     if not slots:

@@ -27,6 +27,7 @@ from lib_imgcond.refdrop import trajectory as rtraj
 from lib_imgcond.refdrop.families import DIT, dit_family, dit_shape
 from lib_imgcond.refdrop.forge_library import REFERENCES, check_name, lookup
 from lib_imgcond.refdrop.forge_patch import PassTracker, refuse_incomplete
+from lib_imgcond.spec.families import REFDROP
 
 MODES = ("Record", "Use", "Image", consistent.MODE)
 PRECISIONS = prec.PRECISIONS
@@ -169,7 +170,7 @@ def plan(
 
 
 def _family_and_layers(p: Any, values: dict) -> tuple[str, frozenset]:
-    family = forge.require_family(p.sd_model, FAMILIES, "RefDrop")
+    family = forge.require_family(p.sd_model, FAMILIES, "RefDrop", REFDROP.reason)
     if family in DIT:  # tagged with its layer shapes: a reference never crosses DiT architectures
         model = p.sd_model.forge_objects.unet.model.diffusion_model
         site = sites.site(family)

@@ -27,6 +27,7 @@ from lib_imgcond.host import forge
 from lib_imgcond.redux import forge_redux as redux_host
 from lib_imgcond.redux import image as redux_image
 from lib_imgcond.redux import tokens as rx
+from lib_imgcond.spec.families import STYLE
 from lib_imgcond.style import adapter as sa
 from lib_imgcond.style.spec import AUTO, SLOT_FIELDS, SLOTS, slot_values, used_slots
 from lib_imgcond.vision import forge_encoders as encoders
@@ -152,7 +153,7 @@ def encode_hidden(model: encoders.Managed, image: torch.Tensor) -> torch.Tensor:
 
 def plan(p: Any, values: dict, extra_dir: str = "") -> Job:
     """Validate and encode everything a job needs before any sampling; raise ImgcondError otherwise."""
-    forge.require_family(p.sd_model, FAMILIES, TECHNIQUE)
+    forge.require_family(p.sd_model, FAMILIES, TECHNIQUE, STYLE.reason)
     window.check(float(values["start"]), float(values["end"]), PREFIX)
     slots = used_slots(values)
     if not slots:

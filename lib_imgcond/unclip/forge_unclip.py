@@ -23,6 +23,7 @@ from lib_imgcond.common.errors import ImgcondError
 from lib_imgcond.common.log import logger
 from lib_imgcond.flexdiffuse import forge_encoders
 from lib_imgcond.host import forge
+from lib_imgcond.spec.families import UNCLIP
 from lib_imgcond.unclip import conditioning as unclip
 from lib_imgcond.unclip.spec import AUTO, SLOT_FIELDS, SLOTS, used_slots
 from lib_imgcond.vision import config as vision_cfg
@@ -30,6 +31,7 @@ from lib_imgcond.vision import forge_encoders as encoders
 
 TECHNIQUE = "unCLIP"  # the accordion title: every error, also of the shared encoder helpers, names it
 PREFIX = "unclip"  # the spec's argument prefix
+FAMILIES = ("sd2",)  # SD2.1 unCLIP checkpoints (an SD2.x UNet with an ADM input)
 TOWERS = {  # ADM width → (tower, projection, standard architecture, file to get)
     2048: ("ViT-H/14", 1024, "clip-vit-h-14", "CLIP-ViT-H-14.safetensors"),
     1536: ("ViT-L/14", 768, "clip-vit-l-14", "clip_vision_l.safetensors"),
@@ -50,12 +52,13 @@ def adm_width(sd_model: Any) -> int | None:
 
 def require_unclip(sd_model: Any) -> int:
     family = forge.model_family(sd_model)
-    width = adm_width(sd_model) if family == "sd2" else None
+    width = adm_width(sd_model) if family in FAMILIES else None
     if width is None:
-        label = forge.FAMILY_LABELS[family] + (" without an unCLIP image input" if family == "sd2" else "")
+        label = forge.FAMILY_LABELS[family]
+        why = UNCLIP.reason(family) if family not in FAMILIES else "its UNet has no unCLIP image input (`label_emb`)"
         raise ImgcondError(
             f"{TECHNIQUE} needs an SD2.1 unCLIP checkpoint (sd21-unclip-h or sd21-unclip-l), but the loaded "
-            f"checkpoint is {label}. Load an unCLIP checkpoint or turn {TECHNIQUE} off."
+            f"checkpoint is {label}: {why}. Load an unCLIP checkpoint or turn {TECHNIQUE} off."
         )
     return width
 

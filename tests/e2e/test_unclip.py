@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from lib_imgcond.spec.families import REFDROP
 from tests.e2e import forge
 from tests.e2e.test_flexdiffuse import guidance_image, write_encoder
 
@@ -93,4 +94,5 @@ def test_refdrop_refuses_the_sd2_family_by_name(unclip_server):
     """The real WebUI path of a family RefDrop does not support (an SD2.1 checkpoint): a clear error, no image."""
     body = forge.with_script(forge.payload(), "refdrop", [{"mode": "Record", "reference": "sd2"}])
     err = unclip_server.generate_error(body)
-    assert "RefDrop needs a SD1.5 or SDXL or Flux or Chroma model" in err and "SD2.x" in err, err
+    assert "RefDrop needs a SD1.5, SDXL, Flux, Chroma" in err, err
+    assert f"the loaded checkpoint is SD2.x: {REFDROP.reason('sd2')}" in err, err  # the family table's reason

@@ -248,6 +248,16 @@ def test_modified_noise_wins():
     assert host.pass_noise(fake_p(modified_noise=n2), {"noise": n1}) is n2
 
 
+def test_one_latent_for_a_batch_is_broadcast_like_the_hosts_noise_scaling():
+    # Neo's Qwen-Image re-encodes only the first image of a batch: z_up has batch 1, the pass's noise batch 2
+    z, e = latents()
+    noise = torch.cat([e, -e])
+    out, mixers = run(fake_p(), z, noise, MixParams(schedule="linear"))
+    assert out.shape[0] == 2 and mixers[0].mixed_steps
+    assert torch.equal(mixers[0].zprime(1)[0], noise_scaling(float(mixers[0].sigmas[1]), e, z)[0])
+    assert torch.equal(mixers[0].zprime(1)[1], noise_scaling(float(mixers[0].sigmas[1]), -e, z)[0])
+
+
 def test_missing_latent_is_a_clear_error():
     with pytest.raises(ImgcondError, match="no latent or noise"):
         host.install(fake_p(), MixParams(), None, None)
@@ -261,11 +271,28 @@ def test_hires_fix_button_path_needs_no_first_pass():
     assert mixers[0].mixed_steps
 
 
-def test_untested_families_are_refused_by_name():
+def test_every_family_but_pid_is_served_and_pid_is_refused_with_the_reason():
     from types import SimpleNamespace
 
-    host.check_model(SimpleNamespace(sd_model=type("StableDiffusionXL", (), {})()))
-    host.check_model(SimpleNamespace(sd_model=type("Flux", (), {})()))
-    for engine, label in (("Flux2", r"Flux\.2 \(Klein\)"), ("QwenImage", "Qwen-Image"), ("Wan", "Wan")):
-        with pytest.raises(ImgcondError, match=f"Hires iterative mixing needs .* checkpoint is {label}"):
-            host.check_model(SimpleNamespace(sd_model=type(engine, (), {})()))
+    for engine in ("StableDiffusionXL", "Flux", "Flux2", "QwenImage", "Wan", "ErnieImage", "StableDiffusionXLRefiner"):
+        host.check_model(SimpleNamespace(sd_model=type(engine, (), {})()))
+    pid = r"Hires iterative mixing needs .* checkpoint is PiD: Forge Neo runs PiD in img2img only"
+    with pytest.raises(ImgcondError, match=pid):
+        host.check_model(SimpleNamespace(sd_model=type("PiD", (), {})()))
+    with pytest.raises(ImgcondError, match=r"checkpoint is an unknown architecture: its diffusion engine is none that"):
+        host.check_model(SimpleNamespace(sd_model=object()))
+
+
+def test_flow_is_read_from_the_predictor_before_the_family():
+    from types import SimpleNamespace
+
+    def engine(name, prediction_type):
+        predictor = SimpleNamespace(prediction_type=prediction_type)
+        unet = SimpleNamespace(model=SimpleNamespace(predictor=predictor))
+        return type(name, (), {"forge_objects": SimpleNamespace(unet=unet)})()
+
+    assert host.is_flow(engine("StableDiffusionXL", "const"))  # an SDXL checkpoint with a rectified-flow predictor
+    assert not host.is_flow(engine("StableDiffusionXL", "epsilon"))
+    assert host.is_flow(engine("ErnieImage", "const"))
+    assert host.is_flow(type("Wan", (), {})())  # no predictor to read: the family says flow
+    assert not host.is_flow(type("StableDiffusion2", (), {})())

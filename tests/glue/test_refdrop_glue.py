@@ -154,7 +154,7 @@ def test_plan_errors_are_clear(monkeypatch, tmp_path):
     with pytest.raises(ArgumentError, match="batch_item"):
         host.plan(p, dict(VALUES, batch_item=3), 0, False)
     with pytest.raises(
-        ImgcondError, match=r"needs a SD1\.5 or SDXL or Flux or Chroma or .* model.*unknown architecture"
+        ImgcondError, match=r"needs a SD1\.5, SDXL, Flux, Chroma, .* model.*unknown architecture: its diffusion engine"
     ):
         host.plan(fake_p("chroma"), dict(VALUES), 0, False)
     with pytest.raises(ImgcondError, match="RAM budget"):
