@@ -161,7 +161,8 @@ class DoubleBlock(nn.Module):
 class QwenShaped(nn.Module):
     def __init__(self, dim=3072, heads=24, blocks=60, ffn=12288, txt_dim=3584, channels=16):
         super().__init__()
-        self.dim, self.patch_size, self.channels = dim, 2, channels
+        self.dim = self.inner_dim = dim
+        self.patch_size, self.channels = 2, channels
         self.img_in, self.txt_in = nn.Linear(4 * channels, dim), nn.Linear(txt_dim, dim)
         self.t_embed = nn.Linear(256, dim)
         self.transformer_blocks = nn.ModuleList(DoubleBlock(dim, heads, ffn) for _ in range(blocks))

@@ -51,6 +51,8 @@ def stand_in(name: str) -> None:
     for i in range(1, len(parts)):
         sys.modules.setdefault(".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
     sys.modules[name] = dit_shaped
+    for cls in (dit_shaped.JointAttention, dit_shaped.DoubleAttention):  # the sites check whose class they hook
+        cls.__module__ = name
 
 
 class FakeUnetPatcher:
@@ -105,7 +107,7 @@ class Bench:
             out = original(q, k, v, heads, mask=mask, **kw)
             q4, k4, v4 = (q, k, v) if kw.get("skip_reshape") else (t.unflatten(-1, (heads, -1)).transpose(1, 2)
                                                                    for t in (q, k, v))  # fmt: skip
-            start, end = self.site.span(model, self.cur_x, q4.shape[2])
+            start, end = self.attn.image_span(self.site, model, self.cur_x, q4.shape[2], self.calling.inputs)
             if key not in bufs:  # made in the warm-up pass, outside the timing
                 make = torch.randn_like if kind == "use" else torch.empty_like
                 bufs[key] = tuple(make(t) if kind == "use" else make(t[:, :, start:end]) for t in (k4, v4))
@@ -135,7 +137,8 @@ class Bench:
             c = {"c_crossattn": self.context, "transformer_options": {"cond_or_uncond": [0]}}
             self.cur_x = x
             if handler is not None:
-                with self.attn.handling(self.site, self.model, self.groups, handler):
+                with self.attn.handling(self.site, self.model, self.groups, handler) as calling:
+                    self.calling = calling
                     v = self.model(x, sigma, self.context)
             elif wrapper is None:
                 v = self.model(x, sigma, self.context)
